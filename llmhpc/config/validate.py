@@ -1,0 +1,88 @@
+"""Rules a config must satisfy before anything allocates memory.
+
+Types and key names are checked by the schema; this module checks values and the relations
+between them, and says which rule failed and how to fix it in one line.
+"""
+
+from __future__ import annotations
+
+from llmhpc.config.schema import Config
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the user: names the key, the rule and a fix."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, f"{key}={value!r} is not one of: {', '.join(allowed)}")
+
+
+def _positive(cfg_section: object, prefix: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(cfg_section, name)
+        _check(value > 0, f"{prefix}.{name} must be > 0, got {value}")
+
+
+def validate_model(model, prefix: str = "model") -> None:
+    """Shape rules of a Llama model config."""
+    _positive(model, prefix, ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"))
+    if model.head_dim is None:
+        _check(
+            model.dim % model.n_heads == 0,
+            f"{prefix}.n_heads={model.n_heads} does not divide {prefix}.dim={model.dim}; "
+            f"pick a divisor of {model.dim} or set {prefix}.head_dim",
+        )
+    _check(
+        model.n_heads % model.n_kv_heads == 0,
+        f"{prefix}.n_kv_heads={model.n_kv_heads} does not divide {prefix}.n_heads={model.n_heads} "
+        "(grouped-query attention shares each KV head among n_heads/n_kv_heads query heads)",
+    )
+    _check(model.norm_eps > 0, f"{prefix}.norm_eps must be > 0, got {model.norm_eps}")
+    _check(model.rope_theta > 0, f"{prefix}.rope_theta must be > 0, got {model.rope_theta}")
+    rs = model.rope_scaling
+    _choice(f"{prefix}.rope_scaling.type", rs.type, ("none", "llama3"))
+    if rs.type == "llama3":
+        _check(rs.factor >= 1, f"{prefix}.rope_scaling.factor must be >= 1, got {rs.factor}")
+        _check(
+            rs.high_freq_factor > rs.low_freq_factor,
+            f"{prefix}.rope_scaling.high_freq_factor ({rs.high_freq_factor}) must exceed "
+            f"low_freq_factor ({rs.low_freq_factor})",
+        )
+
+
+def validate(cfg: Config) -> None:
+    """Raise `ConfigError` on the first rule the config breaks."""
+    validate_model(cfg.model)
+    t = cfg.trainer
+    _positive(t, "trainer", ("max_steps", "global_batch_size", "micro_batch_size", "seq_len", "lr"))
+    _check(
+        t.global_batch_size % t.micro_batch_size == 0,
+        f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
+        f"trainer.micro_batch_size={t.micro_batch_size}; e.g. trainer.global_batch_size="
+        f"{max(1, round(t.global_batch_size / t.micro_batch_size)) * t.micro_batch_size}",
+    )
+    _check(
+        t.seq_len <= cfg.model.max_seq_len,
+        f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}",
+    )
+    _choice("trainer.schedule", t.schedule, ("cosine", "wsd", "constant"))
+    _check(0 <= t.min_lr_ratio <= 1, f"trainer.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    _check(0 <= t.decay_fraction <= 1, f"trainer.decay_fraction must be in [0, 1], got {t.decay_fraction}")
+    _check(t.warmup_steps >= 0, f"trainer.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _check(t.grad_clip >= 0, f"trainer.grad_clip must be >= 0 (0 disables clipping), got {t.grad_clip}")
+    _check(t.keep_last >= 1, f"trainer.keep_last must be >= 1, got {t.keep_last}")
+    _check(t.max_bad_steps >= 1, f"trainer.max_bad_steps must be >= 1, got {t.max_bad_steps}")
+    for name in ("ckpt_every", "eval_every", "eval_batches", "log_every"):
+        _check(getattr(t, name) >= 0, f"trainer.{name} must be >= 0, got {getattr(t, name)}")
+    _check(cfg.data.source != "", "data.source must be set: a file or directory of text, e.g. data.source=corpus.jsonl")
+    _check(0 <= cfg.data.val_fraction < 0.5, f"data.val_fraction must be in [0, 0.5), got {cfg.data.val_fraction}")
+    _choice("run.device", cfg.run.device, ("auto", "cpu", "cuda"))
+    _choice("logger.wandb.mode", cfg.logger.wandb.mode, ("online", "offline", "disabled"))
+    if cfg.precision.name == "fp8":
+        raise ConfigError("precision=fp8 needs the float8 training path (H100), which is not available yet; use bf16")
+    _choice("precision", cfg.precision.name, ("fp32", "bf16"))

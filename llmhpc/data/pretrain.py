@@ -1,0 +1,162 @@
+"""Serve packed pretraining batches from a prepared corpus, resumably.
+
+The prepared token stream (see ``prepare.py``) is cut into fixed windows of seq_len + 1 tokens;
+each epoch visits every window once in a seeded order. The loader's whole position is two ints
+(epoch, index), so a checkpoint can store it and a restored loader yields exactly the batches
+the original would have, which exact resume depends on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmhpc.data.prepare import META_FILE
+
+
+class PackedTokens:
+    """One split (train / val) of a prepared corpus, memory-mapped read-only."""
+
+    def __init__(self, path: Path, split: str) -> None:
+        self.path = Path(path)
+        self.split = split
+        meta_file = self.path / META_FILE
+        if not meta_file.exists():
+            raise FileNotFoundError(f"{meta_file} not found: {self.path} is not a complete prepared corpus")
+        self.meta: dict[str, Any] = json.loads(meta_file.read_text())
+        if f"{split}_tokens" not in self.meta:
+            raise ValueError(f"unknown split {split!r}; expected 'train' or 'val'")
+        dtype = np.dtype(self.meta["dtype"])
+        n_tokens = int(self.meta[f"{split}_tokens"])
+        bin_file = self.path / f"{split}.bin"
+        if bin_file.stat().st_size != n_tokens * dtype.itemsize:
+            raise ValueError(f"{bin_file} does not hold the {n_tokens} tokens meta.json promises")
+        self.tokens: np.ndarray = (
+            np.memmap(bin_file, dtype=dtype, mode="r", shape=(n_tokens,)) if n_tokens else np.zeros(0, dtype)
+        )
+        self.separator_id = int(self.meta["separator_id"])
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def n_windows(self, seq_len: int) -> int:
+        """Non-overlapping windows of seq_len + 1 tokens (stride seq_len) in this split."""
+        return max(0, (len(self.tokens) - 1) // seq_len)
+
+    def windows(self, starts: np.ndarray, seq_len: int) -> np.ndarray:
+        """Token windows [len(starts), seq_len + 1] as int64, window i beginning at starts[i] * seq_len."""
+        index = np.asarray(starts, dtype=np.int64)[:, None] * seq_len + np.arange(seq_len + 1)
+        return np.asarray(self.tokens[index], dtype=np.int64)
+
+
+def _require_windows(tokens: PackedTokens, seq_len: int) -> int:
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    n = tokens.n_windows(seq_len)
+    if n == 0:
+        raise ValueError(
+            f"the '{tokens.split}' split of {tokens.path} has {len(tokens)} tokens, fewer than "
+            f"seq_len + 1 = {seq_len + 1}; use a larger corpus (or val_fraction) or a shorter seq_len"
+        )
+    return n
+
+
+def make_batch(windows: np.ndarray, separator_id: int, document_masking: bool) -> dict[str, torch.Tensor]:
+    """Batch dict from int64 windows [B, S + 1]: input_ids, labels (next tokens), document_ids if asked.
+
+    document_ids count the separators before each position, so a separator belongs to the document
+    it ends and the next token starts a new id.
+    """
+    inputs = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))
+    batch = {"input_ids": inputs, "labels": torch.from_numpy(np.ascontiguousarray(windows[:, 1:]))}
+    if document_masking:
+        is_sep = (inputs == separator_id).long()
+        batch["document_ids"] = torch.cumsum(is_sep, dim=1) - is_sep
+    return batch
+
+
+class PretrainLoader:
+    """Endless, seeded, resumable stream of packed batches from one split."""
+
+    def __init__(
+        self,
+        tokens: PackedTokens,
+        seq_len: int,
+        micro_batch_size: int,
+        seed: int,
+        document_masking: bool = False,
+    ) -> None:
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.micro_batch_size = micro_batch_size
+        self.seed = seed
+        self.document_masking = document_masking
+        self.n_windows = _require_windows(tokens, seq_len)
+        self.epoch = 0
+        self.index = 0
+        self._order_epoch = -1
+        self._order = np.zeros(0, dtype=np.int64)
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order_epoch != self.epoch:
+            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows)
+            self._order_epoch = self.epoch
+        return self._order
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """The next micro-batch; an epoch that ends inside it continues with the next epoch's order."""
+        starts = np.empty(self.micro_batch_size, dtype=np.int64)
+        for i in range(self.micro_batch_size):
+            if self.index == self.n_windows:
+                self.epoch += 1
+                self.index = 0
+            starts[i] = self._epoch_order()[self.index]
+            self.index += 1
+        windows = self.tokens.windows(starts, self.seq_len)
+        return make_batch(windows, self.tokens.separator_id, self.document_masking)
+
+    def state_dict(self) -> dict[str, int]:
+        """Position of the stream as plain ints, for checkpoints."""
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "n_windows": self.n_windows,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a state_dict() of a loader over the same data, seed and seq_len."""
+        for key in ("seed", "seq_len", "n_windows"):
+            if int(state[key]) != getattr(self, key):
+                raise ValueError(
+                    f"loader state has {key}={state[key]} but this loader has {getattr(self, key)}; "
+                    "resume needs the same prepared data, seed and seq_len"
+                )
+        if not 0 <= int(state["index"]) <= self.n_windows or int(state["epoch"]) < 0:
+            raise ValueError(f"loader state out of range: {state}")
+        self.epoch = int(state["epoch"])
+        self.index = int(state["index"])
+
+
+def eval_batches(
+    tokens: PackedTokens, seq_len: int, micro_batch_size: int, n_batches: int, document_masking: bool = False
+) -> list[dict[str, torch.Tensor]]:
+    """Fixed batches of consecutive windows from the start of a split, for a comparable eval loss.
+
+    Up to n_batches full batches; a split too small for one full batch gives one smaller batch.
+    """
+    n_windows = _require_windows(tokens, seq_len)
+    n_full = min(n_batches, n_windows // micro_batch_size)
+    sizes = [micro_batch_size] * n_full if n_full or n_batches < 1 else [n_windows]
+    batches = []
+    for b, size in enumerate(sizes):
+        starts = np.arange(b * micro_batch_size, b * micro_batch_size + size)
+        batches.append(make_batch(tokens.windows(starts, seq_len), tokens.separator_id, document_masking))
+    return batches

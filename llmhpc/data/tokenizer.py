@@ -1,0 +1,67 @@
+"""Load the tokenizer named by `data.tokenizer` (with its chat template) quickly and offline.
+
+Building a fast tokenizer from a GGUF's embedded vocabulary takes seconds, and every stage, test
+and worker process needs it, so the result is saved once as a tokenizer directory under
+$LLMHPC_CACHE (default ~/.cache/llmhpc), keyed by the GGUF's name, size and mtime.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from llmhpc.assets import cache_root, smollm2_gguf
+
+SEPARATOR_TOKEN = "<|endoftext|>"
+ACCEPTED = "expected 'smollm2', a .gguf file or a Hugging Face tokenizer directory"
+
+
+def _gguf_cache_dir(gguf_path: Path) -> Path:
+    stat = gguf_path.stat()
+    return cache_root() / "tokenizers" / f"{gguf_path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def _from_gguf(gguf_path: Path) -> PreTrainedTokenizerBase:
+    cached = _gguf_cache_dir(gguf_path)
+    if (cached / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(cached))
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=cached.name + ".tmp-", dir=cached.parent))
+    try:
+        tokenizer.save_pretrained(str(tmp))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared by the user's jobs
+        os.rename(tmp, cached)  # atomic: readers see a complete directory or none
+    except OSError:
+        pass  # another process won the race (or the cache is read-only): use what we built
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer
+
+
+def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    """'smollm2', a .gguf file, or a Hugging Face tokenizer directory -> fast tokenizer."""
+    if spec == "smollm2":
+        return _from_gguf(smollm2_gguf())
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer {spec!r} not found; {ACCEPTED}")
+    if path.is_file() and path.suffix == ".gguf":
+        return _from_gguf(path.resolve())
+    if path.is_dir():
+        return AutoTokenizer.from_pretrained(str(path))
+    raise ValueError(f"tokenizer {spec!r} is not usable; {ACCEPTED}")
+
+
+def document_separator_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Token placed between documents in packed pretraining data: <|endoftext|>, else EOS."""
+    token_id = tokenizer.get_vocab().get(SEPARATOR_TOKEN)
+    if token_id is None:
+        token_id = tokenizer.eos_token_id
+    if token_id is None:
+        raise ValueError(f"tokenizer has neither {SEPARATOR_TOKEN} nor an eos token to separate documents")
+    return int(token_id)

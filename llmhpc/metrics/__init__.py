@@ -1,0 +1,1 @@
+"""Metrics: console progress, metrics.jsonl, W&B, MFU."""

@@ -1,0 +1,39 @@
+"""Live progress bar on the console (tqdm), with the latest loss, lr and throughput."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm.auto import tqdm
+
+
+class ConsoleProgress:
+    """A progress bar over optimizer steps; `enabled=False` prints one line per log instead."""
+
+    def __init__(self, total: int, initial: int, enabled: bool = True, desc: str = "train"):
+        self.enabled = enabled
+        self._bar = (
+            tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
+            if enabled
+            else None
+        )
+
+    def update(self, record: dict, advance: int = 1) -> None:
+        shown = {k: record[k] for k in ("loss", "eval_loss", "lr", "tokens_per_s", "mfu") if k in record}
+        text = {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in shown.items()}
+        if self._bar is not None:
+            self._bar.set_postfix(text, refresh=False)
+            self._bar.update(advance)
+        else:
+            print(f"step {record.get('step')}: " + " ".join(f"{k}={v}" for k, v in text.items()), file=sys.stderr)
+
+    def write(self, message: str) -> None:
+        """Print a message without breaking the bar."""
+        if self._bar is not None:
+            self._bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,338 @@
+"""The one Llama-family decoder every stage trains, converts and serves.
+
+It is a plain `nn.Module` with no parallelism in it: tensor, pipeline and data parallelism are
+functions applied to a finished model (see `llmhpc.parallel`), so module names here are part of
+the checkpoint format and must stay stable. RoPE uses Hugging Face's rotate-half layout, so HF
+weights load without any permutation of the query/key projections.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmhpc.config.schema import ModelConfig, RopeScalingConfig
+from llmhpc.config.validate import validate_model
+
+
+def head_dim_of(cfg: ModelConfig) -> int:
+    """Per-head size: the explicit `head_dim`, else dim // n_heads."""
+    return cfg.head_dim if cfg.head_dim is not None else cfg.dim // cfg.n_heads
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScalingConfig, device=None) -> torch.Tensor:
+    """Inverse frequencies of RoPE, with Llama 3.1's long-context rescaling when asked for.
+
+    Llama 3 scaling divides the low frequencies (wavelength beyond original_ctx / low_freq_factor)
+    by `factor`, keeps the high ones (wavelength below original_ctx / high_freq_factor) and blends
+    linearly in between.
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    if scaling.type == "none":
+        return inv_freq
+    if scaling.type != "llama3":
+        raise ValueError(f"unsupported rope_scaling.type {scaling.type!r} (expected 'none' or 'llama3')")
+    ctx = scaling.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    long_wave = ctx / scaling.low_freq_factor
+    short_wave = ctx / scaling.high_freq_factor
+    blend = (ctx / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - blend) * inv_freq / scaling.factor + blend * inv_freq
+    scaled = torch.where(wavelen > long_wave, inv_freq / scaling.factor, inv_freq)
+    in_between = (wavelen >= short_wave) & (wavelen <= long_wave)
+    return torch.where(in_between, blended, scaled)
+
+
+def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [max_seq_len, head_dim] in fp32 (both halves repeated, rotate-half layout)."""
+    inv_freq = rope_inv_freq(head_dim_of(cfg), cfg.rope_theta, cfg.rope_scaling, device=device)
+    positions = torch.arange(cfg.max_seq_len, dtype=torch.int64, device=device).float()
+    angles = torch.outer(positions, inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, S, D] by the angles of its positions (cos/sin [S, D])."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 whatever the activation dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class KVCache:
+    """Keys and values of past positions for incremental decoding, preallocated per layer.
+
+    `length` is the number of positions already written; the model continues positions from it
+    and advances it after each forward.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"KV cache max_len={max_len} exceeds model.max_seq_len={cfg.max_seq_len}")
+        shape = (batch, cfg.n_kv_heads, max_len, head_dim_of(cfg))
+        self.max_len = max_len
+        self.length = 0
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+
+    def update(
+        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v [B, Hkv, S, D] at positions start.. and return everything cached up to them."""
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} positions needed, max_len={self.max_len}")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean mask [B, 1, S, S]: True where query i may attend key j (j <= i, same document)."""
+    seq = document_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
+    same_doc = document_ids[:, :, None] == document_ids[:, None, :]
+    return (same_doc & causal)[:, None]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention through `scaled_dot_product_attention`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads
+        self.head_dim = head_dim_of(cfg)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        start: int = 0,
+    ) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        # -1 instead of the configured head count keeps this valid when TP shards the projections.
+        q = self.wq(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, start, k, v)
+        gqa = q.shape[1] != k.shape[1]
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: attention then MLP."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, start=0) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, layer, start)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Llama(nn.Module):
+    """Llama-family decoder (RMSNorm, RoPE, GQA, SwiGLU) built from a `ModelConfig`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        validate_model(cfg)
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg, device=self.tok_embeddings.weight.device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        cfg: ModelConfig,
+        state: dict[str, torch.Tensor],
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> Llama:
+        """Build on the meta device and adopt `state` (llmhpc names) without a random init first."""
+        state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.to_empty(device=device)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.to(dtype)
+        model.init_rope()
+        return model
+
+    # ---- initialization -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_rope(self) -> None:
+        """Recompute the RoPE tables in place (after `to_empty` they hold garbage)."""
+        cos, sin = rope_tables(self.cfg, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialize every parameter and buffer, e.g. after a meta-device build + `to_empty`.
+
+        Linears and embeddings ~ N(0, init_std); the projections that write into the residual
+        stream (wo, w2) are scaled down by 1/sqrt(2 n_layers) so its variance does not grow with depth.
+        """
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, 0.0, std)
+        for block in self.layers.values():
+            attn, ffn = block.attention, block.feed_forward
+            for linear in (attn.wq, attn.wk, attn.wv, ffn.w1, ffn.w3):
+                nn.init.normal_(linear.weight, 0.0, std)
+            for linear in (attn.wo, ffn.w2):
+                nn.init.normal_(linear.weight, 0.0, residual_std)
+            block.attention_norm.reset_parameters()
+            block.ffn_norm.reset_parameters()
+        self.norm.reset_parameters()
+        if self.output is not None:
+            nn.init.normal_(self.output.weight, 0.0, std)
+        self.init_rope()
+
+    # ---- forward ---------------------------------------------------------------------------------
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        document_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states [B, S, dim]; `logits` turns (a subset of) them into logits."""
+        seq = input_ids.shape[1]
+        start = cache.length if cache is not None else 0
+        if start + seq > self.cfg.max_seq_len:
+            raise ValueError(f"{start + seq} positions exceed model.max_seq_len={self.cfg.max_seq_len}")
+        mask = None
+        if document_ids is not None:
+            if cache is not None:
+                raise ValueError("document_ids cannot be combined with a KV cache")
+            mask = document_mask(document_ids)
+        elif start > 0 and seq > 1:
+            # Chunked prefill after cached positions: query i sees every key up to start + i.
+            key_pos = torch.arange(start + seq, device=input_ids.device)
+            query_pos = torch.arange(start, start + seq, device=input_ids.device)
+            mask = key_pos[None, :] <= query_pos[:, None]
+        cos, sin = self.rope_cos[start : start + seq], self.rope_sin[start : start + seq]
+        h = self.tok_embeddings(input_ids)
+        for name, block in self.layers.items():
+            h = block(h, cos, sin, mask, cache, int(name), start)
+        if cache is not None:
+            cache.length = start + seq
+        return self.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Project hidden states onto the vocabulary (through the embedding when tied)."""
+        if self.output is None:
+            return F.linear(hidden, self.tok_embeddings.weight)
+        return self.output(hidden)
+
+    def lm_head_weight(self) -> torch.Tensor:
+        """The [vocab, dim] matrix `logits` multiplies by, for losses that fuse the head with softmax."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        document_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, S, vocab] of input_ids [B, S]; or the final hidden states if return_hidden.
+
+        return_hidden goes through forward (not `hidden_states`) so that `model.compile()` and
+        forward hooks (FSDP) still apply when the loss computes the head itself.
+        """
+        hidden = self.hidden_states(input_ids, document_ids=document_ids, cache=cache)
+        return hidden if return_hidden else self.logits(hidden)
+
+    # ---- accounting ------------------------------------------------------------------------------
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count (a tied matrix once); optionally without the input embedding table."""
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.tok_embeddings.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6 N (matmul weights incl. output projection) + attention scores."""
+        n = self.num_params(exclude_embeddings=True)
+        if self.output is None:
+            n += self.tok_embeddings.weight.numel()
+        cfg = self.cfg
+        return 6 * n + 12 * cfg.n_layers * cfg.n_heads * head_dim_of(cfg) * seq_len
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache matching this model's dtype and device."""
+        weight = self.tok_embeddings.weight
+        return KVCache(self.cfg, batch, max_len, dtype=weight.dtype, device=weight.device)

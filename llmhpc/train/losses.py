@@ -1,0 +1,152 @@
+"""Loss functions over model outputs.
+
+Losses return a *sum* and the number of tokens it covers, so that gradient accumulation can
+normalize by the token count of the whole global batch (exactly the loss of one big batch).
+
+The language-modelling loss fuses the LM head with the cross entropy (`linear_cross_entropy_sum`):
+with a 49k-token vocabulary the fp32 logits of a 4 x 256 batch are 200 MB, written by the head,
+read by softmax, written again as their gradient and read by two backward GEMMs. Working on
+chunks of tokens, and computing the gradients during the forward, keeps one chunk of logits
+alive at a time and touches each of them about three times instead of about ten.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+"""Label value excluded from the loss (prompt tokens in SFT, padding)."""
+
+CHUNK_TOKENS = 1024
+"""Tokens per chunk of the fused LM-head loss: big enough for efficient GEMMs, small enough that one
+chunk's fp32 logits (chunk x vocab x 4 bytes: 200 MB at 1024 x 49152) are the only ones alive."""
+
+
+def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross entropy in fp32 and the number of labelled tokens."""
+    flat = logits.reshape(-1, logits.size(-1)).float()
+    loss = F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((labels != IGNORE_INDEX).sum())
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The matmul dtype autocast would pick for the head (its lower-precision dtype, or the weight's)."""
+    device_type = weight.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+def _chunk_loss_and_dlogits(
+    logits: torch.Tensor, labels: torch.Tensor, grad_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed CE of one chunk of logits (in fp32) and d(loss sum)/d(logits) in grad_dtype.
+
+    d/d(logits) = softmax - one_hot(target), zero on ignored rows. Compiled, this is two passes
+    over the chunk (a max + sum-of-exp reduction, then one pointwise write of the gradient) instead
+    of the ~8 full passes and fp32 temporaries of the eager ops.
+    """
+    x = logits.float()
+    keep = labels != IGNORE_INDEX
+    target = torch.where(keep, labels, 0)
+    lse = torch.logsumexp(x, dim=-1)
+    picked = x.gather(1, target.unsqueeze(1)).squeeze(1)
+    loss = ((lse - picked) * keep).sum()
+    columns = torch.arange(x.shape[1], device=x.device)
+    one_hot = (columns.unsqueeze(0) == target.unsqueeze(1)).to(x.dtype)
+    grad = (torch.exp(x - lse.unsqueeze(1)) - one_hot) * keep.unsqueeze(1).to(x.dtype)
+    return loss, grad.to(grad_dtype)
+
+
+def _chunk_kernel(logits: torch.Tensor, labels: torch.Tensor, grad_dtype: torch.dtype):
+    """`_chunk_loss_and_dlogits`, compiled on first use; eager where inductor cannot build (no compiler)."""
+    global _compiled_chunk
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(_chunk_loss_and_dlogits, dynamic=False)
+    try:
+        return _compiled_chunk(logits, labels, grad_dtype)
+    except Exception:  # noqa: BLE001 - the eager function computes the same values, only slower
+        _compiled_chunk = _chunk_loss_and_dlogits
+        return _chunk_loss_and_dlogits(logits, labels, grad_dtype)
+
+
+_compiled_chunk = None
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum CE(hidden @ weight.T, labels) with both gradients computed chunk by chunk in forward.
+
+    The saved gradients are those of the loss sum; backward only scales them by the incoming scalar.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk, dtype, need_h, need_w):  # type: ignore[override]
+        h = hidden.to(dtype)
+        w = weight.to(dtype)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, h.shape[0], chunk):
+            h_c = h[start : start + chunk]
+            loss, d = _chunk_kernel(h_c @ w.t(), labels[start : start + chunk], dtype)
+            total += loss
+            if grad_h is not None:
+                grad_h[start : start + chunk] = d @ w
+            if grad_w is not None:
+                grad_w += (d.t() @ h_c).float()
+        ctx.save_for_backward(
+            grad_h if grad_h is not None else torch.empty(0),
+            grad_w.to(weight.dtype) if grad_w is not None else torch.empty(0),
+        )
+        ctx.need = (need_h, need_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        need_h, need_w = ctx.need
+        return (
+            grad_h * grad_out.to(grad_h.dtype) if need_h else None,
+            grad_w * grad_out.to(grad_w.dtype) if need_w else None,
+            None, None, None, None, None,
+        )
+
+
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS
+) -> tuple[torch.Tensor, int]:
+    """Summed CE of logits = hidden @ weight.T against labels, without materializing all the logits.
+
+    hidden [..., dim], weight [vocab, dim], labels [...] (IGNORE_INDEX rows count neither in the
+    loss nor in the token count). Matmuls run in the autocast dtype when autocast is on, softmax
+    always in fp32, like `token_cross_entropy_sum` on the model's logits.
+    """
+    h = hidden.reshape(-1, hidden.shape[-1])
+    flat = labels.reshape(-1)
+    n_tokens = int((flat != IGNORE_INDEX).sum())
+    dtype = _compute_dtype(weight)
+    grad_on = torch.is_grad_enabled()
+    need_h, need_w = grad_on and h.requires_grad, grad_on and weight.requires_grad
+    if not (need_h or need_w):
+        logits = F.linear(h, weight)  # no gradient needed: eval, reward scoring
+        return token_cross_entropy_sum(logits, flat)[0], n_tokens
+    with torch.autocast(h.device.type, enabled=False):
+        loss = _LinearCrossEntropy.apply(h, weight, flat, chunk_tokens, dtype, need_h, need_w)
+    return loss, n_tokens
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Language-modelling loss of `model` on a batch with input_ids, labels (, document_ids).
+
+    Models that can return their final hidden states and expose a plain head matrix (the llmhpc
+    `Llama`, also under `model.compile()`) get the fused LM-head loss; anything else (e.g. a head
+    sharded as a DTensor) goes through its logits.
+    """
+    weight_of = getattr(model, "lm_head_weight", None)
+    weight = weight_of() if callable(weight_of) else None
+    if weight is not None and type(weight.data) is torch.Tensor:
+        hidden = model(batch["input_ids"], document_ids=batch.get("document_ids"), return_hidden=True)
+        return linear_cross_entropy_sum(hidden, model.lm_head_weight(), batch["labels"])
+    logits = model(batch["input_ids"], document_ids=batch.get("document_ids"))
+    return token_cross_entropy_sum(logits, batch["labels"])

@@ -1,0 +1,216 @@
+"""The one training loop every stage uses.
+
+A stage hands the trainer a model, an optimizer, a batch source with a resumable position and
+a loss function; the trainer owns everything else: learning-rate schedule, gradient
+accumulation, clipping, autocast, the non-finite guard, eval, logging and checkpoints. The
+same loop therefore serves pretraining, SFT, LoRA and the RL stages.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from llmhpc.checkpoint import CheckpointManager
+from llmhpc.checkpoint.manager import step_dir_name
+from llmhpc.config.load import to_dict, to_yaml
+from llmhpc.config.schema import Config
+from llmhpc.metrics.console import ConsoleProgress
+from llmhpc.metrics.jsonl import JsonlLogger, truncate_after
+from llmhpc.metrics.mfu import peak_flops
+from llmhpc.metrics.wandb_logger import WandbLogger, new_run_id
+from llmhpc.train.losses import IGNORE_INDEX, causal_lm_loss
+from llmhpc.train.schedule import set_lr
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
+
+
+class BatchSource(Protocol):
+    """Where training batches come from; its position is saved in every checkpoint."""
+
+    def next_batch(self) -> Batch: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class TrainingAborted(RuntimeError):
+    """Training stopped on purpose (e.g. too many non-finite steps); the message says why."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished `fit` reports."""
+
+    step: int
+    """Optimizer steps completed."""
+    resumed_from: int | None
+    """Step of the checkpoint this run resumed from, or None for a fresh start."""
+    last_loss: float
+    """Training loss of the last step."""
+    eval_loss: float | None
+    """Last held-out loss, if eval ran."""
+    checkpoint: Path | None
+    """Newest checkpoint written."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' → CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device=cuda but no CUDA device is available; use run.device=cpu or auto")
+    return torch.device(name)
+
+
+class Trainer:
+    """Runs `cfg.trainer.max_steps` optimizer steps, resuming from the newest checkpoint."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        batches: BatchSource,
+        *,
+        loss_fn: LossFn = causal_lm_loss,
+        eval_batches: list[Batch] | None = None,
+        flops_per_token: float | None = None,
+        lineage: dict | None = None,
+    ):
+        self.cfg = cfg
+        self.model = model
+        self.optimizer = optimizer
+        self.batches = batches
+        self.loss_fn = loss_fn
+        self.eval_set = eval_batches or []
+        self.flops_per_token = flops_per_token
+        self.lineage = lineage or {}
+        self.device = next(model.parameters()).device
+        self.run_dir = Path(cfg.run.dir)
+        self.accum_steps = cfg.trainer.global_batch_size // cfg.trainer.micro_batch_size
+        bf16 = cfg.precision.name == "bf16"
+        self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
+        self.autocast = (
+            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else (lambda: nullcontext())
+        )
+
+    # -- one optimizer step ---------------------------------------------------------------
+    def _train_step(self, step: int) -> dict:
+        t = self.cfg.trainer
+        lr = set_lr(self.optimizer, step, t)
+        self.optimizer.zero_grad(set_to_none=True)
+        micro = [self._to_device(self.batches.next_batch()) for _ in range(self.accum_steps)]
+        n_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
+        total_loss = torch.zeros((), device=self.device)
+        for batch in micro:
+            with self.autocast():
+                loss_sum, _ = self.loss_fn(self.model, batch)
+            (loss_sum / max(n_tokens, 1)).backward()
+            total_loss += loss_sum.detach()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        loss = (total_loss / max(n_tokens, 1)).item()
+        finite = math.isfinite(loss) and math.isfinite(float(grad_norm))
+        if finite:
+            self.optimizer.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        input_tokens = sum(b["input_ids"].numel() for b in micro)
+        return {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "finite": finite, "tokens": input_tokens}
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean per-token loss over the held-out batches."""
+        if not self.eval_set:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch in self.eval_set:
+            with self.autocast():
+                loss_sum, n = self.loss_fn(self.model, self._to_device(batch))
+            total += float(loss_sum)
+            count += n
+        self.model.train()
+        return total / max(count, 1)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        cfg, t = self.cfg, self.cfg.trainer
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        config_yaml = to_yaml(cfg)
+        (self.run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        manager = CheckpointManager(self.run_dir, t.keep_last, warn=lambda m: print(f"warning: {m}", flush=True))
+        meta = manager.resume(self.model, self.optimizer)
+        step = 0
+        run_id = new_run_id()
+        if meta is not None:
+            step = meta["step"]
+            run_id = meta.get("wandb_run_id") or run_id
+            self.batches.load_state_dict(meta["data"])
+            truncate_after(self.run_dir / "metrics.jsonl", step)
+            print(f"resumed from {manager.dir / step_dir_name(step)} (step {step})", flush=True)
+        jsonl = JsonlLogger(self.run_dir / "metrics.jsonl")
+        wandb_run = WandbLogger(cfg.logger.wandb, self.run_dir, run_id, to_dict(cfg))
+        peak = peak_flops(self.device, self.compute_dtype) if self.flops_per_token else None
+        progress = ConsoleProgress(t.max_steps, step, enabled=cfg.logger.progress_bar)
+        bad_streak, last_loss, eval_loss, saved = 0, math.nan, None, None
+        self.model.train()
+        try:
+            while step < t.max_steps:
+                start = time.perf_counter()
+                out = self._train_step(step)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                elapsed = time.perf_counter() - start
+                step += 1
+                if out["finite"]:
+                    bad_streak = 0
+                else:
+                    bad_streak += 1
+                    progress.write(f"warning: step {step} skipped: non-finite loss or gradient ({bad_streak} in a row)")
+                    if bad_streak >= t.max_bad_steps:
+                        raise TrainingAborted(
+                            f"aborted at step {step}: {bad_streak} steps in a row had a non-finite loss or gradient "
+                            f"(trainer.max_bad_steps={t.max_bad_steps}); lower trainer.lr or check the data"
+                        )
+                last_loss = out["loss"]
+                record = {
+                    "step": step,
+                    "loss": out["loss"],
+                    "lr": out["lr"],
+                    "grad_norm": out["grad_norm"],
+                    "tokens_per_s": out["tokens"] / elapsed,
+                    "step_time_s": elapsed,
+                    "tokens_seen": step * out["tokens"],
+                }
+                if peak:
+                    record["mfu"] = self.flops_per_token * record["tokens_per_s"] / peak
+                if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
+                    eval_loss = self.evaluate()
+                    if eval_loss is not None:
+                        record["eval_loss"] = eval_loss
+                if t.log_every and (step % t.log_every == 0 or step == t.max_steps or "eval_loss" in record):
+                    jsonl.log(record)
+                    wandb_run.log(record)
+                progress.update(record)
+                if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.max_steps:
+                    extra = {"data": self.batches.state_dict(), "wandb_run_id": run_id, "lineage": self.lineage}
+                    saved = manager.save(step, self.model, self.optimizer, extra, config_yaml)
+        finally:
+            progress.close()
+            jsonl.close()
+            wandb_run.close()
+        return TrainResult(step, meta["step"] if meta else None, last_loss, eval_loss, saved)

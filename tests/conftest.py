@@ -1,0 +1,60 @@
+"""Shared test helpers: run the real CLI in a subprocess, with a per-session data cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A CPU-quick model on the real Shakespeare corpus; steps take a fraction of a second on 2 cores.
+SMALL_RUN = [
+    "model=tiny",
+    "model.dim=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_dim=192",
+    "trainer.seq_len=64",
+    "trainer.micro_batch_size=4",
+    "trainer.global_batch_size=8",
+    "trainer.warmup_steps=2",
+    "trainer.lr=3e-3",
+    "trainer.eval_every=0",
+    "logger.progress_bar=false",
+    "run.device=cpu",
+]
+
+
+@pytest.fixture(scope="session")
+def llmhpc_cache(tmp_path_factory) -> Path:
+    """One LLMHPC_CACHE for the session so the corpus and tokenizer are prepared once."""
+    path = Path(os.environ.get("LLMHPC_TEST_CACHE") or tmp_path_factory.mktemp("llmhpc_cache"))
+    os.environ["LLMHPC_CACHE"] = str(path)
+    return path
+
+
+def cli_env(cache: Path) -> dict[str, str]:
+    env = dict(os.environ, LLMHPC_CACHE=str(cache), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    env["WANDB_SILENT"] = "true"
+    env["WANDB_DISABLE_GIT"] = "true"
+    return env
+
+
+def run_cli(args: list[str], cache: Path, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m llmhpc ARGS` in a fresh process; returns the completed process."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmhpc", *args],
+        cwd=REPO,
+        env=cli_env(cache),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"llmhpc {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc

@@ -1,0 +1,80 @@
+"""Config composition and the one-line errors users get for bad keys, types and values."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from llmhpc.config import ConfigError, from_yaml, load_config, to_yaml
+from tests.conftest import REPO
+
+
+def test_presets_compose_with_published_shapes():
+    cfg = load_config("pretrain", ["model=llama3_70b", "trainer.lr=3e-4", "trainer.max_steps=50"])
+    assert (cfg.model.dim, cfg.model.n_layers, cfg.model.n_heads, cfg.model.n_kv_heads) == (8192, 80, 64, 8)
+    assert cfg.model.rope_scaling.type == "llama3" and cfg.model.rope_theta == 500000.0
+    assert cfg.trainer.lr == 3e-4 and cfg.trainer.max_steps == 50
+    smol = load_config("pretrain", ["model=smollm2_135m"]).model
+    assert (smol.dim, smol.n_layers, smol.n_heads, smol.n_kv_heads, smol.ffn_dim) == (576, 30, 9, 3, 1536)
+
+
+def test_yaml_round_trip():
+    cfg = load_config("pretrain", ["model=llama3_8b", "logger.wandb.tags=[a,b]"])
+    assert from_yaml(to_yaml(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["trainer.mx_steps=3"], ["unknown config key 'trainer.mx_steps'", "trainer.max_steps"]),
+        (["traner.lr=1"], ["unknown config key 'traner.lr'", "trainer.lr"]),
+        (["model=tinny"], ["unknown model preset 'tinny'", "tiny"]),
+        (["trainer.max_steps=abc"], ["trainer.max_steps", "expected integer", "abc"]),
+        (["model.n_heads=7"], ["model.n_heads=7", "model.dim=256"]),
+        (["model.n_kv_heads=3"], ["model.n_kv_heads=3", "model.n_heads=8"]),
+        (["trainer.global_batch_size=10", "trainer.micro_batch_size=4"], ["trainer.global_batch_size=10"]),
+        (["trainer.seq_len=4096"], ["trainer.seq_len=4096", "model.max_seq_len"]),
+        (["logger.wandb.mode=offlne"], ["logger.wandb.mode", "offline"]),
+        (["precision=fp8"], ["fp8"]),
+        (["trainer.lr"], ["key=value"]),
+    ],
+)
+def test_bad_config_is_one_clear_error(overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config("pretrain", overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in expected:
+        assert fragment in message
+
+
+def test_cli_bad_key_exits_nonzero_with_one_line_and_no_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmhpc", "pretrain", "trainer.mx_steps=3"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "trainer.max_steps" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_cli_missing_init_from_names_the_path(tmp_path):
+    missing = tmp_path / "nope.gguf"
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmhpc", "pretrain", f"model.init_from={missing}", f"run.dir={tmp_path / 'run'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_lists_every_key_with_its_doc():
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmhpc", "pretrain", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0
+    assert "trainer.global_batch_size" in proc.stdout and "gradient accumulation" in proc.stdout
+    assert "llama3_405b" in proc.stdout

