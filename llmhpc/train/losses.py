@@ -4,10 +4,12 @@ Losses return a *sum* and the number of tokens it covers, so that gradient accum
 normalize by the token count of the whole global batch (exactly the loss of one big batch).
 
 The language-modelling loss fuses the LM head with the cross entropy (`linear_cross_entropy_sum`):
-with a 49k-token vocabulary the fp32 logits of a 4 x 256 batch are 200 MB, written by the head,
-read by softmax, written again as their gradient and read by two backward GEMMs. Working on
-chunks of tokens, and computing the gradients during the forward, keeps one chunk of logits
-alive at a time and touches each of them about three times instead of about ten.
+with a 49k-token vocabulary the fp32 logits of a 4 x 256 batch are 200 MB, and the unfused path
+makes many memory-bound passes over them (upcast, log-softmax, its backward, the one-hot scatter).
+Working on chunks of tokens, computing both gradients during the forward with one compiled
+softmax-minus-one-hot kernel, keeps one chunk of logits alive at a time and nothing for backward.
+Measured on the SmolLM2 head (docs/benchmarks.md): 25 % faster under bf16 autocast, even in fp32,
+where the three GEMMs dominate.
 """
 
 from __future__ import annotations

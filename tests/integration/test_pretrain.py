@@ -47,7 +47,7 @@ def test_pretrain_lowers_eval_loss_and_logs_throughput(tmp_path, llmhpc_cache):
     run_cli(["pretrain", *SMALL_RUN, "trainer.max_steps=2", f"model.init_from={run_dir}", f"run.dir={child_dir}",
              "precision=bf16"], llmhpc_cache)
     child = read_metrics(child_dir / "metrics.jsonl")
-    assert child[0]["loss"] == pytest.approx(records[-1]["loss"], abs=0.5)  # not the 10.8 of a fresh init
+    assert child[0]["loss"] < records[0]["loss"] - 2.5  # starts where the parent ended, not at 10.8
     meta = read_meta(latest_checkpoint(child_dir / "checkpoints"))
     assert meta["lineage"]["init_from"] == str(run_dir)
 

@@ -1,0 +1,302 @@
+"""`llmhpc bench`: our train-step throughput against transformers' LlamaForCausalLM, in one run.
+
+Three trainers start from the same weights and take the same batches: ours (compiled when
+`parallel.compile=true`, with the fused LM-head loss of `causal_lm_loss`), transformers eager and
+transformers under `torch.compile`. A step is forward + backward + fused AdamW step with the same
+hyperparameters, so the ratio measures the model and loss implementations. Steps are interleaved
+(one step of each, in a rotating order, per round) because CPU timings on shared machines drift
+over minutes; medians are reported with their spread. The per-step losses of all three are
+compared, so a speedup that changed the numbers does not go unnoticed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from llmhpc.config.schema import Config
+from llmhpc.metrics.mfu import measured_gemm_flops
+from llmhpc.models import build_model
+from llmhpc.models.hf import config_to_hf, state_dict_to_hf
+from llmhpc.train.losses import causal_lm_loss
+from llmhpc.train.optim import build_optimizer
+
+DEFAULT_OVERRIDES = ["model=smollm2_135m", "trainer.micro_batch_size=4", "trainer.seq_len=256",
+                     "trainer.max_steps=4", "parallel.compile=true"]
+"""What `llmhpc bench` runs unless told otherwise: the SmolLM2-135M shape, batch 4 x 256, compiled."""
+
+
+def with_defaults(overrides: list[str]) -> list[str]:
+    """DEFAULT_OVERRIDES, except keys the user set, followed by the user's overrides."""
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    return [d for d in DEFAULT_OVERRIDES if d.split("=", 1)[0] not in given] + list(overrides)
+
+WARMUP_STEPS = 2
+"""Untimed steps per implementation before timing: the first compiles, the second settles allocators."""
+
+LOSS_TOL = {"fp32": 1e-3, "bf16": 5e-2}
+"""Largest per-step loss difference (nats) accepted as 'equal loss': fp32 differs only in summation
+order; bf16 autocast rounds every matmul input, and the two models round in different places."""
+
+TABLE_START, TABLE_END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+COLUMNS = ["date", "device", "torch", "precision", "model", "batch", "ours tok/s median (best)",
+           "HF eager tok/s", "HF compiled tok/s", "ours / eager", "ours / compiled", "ours GFLOP/s",
+           "% GEMM peak", "GEMM peak GFLOP/s", "max Δloss vs eager / compiled (HF vs HF)"]
+REFERENCES = ("hf_eager", "hf_compiled")
+"""The transformers variants raced against ours."""
+KEY_COLUMNS = ("device", "precision", "model", "batch")
+
+StepFn = Callable[[dict[str, torch.Tensor]], float]
+
+
+def cpu_name() -> str:
+    """CPU model name from /proc/cpuinfo (the platform's processor string elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_label() -> str:
+    """Device column: CPU name and thread count (the two things that set CPU throughput)."""
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
+
+
+def _autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def hf_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """transformers' LlamaForCausalLM (SDPA attention) holding a copy of `model`'s weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = LlamaConfig(**config_to_hf(model.cfg), attn_implementation="sdpa")
+    hf = LlamaForCausalLM(hf_cfg)  # a real (not meta) build, so transformers sets up its own buffers
+    state = state_dict_to_hf(model.state_dict())
+    missing, unexpected = hf.load_state_dict(state, strict=False)  # copies: no storage is shared
+    if model.cfg.tie_embeddings:
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"weights did not map onto transformers: missing {missing}, extra {unexpected}")
+    return hf.train()
+
+
+def ours_step(model, optimizer, bf16: bool) -> StepFn:
+    """One train step of our model through the trainer's loss (`causal_lm_loss`)."""
+
+    def step(batch: dict[str, torch.Tensor]) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(bf16):
+            loss_sum, n_tokens = causal_lm_loss(model, batch)
+        loss = loss_sum / n_tokens
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    return step
+
+
+def hf_step(model, optimizer, bf16: bool) -> StepFn:
+    """One train step of transformers through its own loss (labels are already shifted)."""
+
+    def step(batch: dict[str, torch.Tensor]) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(bf16):
+            out = model(input_ids=batch["input_ids"], labels=batch["labels"], shift_labels=batch["labels"])
+        out.loss.backward()
+        optimizer.step()
+        return float(out.loss.detach())
+
+    return step
+
+
+def _batches(cfg: Config, n: int, random_tokens: bool) -> tuple[list[dict[str, torch.Tensor]], str]:
+    """n micro-batches of real Shakespeare tokens (or seeded random tokens) and a label saying which."""
+    t = cfg.trainer
+    if random_tokens:
+        gen = torch.Generator().manual_seed(cfg.run.seed)
+        out = []
+        for _ in range(n):
+            ids = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1), generator=gen)
+            out.append({"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous()})
+        return out, "random tokens"
+    from llmhpc.data.prepare import prepare_corpus
+    from llmhpc.data.pretrain import PackedTokens, PretrainLoader
+
+    loader = PretrainLoader(
+        PackedTokens(prepare_corpus(cfg.data, seed=cfg.run.seed), "train"), t.seq_len, t.micro_batch_size,
+        cfg.run.seed,
+    )
+    return [loader.next_batch() for _ in range(n)], f"{cfg.data.name} corpus ({cfg.data.tokenizer} tokenizer)"
+
+
+def _build(cfg: Config, bf16: bool, references: tuple[str, ...]) -> dict[str, StepFn]:
+    torch.manual_seed(cfg.run.seed)
+    ours = build_model(cfg.model).train()
+    models = [("ours", ours, ours_step)] + [(ref, hf_twin(ours), hf_step) for ref in references]
+    steps = {}
+    for name, model, make in models:
+        optimizer = build_optimizer(model, cfg.trainer)  # same groups, lr, betas, eps; fused AdamW
+        if name == "hf_compiled" or (name == "ours" and cfg.parallel.compile):
+            model.compile()
+        steps[name] = make(model, optimizer, bf16)
+    return steps
+
+
+def run(
+    cfg: Config,
+    docs_path: Path | str | None = "docs/benchmarks.md",
+    random_tokens: bool = False,
+    references: tuple[str, ...] = REFERENCES,
+) -> dict:
+    """Run the benchmark, print progress, write bench.json to run.dir and update docs_path's table.
+
+    references: which transformers variants to race (tests leave out the slow-to-compile one).
+    """
+    bf16 = cfg.precision.name == "bf16"
+    peak_dtype = torch.bfloat16 if bf16 else torch.float32
+    t = cfg.trainer
+    n_rounds = WARMUP_STEPS + t.max_steps
+    batches, data_label = _batches(cfg, n_rounds, random_tokens)
+    peaks = [measured_gemm_flops.__wrapped__(peak_dtype)]
+    steps = _build(cfg, bf16, references)
+    flops_per_token = build_model(cfg.model, device="meta").flops_per_token(t.seq_len)
+    tokens = t.micro_batch_size * t.seq_len
+    names = list(steps)
+    losses: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    print(f"bench: {cfg.model.name}, batch {t.micro_batch_size}x{t.seq_len}, {cfg.precision.name}, "
+          f"{WARMUP_STEPS} warmup + {t.max_steps} timed rounds, {device_label()}, {data_label}", flush=True)
+    for r, batch in enumerate(batches):
+        order = names[r % len(names):] + names[: r % len(names)]  # rotate: no one always runs first
+        for name in order:
+            start = time.perf_counter()
+            losses[name].append(steps[name](batch))
+            elapsed = time.perf_counter() - start
+            if r >= WARMUP_STEPS:
+                times[name].append(elapsed)
+        phase = "warmup" if r < WARMUP_STEPS else "timed"
+        timed = r >= WARMUP_STEPS
+        cells = [f"{n} loss {losses[n][-1]:.4f}" + (f" {times[n][-1]:.2f}s" if timed else "") for n in names]
+        print(f"  round {r + 1}/{n_rounds} ({phase}): " + " | ".join(cells), flush=True)
+    peaks.append(measured_gemm_flops.__wrapped__(peak_dtype))
+    peak = max(peaks)  # contention only ever lowers a measured peak
+    result: dict = {
+        "date": datetime.date.today().isoformat(), "device": device_label(), "torch": torch.__version__,
+        "precision": cfg.precision.name, "model": cfg.model.name,
+        "batch": f"{t.micro_batch_size}x{t.seq_len}",
+        "data": data_label, "compile_ours": cfg.parallel.compile, "warmup_steps": WARMUP_STEPS,
+        "timed_steps": t.max_steps, "flops_per_token": flops_per_token, "gemm_peak_flops": peak,
+        "gemm_peak_samples": peaks, "losses": losses, "step_seconds": times, "impl": {},
+    }
+    for name in names:
+        median = statistics.median(times[name]) if times[name] else float("nan")
+        tps = tokens / median
+        best = min(times[name]) if times[name] else float("nan")
+        result["impl"][name] = {
+            "tokens_per_s": tps, "median_step_s": median, "best_tokens_per_s": tokens / best,
+            "spread": (max(times[name]) - min(times[name])) / median if times[name] else float("nan"),
+            "flops": tps * flops_per_token, "peak_fraction": tps * flops_per_token / peak,
+        }
+    for ref in references:
+        impl = result["impl"]
+        result[f"ratio_vs_{ref}"] = impl["ours"]["tokens_per_s"] / impl[ref]["tokens_per_s"]
+        # Steps of one round run back to back, so their ratio cancels slow drifts of machine load.
+        paired = [r / o for o, r in zip(times["ours"], times[ref], strict=True)]
+        result[f"paired_ratio_vs_{ref}"] = statistics.median(paired) if paired else float("nan")
+        result[f"best_ratio_vs_{ref}"] = impl["ours"]["best_tokens_per_s"] / impl[ref]["best_tokens_per_s"]
+        pairs = zip(losses["ours"], losses[ref], strict=True)
+        result[f"max_loss_diff_vs_{ref}"] = max(abs(a - b) for a, b in pairs)
+    if len(references) == 2:  # the spread two correct implementations show: the noise floor of "equal"
+        pairs = zip(losses[references[0]], losses[references[1]], strict=True)
+        result["max_loss_diff_between_references"] = max(abs(a - b) for a, b in pairs)
+    result["loss_tolerance"] = LOSS_TOL[cfg.precision.name]
+    result["equal_loss"] = all(result[f"max_loss_diff_vs_{r}"] <= result["loss_tolerance"]
+                               for r in references)
+    _report(result)
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "bench.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    if docs_path is not None:
+        update_table(Path(docs_path), table_row(result))
+    return result
+
+
+def _report(r: dict) -> None:
+    for name, v in r["impl"].items():
+        print(f"  {name:<12} {v['tokens_per_s']:8.1f} tok/s, best step {v['best_tokens_per_s']:.1f}  "
+              f"(median {v['median_step_s']:.2f}s, spread "
+              f"{v['spread']:.0%})  {v['flops'] / 1e9:7.1f} GFLOP/s = {v['peak_fraction']:.0%} of GEMM peak")
+    refs = [k.removeprefix("ratio_vs_") for k in r if k.startswith("ratio_vs_")]
+    print("  " + ", ".join(f"ours / {x} {r[f'ratio_vs_{x}']:.2f}x (paired {r[f'paired_ratio_vs_{x}']:.2f}x, "
+                           "max |loss diff| "
+                           f"{r[f'max_loss_diff_vs_{x}']:.2e})" for x in refs)
+          + f"; tolerance {r['loss_tolerance']:g}: {'equal' if r['equal_loss'] else 'NOT EQUAL'}"
+          + (f" (HF compiled vs HF eager: {r['max_loss_diff_between_references']:.2e})"
+             if "max_loss_diff_between_references" in r else ""), flush=True)
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "—" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _both(median: float | None, best: float | None, spec: str, suffix: str = "") -> str:
+    """'median (best)': the median is the headline; the best step shows what an unloaded machine does."""
+    return _fmt(median, spec, suffix) + ("" if best is None else f" ({_fmt(best, spec, suffix)})")
+
+
+def _speeds(impl: dict, name: str) -> tuple[float | None, float | None]:
+    entry = impl.get(name, {})
+    return entry.get("tokens_per_s"), entry.get("best_tokens_per_s")
+
+
+def _ratios(r: dict, ref: str) -> tuple[float | None, float | None]:
+    return r.get(f"ratio_vs_{ref}"), r.get(f"best_ratio_vs_{ref}")
+
+
+def table_row(r: dict) -> dict[str, str]:
+    """One docs table row of a result dict."""
+    impl = r["impl"]
+    return {
+        "date": r["date"], "device": r["device"], "torch": r["torch"], "precision": r["precision"],
+        "model": r["model"], "batch": r["batch"],
+        "ours tok/s median (best)": _both(*_speeds(impl, "ours"), ".0f"),
+        "HF eager tok/s": _both(*_speeds(impl, "hf_eager"), ".0f"),
+        "HF compiled tok/s": _both(*_speeds(impl, "hf_compiled"), ".0f"),
+        "ours / eager": _both(*_ratios(r, "hf_eager"), ".2f", "×"),
+        "ours / compiled": _both(*_ratios(r, "hf_compiled"), ".2f", "×"),
+        "ours GFLOP/s": f"{impl['ours']['flops'] / 1e9:.0f}",
+        "% GEMM peak": f"{impl['ours']['peak_fraction']:.0%}",
+        "GEMM peak GFLOP/s": f"{r['gemm_peak_flops'] / 1e9:.0f}",
+        "max Δloss vs eager / compiled (HF vs HF)": " / ".join(
+            _fmt(r.get(f"max_loss_diff_vs_{x}"), ".1e") for x in REFERENCES
+        ) + f" ({_fmt(r.get('max_loss_diff_between_references'), '.1e')})",
+    }
+
+
+def update_table(path: Path, row: dict[str, str]) -> None:
+    """Insert or replace (same device, precision, model, batch) the row in path's results table."""
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\n"
+    if TABLE_START not in text:
+        text = text.rstrip("\n") + f"\n\n{TABLE_START}\n{TABLE_END}\n"
+    head, rest = text.split(TABLE_START, 1)
+    body, tail = rest.split(TABLE_END, 1)
+    rows = [dict(zip(COLUMNS, (c.strip() for c in line.strip().strip("|").split("|")), strict=False))
+            for line in body.strip().splitlines()[2:] if line.strip().startswith("|")]
+    key = tuple(row[k] for k in KEY_COLUMNS)
+    rows = [x for x in rows if tuple(x.get(k) for k in KEY_COLUMNS) != key] + [row]
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(x.get(c, "") for c in COLUMNS) + " |" for x in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(head + TABLE_START + "\n" + "\n".join(lines) + "\n" + TABLE_END + tail, encoding="utf-8")

@@ -1,0 +1,134 @@
+"""`llmhpc bench` runs end to end, its equal-loss check can fail, and the fused LM-head loss is exact.
+
+No timing is asserted: these check that the numbers the benchmark compares are the right ones.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llmhpc.config import load_config
+from llmhpc.models import build_model
+from llmhpc.stages import bench
+from llmhpc.train.losses import (
+    IGNORE_INDEX,
+    causal_lm_loss,
+    linear_cross_entropy_sum,
+    token_cross_entropy_sum,
+)
+
+TINY = ["model=tiny", "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+        "model.ffn_dim=192", "trainer.seq_len=32", "trainer.micro_batch_size=2", "trainer.max_steps=2",
+        "parallel.compile=false"]
+
+
+def _labels(n: int, vocab: int) -> torch.Tensor:
+    labels = torch.randint(0, vocab, (n,))
+    labels[::5] = IGNORE_INDEX
+    labels[-3:] = IGNORE_INDEX  # a whole chunk tail ignored
+    return labels
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 4096])
+def test_fused_loss_matches_cross_entropy_value_and_gradients(chunk):
+    torch.manual_seed(0)
+    hidden = torch.randn(50, 24, requires_grad=True)
+    weight = torch.randn(97, 24, requires_grad=True)
+    labels = _labels(50, 97)
+    fused, n_fused = linear_cross_entropy_sum(hidden, weight, labels, chunk_tokens=chunk)
+    (0.3 * fused).backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    plain, n_plain = token_cross_entropy_sum(hidden @ weight.t(), labels)
+    (0.3 * plain).backward()
+    assert n_fused == n_plain == int((labels != IGNORE_INDEX).sum())
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grads[0], hidden.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[1], weight.grad, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # the eval path (no gradients computed) gives the same value
+        torch.testing.assert_close(linear_cross_entropy_sum(hidden, weight, labels, chunk)[0], plain)
+
+
+def test_fused_loss_under_bf16_autocast_is_close_to_plain():
+    torch.manual_seed(1)
+    hidden = torch.randn(40, 32, requires_grad=True)
+    weight = (0.2 * torch.randn(120, 32)).requires_grad_()
+    labels = _labels(40, 120)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, _ = linear_cross_entropy_sum(hidden, weight, labels, chunk_tokens=16)
+        plain, _ = token_cross_entropy_sum(torch.nn.functional.linear(hidden, weight), labels)
+    assert fused.dtype == torch.float32
+    (g_fused,) = torch.autograd.grad(fused, weight)
+    (g_plain,) = torch.autograd.grad(plain, weight)
+    assert g_fused.dtype == weight.dtype
+    torch.testing.assert_close(fused, plain, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(g_fused, g_plain, rtol=5e-2, atol=5e-2)
+
+
+def test_causal_lm_loss_of_llama_equals_loss_of_its_logits():
+    cfg = load_config("bench", TINY).model
+    cfg.vocab_size = 300
+    torch.manual_seed(2)
+    model = build_model(cfg)
+    ids = torch.randint(0, 300, (2, 17))
+    labels = torch.randint(0, 300, (2, 17))
+    labels[0, :5] = IGNORE_INDEX
+    batch = {"input_ids": ids, "labels": labels}
+    loss, n = causal_lm_loss(model, batch)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    ref, n_ref = token_cross_entropy_sum(model(ids), labels)
+    ref.backward()
+    assert n == n_ref == 29
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-4)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_loss_agreement_check_detects_different_weights():
+    cfg = load_config("bench", TINY)
+    torch.manual_seed(3)
+    ours = build_model(cfg.model)
+    twin = bench.hf_twin(ours)
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 33))
+    batch = {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous()}
+    steps = {
+        "ours": bench.ours_step(ours, torch.optim.AdamW(ours.parameters(), lr=1e-3), bf16=False),
+        "hf": bench.hf_step(twin, torch.optim.AdamW(twin.parameters(), lr=1e-3), bf16=False),
+    }
+    first = {name: step(batch) for name, step in steps.items()}
+    assert abs(first["ours"] - first["hf"]) < 1e-5
+    with torch.no_grad():
+        twin.model.norm.weight.mul_(1.5)  # a small, plausible conversion bug
+    second = {name: step(batch) for name, step in steps.items()}
+    assert abs(second["ours"] - second["hf"]) > bench.LOSS_TOL["fp32"]
+
+
+def test_bench_runs_end_to_end_and_writes_the_table(tmp_path, llmhpc_cache):
+    cfg = load_config("bench", [*TINY, f"run.dir={tmp_path / 'run'}"])
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\nintro kept\n", encoding="utf-8")
+    result = bench.run(cfg, docs_path=docs, references=("hf_eager",))
+    assert result["equal_loss"], result
+    assert len(result["losses"]["ours"]) == bench.WARMUP_STEPS + 2
+    assert result["max_loss_diff_vs_hf_eager"] < 1e-4
+    assert result["impl"]["ours"]["tokens_per_s"] > 0 and result["gemm_peak_flops"] > 0
+    assert "shakespeare" in result["data"]
+    saved = json.loads((tmp_path / "run" / "bench.json").read_text())
+    assert saved["ratio_vs_hf_eager"] == pytest.approx(result["ratio_vs_hf_eager"])
+    bench.run(cfg, docs_path=docs, references=("hf_eager",))  # same key: the row is replaced
+    text = docs.read_text()
+    assert "intro kept" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 20")]
+    assert len(rows) == 1 and "| tiny | 2x32 |" in rows[0] and "| — |" in rows[0]
+
+
+def test_user_overrides_replace_only_their_own_defaults():
+    merged = bench.with_defaults(["precision=bf16", "model=tiny"])
+    assert "model=smollm2_135m" not in merged and merged[-2:] == ["precision=bf16", "model=tiny"]
+    assert "trainer.seq_len=256" in merged
+    assert load_config("bench", bench.with_defaults([])).model.n_layers == 30
