@@ -87,21 +87,21 @@ class DataConfig:
 class TrainerConfig:
     """The one training loop shared by every stage."""
 
-    max_steps: int = 200
+    max_steps: int = 150
     """Optimizer steps to run."""
-    global_batch_size: int = 16
+    global_batch_size: int = 8
     """Sequences per optimizer step, summed over gradient accumulation (and, later, data parallel ranks)."""
     micro_batch_size: int = 8
     """Sequences per forward/backward; global_batch_size must be a multiple of it."""
     seq_len: int = 256
     """Tokens per training sequence."""
-    lr: float = 1e-3
+    lr: float = 2e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of lr."""
     schedule: str = "cosine"
     """'cosine' (linear warmup then cosine decay), 'wsd' (warmup, stable, decay) or 'constant'."""
-    warmup_steps: int = 20
+    warmup_steps: int = 15
     """Linear warmup steps."""
     decay_fraction: float = 0.2
     """For 'wsd': the share of max_steps spent in the final linear decay."""
@@ -117,7 +117,7 @@ class TrainerConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     max_bad_steps: int = 5
     """Abort after this many optimizer steps in a row with a non-finite loss or gradient (each is skipped)."""
-    ckpt_every: int = 100
+    ckpt_every: int = 50
     """Save a checkpoint every this many steps (and at the end); 0 saves only at the end."""
     keep_last: int = 3
     """Complete checkpoints to keep; older ones are deleted only after a newer one is complete."""
