@@ -1,0 +1,239 @@
+"""Tensor parallel (+ sequence parallel) for the plain `Llama`, as DTensor plans over a 1-D TP mesh.
+
+The model class is untouched: `apply_tensor_parallel` swaps parameters for DTensor shards and adds
+input/output hooks through `torch.distributed.tensor.parallel.parallelize_module`. Layout of one block
+(Megatron's TP, with the sequence-parallel refinement of Korthikanti et al., 2022):
+
+    residual stream [B, S/tp, dim] (sequence-sharded when SP, replicated otherwise)
+      -> attention_norm (SequenceParallel: the norm runs on the local sequence chunk)
+      -> attention input all-gathered to the full sequence (PrepareModuleInput)
+      -> wq, wk, wv column-wise (each rank owns whole heads) -> RoPE + SDPA on local heads
+      -> wo row-wise: partial sums reduce-scattered back onto the sequence shard
+      (the same for ffn_norm -> w1, w3 column-wise -> w2 row-wise)
+
+Attention always sees the whole sequence, so the RoPE tables and the `document_ids` mask (built by
+`Llama.hidden_states` from the replicated input ids) are the single-process ones unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from types import MethodType
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from llmhpc.config.schema import ModelConfig
+    from llmhpc.models.llama import Llama
+
+_SHARDED_SIZES = ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size")
+"""Model sizes that TP splits across ranks: heads of the attention, the MLP's inner size, the vocabulary
+(embedding rows and head columns). `dim` is never split (SP shards the sequence instead)."""
+
+_ATTENTION_ARGS = 7
+"""Positional arguments `TransformerBlock` passes to `Attention.forward` (x, cos, sin, mask, cache, layer,
+start); `PrepareModuleInput` needs one layout entry per positional input."""
+
+
+def valid_tp_sizes(model_cfg: ModelConfig) -> list[int]:
+    """Every tp that divides all of the sharded sizes (the divisors of their gcd)."""
+    common = math.gcd(*(getattr(model_cfg, key) for key in _SHARDED_SIZES))
+    return [d for d in range(1, common + 1) if common % d == 0]
+
+
+def validate_tp(model_cfg: ModelConfig, tp: int) -> None:
+    """Raise a one-line ValueError when `tp` cannot split this model evenly.
+
+    Uneven shards would make column-wise heads straddle ranks (wrong attention) and DTensor shapes
+    disagree across ranks, so we refuse up front and name the sizes that would work.
+    """
+    if tp < 1:
+        raise ValueError(f"tp={tp} must be >= 1; valid tp for this model: {_fmt(valid_tp_sizes(model_cfg))}")
+    for key in _SHARDED_SIZES:
+        size = getattr(model_cfg, key)
+        if size % tp:
+            raise ValueError(
+                f"tp={tp} does not divide model.{key}={size}; "
+                f"valid tp for this model: {_fmt(valid_tp_sizes(model_cfg))}"
+            )
+
+
+def apply_tensor_parallel(
+    model: Llama,
+    tp_mesh: DeviceMesh,
+    *,
+    sequence_parallel: bool = True,
+    loss_parallel: bool = False,
+) -> Llama:
+    """Shard `model` in place over the 1-D `tp_mesh` and return it.
+
+    Every rank of the mesh must call this with a model of the same config; weights are taken from the
+    mesh's first rank (column/row-wise shards are scattered from it, norm weights broadcast from it), so
+    ranks need not have the same random init. Every rank of the mesh must then feed the same
+    `input_ids` (and `document_ids`): TP splits one batch's work, not the batch.
+
+    Semantics kept: `model(input_ids)` returns full logits [B, S, vocab] as a plain tensor;
+    `model.hidden_states(...)` and `model(..., return_hidden=True)` return full, plain [B, S, dim];
+    `model.logits(hidden)` accepts that plain tensor. With `sequence_parallel` the sequence length must
+    be a multiple of tp (checked on each forward).
+
+    `loss_parallel=True` leaves the logits sharded on the vocabulary, as a DTensor with placement
+    Shard(-1), so the cross entropy never materializes [B, S, vocab] on one rank. The loss and its
+    backward must then both run inside `torch.distributed.tensor.parallel.loss_parallel()`:
+
+        with loss_parallel():
+            loss, n_tokens = causal_lm_loss(model, batch)   # F.cross_entropy on the Shard(-1) logits
+            (loss / n_tokens).backward()
+
+    `causal_lm_loss` takes its logits path here because the head weight is a DTensor.
+
+    Tied embeddings are kept tied: the embedding (row-wise on the vocabulary) and the head (column-wise
+    on the vocabulary) shard the same [vocab, dim] matrix the same way (Shard(0)), so the one DTensor
+    parameter serves both and receives both gradients, as in the single-process model. Because the
+    plain model has no head module when tied, the head's matmul is done by a replacement `logits`
+    method bound to this instance (the state dict keeps its single `tok_embeddings.weight` key).
+
+    Not supported under TP: the KV cache (it is sized for all KV heads; rejected on forward).
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        PrepareModuleOutput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    tp = tp_mesh.size()
+    validate_tp(model.cfg, tp)
+    if tp_mesh.ndim != 1:
+        raise ValueError(f"apply_tensor_parallel needs a 1-D TP mesh, got {tp_mesh.ndim} dimensions")
+    _broadcast_norm_weights(model, tp_mesh)
+    tied = model.output is None
+    seq_shard, replicate = Shard(1), Replicate()
+    # The residual stream between blocks: sequence-sharded under SP, replicated (full) otherwise.
+    stream = seq_shard if sequence_parallel else replicate
+
+    top_plan: dict[str, Any] = {
+        # Vocab-sharded rows: each rank looks up the ids it owns, the partial sums are reduced
+        # (reduce-scattered onto the sequence under SP, all-reduced otherwise).
+        "tok_embeddings": RowwiseParallel(input_layouts=replicate, output_layouts=stream),
+    }
+    if sequence_parallel:
+        top_plan["norm"] = SequenceParallel()
+    parallelize_module(model, tp_mesh, top_plan)
+    if sequence_parallel:
+        # Gather the final hidden states to the full sequence so `hidden_states` keeps its plain
+        # [B, S, dim] contract; the head would need this all-gather anyway.
+        parallelize_module(
+            model.norm,
+            tp_mesh,
+            PrepareModuleOutput(output_layouts=seq_shard, desired_output_layouts=replicate, use_local_output=True),
+        )
+    head_out = Shard(-1) if loss_parallel else replicate
+    if tied:
+        model.logits = MethodType(_tied_logits_fn(head_out, use_local=not loss_parallel), model)
+    else:
+        parallelize_module(
+            model.output,
+            tp_mesh,
+            ColwiseParallel(input_layouts=replicate, output_layouts=head_out, use_local_output=not loss_parallel),
+        )
+
+    for block in model.layers.values():
+        block_plan: dict[str, Any] = {
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=stream),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=stream),
+        }
+        if sequence_parallel:
+            rest = (None,) * (_ATTENTION_ARGS - 1)
+            block_plan.update(
+                {
+                    "attention_norm": SequenceParallel(),
+                    "ffn_norm": SequenceParallel(),
+                    # All-gather the normed chunk so the projections (and attention) see every position.
+                    "attention": PrepareModuleInput(
+                        input_layouts=(seq_shard, *rest),
+                        desired_input_layouts=(replicate, *rest),
+                        use_local_output=True,
+                    ),
+                    "feed_forward": PrepareModuleInput(
+                        input_layouts=(seq_shard,), desired_input_layouts=(replicate,), use_local_output=True
+                    ),
+                }
+            )
+        parallelize_module(block, tp_mesh, block_plan)
+
+    model.register_forward_pre_hook(_input_check(tp, sequence_parallel), with_kwargs=True)
+    return model
+
+
+def _fmt(values: list[int]) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+@torch.no_grad()
+def _broadcast_norm_weights(model: Llama, tp_mesh: DeviceMesh) -> None:
+    """Copy the norm weights of the mesh's first rank to the others.
+
+    `SequenceParallel` adopts each rank's local norm weight as the replicated value without checking,
+    while the linear shards are scattered from the first rank; broadcasting makes a model whose norms
+    were trained (not ones) consistent across ranks in both modes. Skipped on the meta device.
+    """
+    import torch.distributed as dist
+
+    group = tp_mesh.get_group()
+    src = dist.get_global_rank(group, 0)
+    for module in model.modules():
+        if type(module).__name__ == "RMSNorm" and module.weight.device.type != "meta":
+            dist.broadcast(module.weight.data, src=src, group=group)
+
+
+def _tied_logits_fn(head_out: Any, *, use_local: bool):
+    """`Llama.logits` for a tied TP model: hidden [B, S, dim] (plain, full) @ the vocab-sharded embedding.
+
+    The hidden states enter as a replicated DTensor so that DTensor's autograd all-reduces their
+    gradient (each rank only sees its vocabulary slice's contribution).
+    """
+    from torch.distributed.tensor import DTensor, Replicate
+
+    def logits(self: Llama, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.tok_embeddings.weight
+        mesh = weight.device_mesh
+        if not isinstance(hidden, DTensor):
+            hidden = DTensor.from_local(hidden, mesh, [Replicate()], run_check=False)
+        out = F.linear(hidden, weight)
+        out = out.redistribute(mesh, [head_out])
+        return out.to_local() if use_local else out
+
+    return logits
+
+
+def _input_check(tp: int, sequence_parallel: bool):
+    """A forward pre-hook rejecting inputs the TP layout cannot run, with the reason."""
+
+    def check(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if kwargs.get("cache") is not None:
+            raise ValueError(
+                "a KV cache cannot be used with a tensor-parallel model: the cache holds all KV heads while each "
+                "rank computes tp-th of them; generate with an unsharded copy of the model"
+            )
+        input_ids = args[0] if args else kwargs["input_ids"]
+        if sequence_parallel and input_ids.shape[1] % tp:
+            raise ValueError(
+                f"sequence length {input_ids.shape[1]} is not a multiple of tp={tp}, which sequence parallel "
+                "needs; pad the sequence or use sequence_parallel=False"
+            )
+
+    return check
