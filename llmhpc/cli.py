@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 
@@ -43,6 +44,8 @@ def _run(command: str, overrides: list[str]) -> int:
         from llmhpc.stages import pretrain
 
         result = pretrain.run(cfg)
+        if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for everyone
+            return 0
         print(f"done: step {result.step}, loss {result.last_loss:.4f}"
               + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
               + (f", checkpoint {result.checkpoint}" if result.checkpoint else ""))

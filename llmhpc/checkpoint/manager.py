@@ -11,6 +11,11 @@ Layout of `run.dir/checkpoints/`:
 
 A checkpoint is written into a temporary directory and renamed only when complete, so the
 newest complete checkpoint is never overwritten or deleted before a newer one exists.
+
+With several processes a save is collective: every rank writes its shards into the same
+temporary directory (rank 0 picks its name and broadcasts it), and only rank 0 writes meta.json,
+renames and prunes, between barriers. Tensors are keyed by parameter FQN with DCP's sharding
+metadata, so a checkpoint loads under any other layout, or into one process.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -126,11 +132,37 @@ def _restore_rng(states: dict) -> None:
         torch.cuda.set_rng_state_all([decode(s) for s in states["cuda"]])
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _shared_tmp_name(final_name: str) -> str:
+    """Temporary directory name for a save; with several ranks rank 0 draws it and all use it."""
+    names = [f"{TMP_PREFIX}{final_name}-{uuid.uuid4().hex[:8]}"]
+    if _distributed():
+        dist.broadcast_object_list(names, src=0)
+    return names[0]
+
+
+def _fsync_files(root: Path, prefix: str = "") -> None:
+    """fsync the files under root whose name starts with prefix (each rank syncs what it wrote)."""
+    for path in sorted(root.rglob(prefix + "*")):
         if path.is_file():
             with path.open("rb") as f:
                 os.fsync(f.fileno())
+
+
+def _fsync_tree(root: Path) -> None:
+    _fsync_files(root)
     fd = os.open(root, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -146,18 +178,33 @@ class CheckpointManager:
         self.keep_last = max(1, keep_last)
         self.warn = warn or (lambda message: warnings.warn(message, stacklevel=2))
         self.dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.dir.glob(TMP_PREFIX + "*"):  # a save that was killed before its rename
-            shutil.rmtree(stale, ignore_errors=True)
+        if _rank() == 0:
+            for stale in self.dir.glob(TMP_PREFIX + "*"):  # a save that was killed before its rename
+                shutil.rmtree(stale, ignore_errors=True)
+        _barrier()
 
     def save(
         self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict, config_yaml: str
     ) -> Path:
-        """Write a complete checkpoint for `step`, then prune old ones. Returns its directory."""
+        """Write a complete checkpoint for `step`, then prune old ones. Returns its directory.
+
+        Collective when several processes run: every rank must call it with the same step.
+        """
         final = self.dir / step_dir_name(step)
-        tmp = self.dir / f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+        tmp = self.dir / _shared_tmp_name(final.name)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         with _single_process_ok():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        if _distributed():
+            _fsync_files(tmp, f"__{_rank()}_")  # this rank's shards; rank 0 syncs the rest below
+        _barrier()
+        if _rank() == 0:
+            self._commit(tmp, final, step, extra, config_yaml)
+        _barrier()
+        return final
+
+    def _commit(self, tmp: Path, final: Path, step: int, extra: dict, config_yaml: str) -> None:
+        """Rank 0: add config and meta (file sizes of every rank's shards), then rename into place and prune."""
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
         meta = {
             "format_version": FORMAT_VERSION,
@@ -177,7 +224,6 @@ class CheckpointManager:
         else:
             tmp.rename(final)
         self._prune()
-        return final
 
     def _prune(self) -> None:
         complete = complete_checkpoints(self.dir)

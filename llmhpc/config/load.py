@@ -121,7 +121,9 @@ def load_config(stage: str = "pretrain", overrides: list[str] | None = None) -> 
         cfg: Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
     except (HydraException, OmegaConfBaseException) as exc:
         raise _translate(exc) from None
-    validate(cfg)
+    from llmhpc.parallel.dims import world_size_from_env
+
+    validate(cfg, world_size_from_env())
     return cfg
 
 

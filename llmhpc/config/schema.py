@@ -90,9 +90,10 @@ class TrainerConfig:
     max_steps: int = 150
     """Optimizer steps to run."""
     global_batch_size: int = 8
-    """Sequences per optimizer step, summed over gradient accumulation (and, later, data parallel ranks)."""
+    """Sequences per optimizer step, summed over gradient accumulation and data-parallel ranks."""
     micro_batch_size: int = 8
-    """Sequences per forward/backward; global_batch_size must be a multiple of it."""
+    """Sequences per forward/backward on each data-parallel rank; global_batch_size must be a multiple of
+    micro_batch_size x the data-parallel size."""
     seq_len: int = 256
     """Tokens per training sequence."""
     lr: float = 2e-3
@@ -131,10 +132,32 @@ class TrainerConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the model is spread over devices (single process for now)."""
+    """How the model is spread over processes; see docs/parallelism.md for when to pick which layout.
 
+    dp_replicate x dp_shard x tp x pp must equal the number of processes (WORLD_SIZE).
+    """
+
+    dp_replicate: int = 1
+    """Data-parallel replicas holding a full copy of the weights (DDP); with dp_shard > 1 too, HSDP."""
+    dp_shard: int = -1
+    """Data-parallel ranks that shard weights, gradients and optimizer state (FSDP2); -1 fills the world
+    size left over by the other dimensions."""
+    tp: int = 1
+    """Tensor-parallel degree (must divide the attention and KV head counts); not available yet."""
+    pp: int = 1
+    """Pipeline-parallel stages (must divide model.n_layers); not available yet."""
+    pp_schedule: str = "1f1b"
+    """Pipeline schedule when pp > 1: 'gpipe', '1f1b', 'interleaved1f1b' or 'zbv'."""
+    ac: str = "none"
+    """Activation checkpointing: 'none', 'selective' (every other block recomputes its activations in
+    backward) or 'full' (every block does); trades compute for activation memory."""
     compile: bool = False
-    """Compile the model with torch.compile."""
+    """Compile the model with torch.compile (each block separately when data parallelism wraps it)."""
+    cpu_offload: bool = False
+    """Keep FSDP-sharded parameters, gradients and optimizer state in CPU memory (needs dp_shard > 1)."""
+    reshard_after_forward: bool = True
+    """FSDP frees the gathered weights after forward and gathers them again in backward (less memory,
+    one more all-gather per block); false keeps them until backward."""
 
 
 @dataclass

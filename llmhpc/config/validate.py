@@ -55,8 +55,12 @@ def validate_model(model, prefix: str = "model") -> None:
         )
 
 
-def validate(cfg: Config) -> None:
-    """Raise `ConfigError` on the first rule the config breaks."""
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Raise `ConfigError` on the first rule the config breaks.
+
+    The parallel layout is checked only when the world size is known (a launch, not a checkpoint's
+    stored config): a checkpoint saved under one layout must stay readable under any other.
+    """
     validate_model(cfg.model)
     t = cfg.trainer
     _positive(t, "trainer", ("max_steps", "global_batch_size", "micro_batch_size", "seq_len", "lr"))
@@ -86,3 +90,7 @@ def validate(cfg: Config) -> None:
     if cfg.precision.name == "fp8":
         raise ConfigError("precision=fp8 needs the float8 training path (H100), which is not available yet; use bf16")
     _choice("precision", cfg.precision.name, ("fp32", "bf16"))
+    if world_size is not None:
+        from llmhpc.parallel.dims import validate_layout  # imported here: dims needs ConfigError from this module
+
+        validate_layout(cfg.parallel, world_size, cfg.model, t)

@@ -80,7 +80,7 @@ def make_batch(windows: np.ndarray, separator_id: int, document_masking: bool) -
 
 
 class PretrainLoader:
-    """Endless, seeded, resumable stream of packed batches from one split."""
+    """Endless, seeded, resumable stream of packed batches from one split, sliced by data-parallel rank."""
 
     def __init__(
         self,
@@ -89,9 +89,15 @@ class PretrainLoader:
         micro_batch_size: int,
         seed: int,
         document_masking: bool = False,
+        dp_rank: int = 0,
+        dp_size: int = 1,
     ) -> None:
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank must be in [0, dp_size={dp_size}), got {dp_rank}")
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
         self.tokens = tokens
         self.seq_len = seq_len
         self.micro_batch_size = micro_batch_size
@@ -110,13 +116,20 @@ class PretrainLoader:
         return self._order
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        """The next micro-batch; an epoch that ends inside it continues with the next epoch's order."""
+        """This rank's next micro-batch; an epoch that ends inside it continues with the next epoch's order.
+
+        Every call advances the shared stream by micro_batch_size x dp_size windows and this rank
+        keeps its own consecutive slice of them, so the dp ranks together read exactly the windows
+        one process would read for the same global batch, and (epoch, index) is the same on all ranks.
+        """
         starts = np.empty(self.micro_batch_size, dtype=np.int64)
-        for i in range(self.micro_batch_size):
+        first = self.dp_rank * self.micro_batch_size
+        for i in range(self.micro_batch_size * self.dp_size):
             if self.index == self.n_windows:
                 self.epoch += 1
                 self.index = 0
-            starts[i] = self._epoch_order()[self.index]
+            if first <= i < first + self.micro_batch_size:
+                starts[i - first] = self._epoch_order()[self.index]
             self.index += 1
         windows = self.tokens.windows(starts, self.seq_len)
         return make_batch(windows, self.tokens.separator_id, self.document_masking)

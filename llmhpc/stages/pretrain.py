@@ -3,8 +3,9 @@
     llmhpc pretrain model=tiny trainer.max_steps=50 trainer.lr=3e-4 run.dir=runs/x
 
 Prepares (or reuses) the token shards, builds the model (fresh on the meta device, or from
-`model.init_from`), and hands everything to the shared `Trainer`. Running the same command
-again resumes from the newest complete checkpoint in `run.dir`.
+`model.init_from`), applies the parallel layout, and hands everything to the shared `Trainer`.
+Running the same command again resumes from the newest complete checkpoint in `run.dir`, under
+the same or any other layout. Several processes: `torchrun --nproc-per-node N -m llmhpc pretrain ...`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from llmhpc.data.prepare import prepare_corpus
 from llmhpc.data.pretrain import PackedTokens, PretrainLoader, eval_batches
 from llmhpc.data.tokenizer import load_tokenizer
 from llmhpc.models import build_model, load_pretrained
+from llmhpc.parallel import dp_mesh, dp_rank, dp_size, parallelize, validate_layout
+from llmhpc.parallel.dims import world_size_from_env
+from llmhpc.parallel.process_group import barrier, destroy_distributed, init_distributed, is_main_process
 from llmhpc.train.optim import build_optimizer
 from llmhpc.train.trainer import Trainer, TrainResult, resolve_device
 
@@ -32,18 +36,33 @@ def build_model_for(cfg: Config, device: torch.device) -> tuple[torch.nn.Module,
 
 
 def run(cfg: Config) -> TrainResult:
-    device = resolve_device(cfg.run.device)
-    model, lineage = build_model_for(cfg, device)
+    """Train under the layout of cfg.parallel on WORLD_SIZE processes (joining and leaving the process group)."""
+    dims = validate_layout(cfg.parallel, world_size_from_env(), cfg.model, cfg.trainer)
+    device = init_distributed(resolve_device(cfg.run.device), dims.world_size)
+    try:
+        mesh = dims.build_mesh(device.type)
+        return _train(cfg, device, dims, mesh)
+    finally:
+        destroy_distributed()
+
+
+def _train(cfg: Config, device: torch.device, dims, mesh) -> TrainResult:
+    model, lineage = build_model_for(cfg, device)  # same seed on every rank: identical weights before sharding
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if len(tokenizer) > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens; "
             f"set model.vocab_size={len(tokenizer)}"
         )
+    if not is_main_process():  # rank 0 tokenizes once; the others then find the prepared shards
+        barrier()
     data_dir = prepare_corpus(cfg.data, seed=cfg.run.seed)
+    if is_main_process():
+        barrier()
     t = cfg.trainer
     loader = PretrainLoader(
-        PackedTokens(data_dir, "train"), t.seq_len, t.micro_batch_size, cfg.run.seed, cfg.data.document_masking
+        PackedTokens(data_dir, "train"), t.seq_len, t.micro_batch_size, cfg.run.seed, cfg.data.document_masking,
+        dp_rank=dp_rank(mesh), dp_size=dp_size(mesh),
     )
     held_out = []
     if t.eval_every and cfg.data.val_fraction > 0:
@@ -51,10 +70,10 @@ def run(cfg: Config) -> TrainResult:
     if cfg.model.init_from:  # the checkpoint's shape wins; record it so the lineage stays readable
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(model.cfg, init_from=cfg.model.init_from))
     flops_per_token = model.flops_per_token(t.seq_len)
-    if cfg.parallel.compile:
-        model.compile()
+    parallelize(model, dims, mesh, cfg.parallel)
     optimizer = build_optimizer(model, t)
     trainer = Trainer(
-        cfg, model, optimizer, loader, eval_batches=held_out, flops_per_token=flops_per_token, lineage=lineage
+        cfg, model, optimizer, loader, eval_batches=held_out, flops_per_token=flops_per_token, lineage=lineage,
+        dp_mesh=dp_mesh(mesh),
     )
     return trainer.fit()

@@ -8,13 +8,14 @@ same loop therefore serves pretraining, SFT, LoRA and the RL stages.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -27,8 +28,13 @@ from llmhpc.metrics.console import ConsoleProgress
 from llmhpc.metrics.jsonl import JsonlLogger, truncate_after
 from llmhpc.metrics.mfu import peak_flops
 from llmhpc.metrics.wandb_logger import WandbLogger, new_run_id
+from llmhpc.parallel.process_group import is_main_process
 from llmhpc.train.losses import IGNORE_INDEX, causal_lm_loss
+from llmhpc.train.reduce import DataParallelReducer
 from llmhpc.train.schedule import set_lr
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
@@ -85,6 +91,7 @@ class Trainer:
         eval_batches: list[Batch] | None = None,
         flops_per_token: float | None = None,
         lineage: dict | None = None,
+        dp_mesh: DeviceMesh | None = None,
     ):
         self.cfg = cfg
         self.model = model
@@ -96,7 +103,9 @@ class Trainer:
         self.lineage = lineage or {}
         self.device = next(model.parameters()).device
         self.run_dir = Path(cfg.run.dir)
-        self.accum_steps = cfg.trainer.global_batch_size // cfg.trainer.micro_batch_size
+        self.dp = DataParallelReducer(dp_mesh, self.device)
+        self.main = is_main_process()
+        self.accum_steps = cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * self.dp.size)
         bf16 = cfg.precision.name == "bf16"
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
         self.autocast = (
@@ -109,27 +118,39 @@ class Trainer:
         lr = set_lr(self.optimizer, step, t)
         self.optimizer.zero_grad(set_to_none=True)
         micro = [self._to_device(self.batches.next_batch()) for _ in range(self.accum_steps)]
-        n_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
+        # Every rank divides by the global token count; data parallelism averages gradients over the
+        # dp ranks, so each rank scales its share by dp size to make the result the global mean.
+        n_tokens = self.dp.sum_int(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro))
         total_loss = torch.zeros((), device=self.device)
         for batch in micro:
             with self.autocast():
                 loss_sum, _ = self.loss_fn(self.model, batch)
-            (loss_sum / max(n_tokens, 1)).backward()
+            (loss_sum / max(n_tokens, 1) * self.dp.size).backward()  # "* 1" keeps one process bitwise as before
             total_loss += loss_sum.detach()
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        loss = (total_loss / max(n_tokens, 1)).item()
-        finite = math.isfinite(loss) and math.isfinite(float(grad_norm))
+        grad_norm = float(self.dp.full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+        loss = (self.dp.sum(total_loss) / max(n_tokens, 1)).item()
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)  # global values: every rank decides alike
         if finite:
             self.optimizer.step()
         else:
             self.optimizer.zero_grad(set_to_none=True)
-        input_tokens = sum(b["input_ids"].numel() for b in micro)
-        return {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "finite": finite, "tokens": input_tokens}
+        input_tokens = sum(b["input_ids"].numel() for b in micro) * self.dp.size
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "finite": finite, "tokens": input_tokens}
 
     def _to_device(self, batch: Batch) -> Batch:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    @property
+    def world_size(self) -> int:
+        """Processes in the run (1 without torch.distributed); MFU compares against all their peaks."""
+        return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+    def _say(self, message: str) -> None:
+        """Print on rank 0 only, so a run with N processes prints each line once."""
+        if self.main:
+            print(message, flush=True)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -151,8 +172,9 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.trainer
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config_yaml = to_yaml(cfg)
-        (self.run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
-        manager = CheckpointManager(self.run_dir, t.keep_last, warn=lambda m: print(f"warning: {m}", flush=True))
+        if self.main:
+            (self.run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        manager = CheckpointManager(self.run_dir, t.keep_last, warn=lambda m: self._say(f"warning: {m}"))
         meta = manager.resume(self.model, self.optimizer)
         step = 0
         run_id = new_run_id()
@@ -160,12 +182,14 @@ class Trainer:
             step = meta["step"]
             run_id = meta.get("wandb_run_id") or run_id
             self.batches.load_state_dict(meta["data"])
-            truncate_after(self.run_dir / "metrics.jsonl", step)
-            print(f"resumed from {manager.dir / step_dir_name(step)} (step {step})", flush=True)
-        jsonl = JsonlLogger(self.run_dir / "metrics.jsonl")
-        wandb_run = WandbLogger(cfg.logger.wandb, self.run_dir, run_id, to_dict(cfg))
-        peak = peak_flops(self.device, self.compute_dtype) if self.flops_per_token else None
-        progress = ConsoleProgress(t.max_steps, step, enabled=cfg.logger.progress_bar)
+            if self.main:
+                truncate_after(self.run_dir / "metrics.jsonl", step)
+            self._say(f"resumed from {manager.dir / step_dir_name(step)} (step {step})")
+        jsonl = JsonlLogger(self.run_dir / "metrics.jsonl") if self.main else None
+        wandb_cfg = cfg.logger.wandb if self.main else dataclasses.replace(cfg.logger.wandb, mode="disabled")
+        wandb_run = WandbLogger(wandb_cfg, self.run_dir, run_id, to_dict(cfg))
+        peak = peak_flops(self.device, self.compute_dtype) * self.world_size if self.flops_per_token else None
+        progress = ConsoleProgress(t.max_steps, step, enabled=cfg.logger.progress_bar and self.main)  # rank 0 draws
         bad_streak, last_loss, eval_loss, saved = 0, math.nan, None, None
         self.model.train()
         try:
@@ -180,7 +204,10 @@ class Trainer:
                     bad_streak = 0
                 else:
                     bad_streak += 1
-                    progress.write(f"warning: step {step} skipped: non-finite loss or gradient ({bad_streak} in a row)")
+                    if self.main:
+                        progress.write(
+                            f"warning: step {step} skipped: non-finite loss or gradient ({bad_streak} in a row)"
+                        )
                     if bad_streak >= t.max_bad_steps:
                         raise TrainingAborted(
                             f"aborted at step {step}: {bad_streak} steps in a row had a non-finite loss or gradient "
@@ -202,15 +229,17 @@ class Trainer:
                     eval_loss = self.evaluate()
                     if eval_loss is not None:
                         record["eval_loss"] = eval_loss
-                if t.log_every and (step % t.log_every == 0 or step == t.max_steps or "eval_loss" in record):
+                if jsonl and t.log_every and (step % t.log_every == 0 or step == t.max_steps or "eval_loss" in record):
                     jsonl.log(record)
                     wandb_run.log(record)
-                progress.update(record)
+                if self.main:
+                    progress.update(record)
                 if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.max_steps:
                     extra = {"data": self.batches.state_dict(), "wandb_run_id": run_id, "lineage": self.lineage}
                     saved = manager.save(step, self.model, self.optimizer, extra, config_yaml)
         finally:
             progress.close()
-            jsonl.close()
+            if jsonl:
+                jsonl.close()
             wandb_run.close()
         return TrainResult(step, meta["step"] if meta else None, last_loss, eval_loss, saved)

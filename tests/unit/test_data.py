@@ -319,3 +319,17 @@ def test_split_shorter_than_a_window_is_a_clear_error(prepped: Path) -> None:
         PretrainLoader(val, len(val), 1, seed=0)
     with pytest.raises(ValueError, match="fewer than seq_len"):
         eval_batches(val, len(val), 1, 1)
+
+
+@pytest.mark.parametrize("dp_size", [2, 3])
+def test_dp_ranks_split_the_single_process_stream(prepped: Path, dp_size: int) -> None:
+    """dp ranks read disjoint slices whose union, call by call, is what one process reads (also across epochs)."""
+    tokens = PackedTokens(prepped, "train")
+    micro, calls = 3, 40
+    single = np.concatenate([b["input_ids"].numpy() for b in batches(PretrainLoader(tokens, 16, micro, 5), calls)])
+    ranks = [PretrainLoader(tokens, 16, micro, 5, dp_rank=r, dp_size=dp_size) for r in range(dp_size)]
+    merged = np.concatenate(
+        [np.concatenate([rank.next_batch()["input_ids"].numpy() for rank in ranks]) for _ in range(calls // dp_size)]
+    )
+    assert np.array_equal(merged, single[: len(merged)])
+    assert all(r.state_dict() == ranks[0].state_dict() for r in ranks)

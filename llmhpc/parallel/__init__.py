@@ -1,0 +1,48 @@
+"""Parallelism as functions applied to a finished plain model, never as a different model class.
+
+`parallelize` applies them in the one order that composes: tensor/sequence parallel → activation
+checkpointing → torch.compile → data parallel (FSDP2, DDP, or HSDP). Heavy imports happen inside
+the functions so that config validation (which imports `dims`) stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from llmhpc.parallel.dims import LayoutError, ParallelDims, dp_mesh, dp_rank, dp_size, validate_layout
+
+if TYPE_CHECKING:
+    from torch import nn
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from llmhpc.config.schema import ParallelConfig
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, cfg: ParallelConfig) -> nn.Module:
+    """Apply the layout `dims` (over `mesh`, None for one process) to `model` in place; returns it."""
+    from llmhpc.parallel.activation_ckpt import apply_ac
+
+    # 1. tensor / sequence parallel: llmhpc.parallel.tensor (dims.tp > 1 is rejected by validation until then)
+    apply_ac(model, cfg.ac)
+    wraps_dp = dims.dp_size > 1
+    if cfg.compile:
+        if wraps_dp:  # per block, so FSDP's hooks between blocks stay outside the compiled graphs
+            for block in model.layers.values():
+                block.compile()
+        else:
+            model.compile()
+    if dims.fsdp:
+        from llmhpc.parallel.fsdp import apply_fsdp
+
+        assert mesh is not None
+        names = ("dp_replicate", "dp_shard") if dims.hsdp else ("dp_shard",)
+        apply_fsdp(model, mesh[names], cfg)
+    elif dims.ddp:
+        from llmhpc.parallel.ddp import apply_ddp
+
+        assert mesh is not None
+        apply_ddp(model, mesh["dp_replicate"])
+    return model
+
+
+__all__ = ["LayoutError", "ParallelDims", "dp_mesh", "dp_rank", "dp_size", "parallelize", "validate_layout"]

@@ -1,0 +1,216 @@
+"""The parallel layout of a run: validated degrees and the DeviceMesh they name.
+
+Every rule a layout must satisfy is checked here from the config and the world size alone, so a
+bad layout stops before any process allocates memory or joins a process group. torch is
+imported only when a mesh is built, which keeps config validation cheap.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from llmhpc.config.schema import ModelConfig, ParallelConfig, TrainerConfig
+from llmhpc.config.validate import ConfigError
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+AC_MODES = ("none", "selective", "full")
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b", "zbv")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+"""Mesh dimension order, outermost first: pipeline stages talk least, tensor parallel most."""
+
+
+class LayoutError(ConfigError):
+    """A parallel layout that cannot run; the message names the rule and a valid layout."""
+
+
+def world_size_from_env() -> int:
+    """WORLD_SIZE as torchrun / srun set it; 1 when launched as a plain process."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        size = int(value)
+    except ValueError:
+        raise LayoutError(f"WORLD_SIZE={value!r} is not an integer") from None
+    if size < 1:
+        raise LayoutError(f"WORLD_SIZE must be >= 1, got {size}")
+    return size
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _fmt(values: list[int]) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Degrees of each parallel dimension; their product is the world size."""
+
+    dp_replicate: int
+    """Replicated data-parallel degree (DDP, or the outer dimension of HSDP)."""
+    dp_shard: int
+    """Sharded data-parallel degree (FSDP2, or the inner dimension of HSDP)."""
+    tp: int
+    """Tensor-parallel degree."""
+    pp: int
+    """Pipeline stages."""
+    world_size: int
+    """Number of processes."""
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks: each reads a different slice of every global batch."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp(self) -> bool:
+        """Parameters are sharded with FSDP2 (alone, or inside HSDP)."""
+        return self.dp_shard > 1
+
+    @property
+    def ddp(self) -> bool:
+        """Parameters are replicated with DDP and nothing is sharded."""
+        return self.dp_replicate > 1 and self.dp_shard == 1
+
+    @property
+    def hsdp(self) -> bool:
+        """Sharded inside each replica group, replicated across groups."""
+        return self.dp_replicate > 1 and self.dp_shard > 1
+
+    def mesh_shape(self) -> list[tuple[str, int]]:
+        """(name, size) of every dimension larger than 1, outermost first."""
+        sizes = {"pp": self.pp, "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp}
+        return [(name, sizes[name]) for name in MESH_DIMS if sizes[name] > 1]
+
+    def build_mesh(self, device_type: str) -> DeviceMesh | None:
+        """A named DeviceMesh over all ranks (None for one process), plus a flattened 'dp' dimension.
+
+        'dp' spans dp_replicate x dp_shard and is what data loading and loss reduction use, whatever
+        mix of replication and sharding the weights get.
+        """
+        shape = self.mesh_shape()
+        if not shape:
+            return None
+        from torch.distributed.device_mesh import init_device_mesh
+
+        names = tuple(name for name, _ in shape)
+        mesh = init_device_mesh(device_type, tuple(size for _, size in shape), mesh_dim_names=names)
+        dp_names = tuple(name for name in names if name in ("dp_replicate", "dp_shard"))
+        if len(dp_names) > 1:
+            mesh[dp_names]._flatten("dp")
+        return mesh
+
+
+def dp_mesh(mesh: DeviceMesh | None) -> DeviceMesh | None:
+    """The data-parallel sub-mesh ('dp', or its only dp dimension), or None without data parallelism."""
+    if mesh is None or mesh.mesh_dim_names is None:
+        return None
+    names = mesh.mesh_dim_names
+    dp_names = [n for n in names if n in ("dp_replicate", "dp_shard")]
+    if len(dp_names) > 1:
+        return mesh["dp"]
+    return mesh[dp_names[0]] if dp_names else None
+
+
+def dp_rank(mesh: DeviceMesh | None) -> int:
+    """This process's index among the data-parallel ranks (0 without data parallelism)."""
+    sub = dp_mesh(mesh)
+    return 0 if sub is None else sub.get_local_rank()
+
+
+def dp_size(mesh: DeviceMesh | None) -> int:
+    """Number of data-parallel ranks (1 without data parallelism)."""
+    sub = dp_mesh(mesh)
+    return 1 if sub is None else sub.size()
+
+
+def _suggest(world: int, others: int) -> str:
+    if world % others == 0:
+        return f"e.g. parallel.dp_shard={world // others} (or -1 to fill)"
+    return "e.g. parallel.dp_replicate=1 parallel.tp=1 parallel.pp=1 parallel.dp_shard=-1"
+
+
+def resolve_dims(p: ParallelConfig, world_size: int) -> ParallelDims:
+    """Fill dp_shard=-1 and check the degrees multiply to the world size."""
+    for name in ("dp_replicate", "tp", "pp"):
+        value = getattr(p, name)
+        if value < 1:
+            raise LayoutError(f"parallel.{name} must be >= 1, got {value}")
+    if p.dp_shard == 0 or p.dp_shard < -1:
+        raise LayoutError(f"parallel.dp_shard must be >= 1 or -1 (fill the world size), got {p.dp_shard}")
+    others = p.dp_replicate * p.tp * p.pp
+    if p.dp_shard == -1:
+        if world_size % others:
+            raise LayoutError(
+                f"parallel.dp_replicate*tp*pp = {others} does not divide the world size {world_size}; "
+                f"use a product that divides {world_size}, e.g. parallel.dp_replicate=1 parallel.tp=1 parallel.pp=1"
+            )
+        dp_shard = world_size // others
+    else:
+        dp_shard = p.dp_shard
+    product = others * dp_shard
+    if product != world_size:
+        raise LayoutError(
+            f"parallel.dp_replicate*dp_shard*tp*pp = {p.dp_replicate}*{dp_shard}*{p.tp}*{p.pp} = {product} "
+            f"but the world size is {world_size} (WORLD_SIZE / torchrun --nproc-per-node); "
+            f"{_suggest(world_size, others)}"
+        )
+    return ParallelDims(p.dp_replicate, dp_shard, p.tp, p.pp, world_size)
+
+
+def validate_layout(
+    p: ParallelConfig, world_size: int, model: ModelConfig, trainer: TrainerConfig
+) -> ParallelDims:
+    """The run's ParallelDims, or a `LayoutError` naming the first rule the layout breaks."""
+    if p.ac not in AC_MODES:
+        raise LayoutError(f"parallel.ac={p.ac!r} is not one of: {', '.join(AC_MODES)}")
+    if p.pp_schedule not in PP_SCHEDULES:
+        raise LayoutError(f"parallel.pp_schedule={p.pp_schedule!r} is not one of: {', '.join(PP_SCHEDULES)}")
+    if p.tp > 1:
+        valid = [t for t in _divisors(math.gcd(model.n_heads, model.n_kv_heads)) if world_size % t == 0]
+        for key in ("n_heads", "n_kv_heads"):
+            if getattr(model, key) % p.tp:
+                raise LayoutError(
+                    f"parallel.tp={p.tp} does not divide model.{key}={getattr(model, key)}; "
+                    f"valid tp for this model: {_fmt(valid)}"
+                )
+    if p.pp > 1 and model.n_layers % p.pp:
+        valid = [s for s in _divisors(model.n_layers) if world_size % s == 0]
+        raise LayoutError(
+            f"parallel.pp={p.pp} does not divide model.n_layers={model.n_layers}; "
+            f"valid pp for this model: {_fmt(valid)}"
+        )
+    dims = resolve_dims(p, world_size)
+    per_step = trainer.micro_batch_size * dims.dp_size
+    if trainer.global_batch_size % per_step:
+        fix = max(1, round(trainer.global_batch_size / per_step)) * per_step
+        raise LayoutError(
+            f"trainer.global_batch_size={trainer.global_batch_size} is not a multiple of "
+            f"trainer.micro_batch_size*dp = {trainer.micro_batch_size}*{dims.dp_size} = {per_step}; "
+            f"e.g. trainer.global_batch_size={fix}"
+        )
+    micro_batches = trainer.global_batch_size // per_step
+    if dims.pp > 1 and micro_batches < dims.pp:
+        raise LayoutError(
+            f"{micro_batches} micro-batches per step are fewer than parallel.pp={dims.pp} stages (the pipeline "
+            f"would idle); e.g. trainer.global_batch_size={dims.pp * per_step}"
+        )
+    if p.cpu_offload and not dims.fsdp:
+        raise LayoutError(
+            "parallel.cpu_offload=true needs FSDP (parallel.dp_shard > 1); set parallel.cpu_offload=false"
+        )
+    if dims.tp > 1:
+        raise LayoutError(
+            "parallel.tp > 1 is not yet supported: tensor parallel lands in a later change; use parallel.tp=1"
+        )
+    if dims.pp > 1:
+        raise LayoutError(
+            "parallel.pp > 1 is not yet supported: pipeline parallel lands in a later change; use parallel.pp=1"
+        )
+    return dims
