@@ -22,7 +22,16 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, c
     """Apply the layout `dims` (over `mesh`, None for one process) to `model` in place; returns it."""
     from llmhpc.parallel.activation_ckpt import apply_ac
 
-    # 1. tensor / sequence parallel: llmhpc.parallel.tensor (dims.tp > 1 is rejected by validation until then)
+    if dims.tp > 1:
+        from llmhpc.parallel.tensor import apply_tensor_parallel
+
+        if cfg.compile and next(model.parameters()).device.type == "cpu":
+            raise LayoutError(
+                "parallel.compile=true does not work with parallel.tp > 1 on CPU (torch.compile cannot trace the "
+                "tensor-parallel DTensor model there); set parallel.compile=false or run on GPUs"
+            )
+        assert mesh is not None
+        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=True)
     apply_ac(model, cfg.ac)
     wraps_dp = dims.dp_size > 1
     if cfg.compile:

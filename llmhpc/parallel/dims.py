@@ -2,12 +2,11 @@
 
 Every rule a layout must satisfy is checked here from the config and the world size alone, so a
 bad layout stops before any process allocates memory or joins a process group. torch is
-imported only when a mesh is built, which keeps config validation cheap.
+imported only when a mesh is built or a tp > 1 layout is checked, which keeps config validation cheap.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -173,13 +172,18 @@ def validate_layout(
     if p.pp_schedule not in PP_SCHEDULES:
         raise LayoutError(f"parallel.pp_schedule={p.pp_schedule!r} is not one of: {', '.join(PP_SCHEDULES)}")
     if p.tp > 1:
-        valid = [t for t in _divisors(math.gcd(model.n_heads, model.n_kv_heads)) if world_size % t == 0]
-        for key in ("n_heads", "n_kv_heads"):
-            if getattr(model, key) % p.tp:
-                raise LayoutError(
-                    f"parallel.tp={p.tp} does not divide model.{key}={getattr(model, key)}; "
-                    f"valid tp for this model: {_fmt(valid)}"
-                )
+        from llmhpc.parallel.tensor import validate_tp  # torch-importing; only for layouts that use TP
+
+        try:
+            validate_tp(model, p.tp)
+        except ValueError as err:
+            raise LayoutError(f"parallel.{err}") from None
+        if trainer.seq_len % p.tp:
+            raise LayoutError(
+                f"trainer.seq_len={trainer.seq_len} is not a multiple of parallel.tp={p.tp}, which sequence "
+                f"parallel needs (it splits every sequence across the tp ranks); e.g. trainer.seq_len="
+                f"{max(1, trainer.seq_len // p.tp) * p.tp}"
+            )
     if p.pp > 1 and model.n_layers % p.pp:
         valid = [s for s in _divisors(model.n_layers) if world_size % s == 0]
         raise LayoutError(
@@ -205,9 +209,11 @@ def validate_layout(
         raise LayoutError(
             "parallel.cpu_offload=true needs FSDP (parallel.dp_shard > 1); set parallel.cpu_offload=false"
         )
-    if dims.tp > 1:
+    if dims.tp > 1 and dims.dp_replicate > 1:
         raise LayoutError(
-            "parallel.tp > 1 is not yet supported: tensor parallel lands in a later change; use parallel.tp=1"
+            f"parallel.dp_replicate={dims.dp_replicate} with parallel.tp={dims.tp} is not yet supported (DDP and HSDP "
+            f"are not verified with tensor parallel); shard instead, e.g. parallel.dp_replicate=1 "
+            f"parallel.dp_shard={dims.dp_size}"
         )
     if dims.pp > 1:
         raise LayoutError(

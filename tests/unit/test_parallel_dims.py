@@ -33,7 +33,7 @@ def test_dp_shard_fills_the_world():
         (1, {"dp_shard": 3}, r"= 3 but the world size is 1 .*e\.g\. parallel\.dp_shard=1"),
         (4, {"dp_replicate": 3}, r"dp_replicate\*tp\*pp = 3 does not divide the world size 4"),
         (2, {"tp": 2}, r"parallel\.tp=2 does not divide model\.n_heads=9; valid tp for this model: 1"),
-        (3, {"tp": 3}, r"tensor parallel lands in a later change"),
+        (3, {"tp": 3}, r"parallel\.tp=3 does not divide model\.ffn_dim=704; valid tp for this model: 1$"),
         (4, {"pp": 4}, r"parallel\.pp=4 does not divide model\.n_layers=30; valid pp for this model: 1, 2"),
         (2, {"pp": 2}, r"pipeline parallel lands in a later change"),
         (8, {}, r"global_batch_size=8 is not a multiple of trainer\.micro_batch_size\*dp = 2\*8 = 16"),
@@ -46,6 +46,36 @@ def test_invalid_layouts_fail_with_one_line(world, kw, message):
     with pytest.raises(LayoutError, match=message) as err:
         layout(world, **kw)
     assert "\n" not in str(err.value)
+
+
+SMALL = ModelConfig(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=192)
+
+
+def test_tp_is_accepted_when_it_divides_the_model():
+    dims = validate_layout(ParallelConfig(tp=2), 4, SMALL, BATCH)
+    assert (dims.tp, dims.dp_shard, dims.dp_size) == (2, 2, 2)
+    assert dims.mesh_shape() == [("dp_shard", 2), ("tp", 2)]
+    assert validate_layout(ParallelConfig(tp=2, dp_shard=1), 2, SMALL, BATCH).mesh_shape() == [("tp", 2)]
+    with pytest.raises(LayoutError, match=r"parallel\.tp=8 does not divide model\.n_heads=4; "
+                                          r"valid tp for this model: 1, 2$"):
+        validate_layout(ParallelConfig(tp=8, dp_shard=1), 8, SMALL, BATCH)
+    with pytest.raises(LayoutError, match=r"dp_replicate=2 with parallel\.tp=2 is not yet supported.*dp_shard=2$"):
+        validate_layout(ParallelConfig(tp=2, dp_replicate=2, dp_shard=1), 4, SMALL, BATCH)
+
+
+def test_sequence_parallel_needs_seq_len_divisible_by_tp():
+    trainer = TrainerConfig(global_batch_size=8, micro_batch_size=2, seq_len=63)
+    with pytest.raises(LayoutError, match=r"trainer\.seq_len=63 is not a multiple of parallel\.tp=2.*seq_len=62"):
+        validate_layout(ParallelConfig(tp=2, dp_shard=1), 2, SMALL, trainer)
+
+
+def test_compile_with_tp_is_refused_on_cpu():
+    from llmhpc.models import build_model
+    from llmhpc.parallel import parallelize
+
+    dims = validate_layout(ParallelConfig(tp=2, dp_shard=1), 2, SMALL, BATCH)
+    with pytest.raises(ConfigError, match=r"compile=true does not work with parallel\.tp > 1 on CPU"):
+        parallelize(build_model(SMALL), dims, None, ParallelConfig(tp=2, dp_shard=1, compile=True))
 
 
 def test_pp_needs_enough_micro_batches():
