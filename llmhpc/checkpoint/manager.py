@@ -36,6 +36,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from llmhpc.parallel.process_group import barrier, is_main_process
+
 FORMAT_VERSION = 1
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
@@ -132,23 +134,10 @@ def _restore_rng(states: dict) -> None:
         torch.cuda.set_rng_state_all([decode(s) for s in states["cuda"]])
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
-
-
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
-
-
 def _shared_tmp_name(final_name: str) -> str:
     """Temporary directory name for a save; with several ranks rank 0 draws it and all use it."""
     names = [f"{TMP_PREFIX}{final_name}-{uuid.uuid4().hex[:8]}"]
-    if _distributed():
+    if dist.is_initialized():
         dist.broadcast_object_list(names, src=0)
     return names[0]
 
@@ -178,10 +167,10 @@ class CheckpointManager:
         self.keep_last = max(1, keep_last)
         self.warn = warn or (lambda message: warnings.warn(message, stacklevel=2))
         self.dir.mkdir(parents=True, exist_ok=True)
-        if _rank() == 0:
+        if is_main_process():
             for stale in self.dir.glob(TMP_PREFIX + "*"):  # a save that was killed before its rename
                 shutil.rmtree(stale, ignore_errors=True)
-        _barrier()
+        barrier()
 
     def save(
         self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict, config_yaml: str
@@ -195,12 +184,12 @@ class CheckpointManager:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         with _single_process_ok():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-        if _distributed():
-            _fsync_files(tmp, f"__{_rank()}_")  # this rank's shards; rank 0 syncs the rest below
-        _barrier()
-        if _rank() == 0:
+        if dist.is_initialized():
+            _fsync_files(tmp, f"__{dist.get_rank()}_")  # this rank's shards; rank 0 syncs the rest below
+        barrier()
+        if is_main_process():
             self._commit(tmp, final, step, extra, config_yaml)
-        _barrier()
+        barrier()
         return final
 
     def _commit(self, tmp: Path, final: Path, step: int, extra: dict, config_yaml: str) -> None:
