@@ -8,17 +8,24 @@ from tqdm.auto import tqdm
 
 
 class ConsoleProgress:
-    """A progress bar over optimizer steps; `enabled=False` prints one line per log instead."""
+    """A progress bar over optimizer steps; `enabled=False` prints one line per log instead.
 
-    def __init__(self, total: int, initial: int, enabled: bool = True, desc: str = "train"):
-        self.enabled = enabled
+    `silent=True` (every rank but 0 of a multi-process run) prints nothing at all, so the loop can
+    report the same way on every rank.
+    """
+
+    def __init__(self, total: int, initial: int, enabled: bool = True, desc: str = "train", silent: bool = False):
+        self.enabled = enabled and not silent
+        self.silent = silent
         self._bar = (
             tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
-            if enabled
+            if self.enabled
             else None
         )
 
     def update(self, record: dict, advance: int = 1) -> None:
+        if self.silent:
+            return
         shown = {k: record[k] for k in ("loss", "eval_loss", "lr", "tokens_per_s", "mfu") if k in record}
         text = {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in shown.items()}
         if self._bar is not None:
@@ -29,6 +36,8 @@ class ConsoleProgress:
 
     def write(self, message: str) -> None:
         """Print a message without breaking the bar."""
+        if self.silent:
+            return
         if self._bar is not None:
             self._bar.write(message, file=sys.stderr)
         else:

@@ -189,7 +189,7 @@ class Trainer:
         wandb_cfg = cfg.logger.wandb if self.main else dataclasses.replace(cfg.logger.wandb, mode="disabled")
         wandb_run = WandbLogger(wandb_cfg, self.run_dir, run_id, to_dict(cfg))
         peak = peak_flops(self.device, self.compute_dtype) * self.world_size if self.flops_per_token else None
-        progress = ConsoleProgress(t.max_steps, step, enabled=cfg.logger.progress_bar and self.main)  # rank 0 draws
+        progress = ConsoleProgress(t.max_steps, step, enabled=cfg.logger.progress_bar, silent=not self.main)
         bad_streak, last_loss, eval_loss, saved = 0, math.nan, None, None
         self.model.train()
         try:
@@ -204,10 +204,7 @@ class Trainer:
                     bad_streak = 0
                 else:
                     bad_streak += 1
-                    if self.main:
-                        progress.write(
-                            f"warning: step {step} skipped: non-finite loss or gradient ({bad_streak} in a row)"
-                        )
+                    progress.write(f"warning: step {step} skipped: non-finite loss or gradient ({bad_streak} in a row)")
                     if bad_streak >= t.max_bad_steps:
                         raise TrainingAborted(
                             f"aborted at step {step}: {bad_streak} steps in a row had a non-finite loss or gradient "
@@ -232,8 +229,7 @@ class Trainer:
                 if jsonl and t.log_every and (step % t.log_every == 0 or step == t.max_steps or "eval_loss" in record):
                     jsonl.log(record)
                     wandb_run.log(record)
-                if self.main:
-                    progress.update(record)
+                progress.update(record)
                 if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.max_steps:
                     extra = {"data": self.batches.state_dict(), "wandb_run_id": run_id, "lineage": self.lineage}
                     saved = manager.save(step, self.model, self.optimizer, extra, config_yaml)
