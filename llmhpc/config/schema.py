@@ -143,11 +143,18 @@ class ParallelConfig:
     """Data-parallel ranks that shard weights, gradients and optimizer state (FSDP2); -1 fills the world
     size left over by the other dimensions."""
     tp: int = 1
-    """Tensor-parallel degree (must divide the attention and KV head counts); not available yet."""
+    """Tensor-parallel degree with sequence parallel (must divide the attention and KV head counts)."""
     pp: int = 1
-    """Pipeline-parallel stages (must divide model.n_layers); not available yet."""
+    """Pipeline-parallel ranks (each holds pp_stages_per_rank stages; pp x that must divide model.n_layers
+    unless pp_split_points is set). Needs untied embeddings (model.tie_embeddings=false)."""
     pp_schedule: str = "1f1b"
-    """Pipeline schedule when pp > 1: 'gpipe', '1f1b', 'interleaved1f1b' or 'zbv'."""
+    """Pipeline schedule when pp > 1: 'gpipe', '1f1b', 'interleaved_1f1b' or 'zbv'."""
+    pp_stages_per_rank: int | None = None
+    """Virtual pipeline stages per rank; None uses the schedule's: 1 for gpipe/1f1b, 2 for interleaved_1f1b
+    and zbv (which needs exactly 2)."""
+    pp_split_points: list[int] = field(default_factory=list)
+    """Manual stage boundaries: the block index where each stage after the first begins (pp x stages per
+    rank - 1 increasing values); empty splits the blocks evenly."""
     ac: str = "none"
     """Activation checkpointing: 'none', 'selective' (every other block recomputes its activations in
     backward) or 'full' (every block does); trades compute for activation memory."""

@@ -18,10 +18,23 @@ if TYPE_CHECKING:
     from llmhpc.config.schema import ParallelConfig
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, cfg: ParallelConfig) -> nn.Module:
-    """Apply the layout `dims` (over `mesh`, None for one process) to `model` in place; returns it."""
+def parallelize(
+    model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, cfg: ParallelConfig
+) -> list[nn.Module]:
+    """Apply the layout `dims` (over `mesh`, None for one process) to `model` in place.
+
+    Returns the modules that run forward: `[model]`, or under pipeline parallel this rank's stages
+    (`llmhpc.parallel.pipeline.StageModule`), whose blocks `model` keeps under their global names for
+    the optimizer and checkpoints.
+    """
     from llmhpc.parallel.activation_ckpt import apply_ac
 
+    parts = [model]
+    if dims.pp > 1:
+        from llmhpc.parallel.pipeline import split_model
+
+        assert mesh is not None
+        parts = split_model(model, mesh["pp"].get_local_rank(), cfg)
     if dims.tp > 1:
         from llmhpc.parallel.tensor import apply_tensor_parallel
 
@@ -33,9 +46,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, c
         assert mesh is not None
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=True)
     apply_ac(model, cfg.ac)
-    wraps_dp = dims.dp_size > 1
     if cfg.compile:
-        if wraps_dp:  # per block, so FSDP's hooks between blocks stay outside the compiled graphs
+        if dims.dp_size > 1 or dims.pp > 1:  # per block: FSDP's hooks and stage boundaries stay outside the graphs
             for block in model.layers.values():
                 block.compile()
         else:
@@ -45,13 +57,15 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, c
 
         assert mesh is not None
         names = ("dp_replicate", "dp_shard") if dims.hsdp else ("dp_shard",)
-        apply_fsdp(model, mesh[names], cfg)
+        for part in parts:
+            apply_fsdp(part, mesh[names], cfg)
     elif dims.ddp:
         from llmhpc.parallel.ddp import apply_ddp
 
         assert mesh is not None
-        apply_ddp(model, mesh["dp_replicate"])
-    return model
+        for part in parts:
+            apply_ddp(part, mesh["dp_replicate"])
+    return parts
 
 
 __all__ = ["LayoutError", "ParallelDims", "dp_mesh", "dp_rank", "dp_size", "parallelize", "validate_layout"]

@@ -18,7 +18,9 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 AC_MODES = ("none", "selective", "full")
-PP_SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b", "zbv")
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv")
+DEFAULT_STAGES_PER_RANK = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 2, "zbv": 2}
+"""Pipeline stages each rank holds when parallel.pp_stages_per_rank is not set."""
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 """Mesh dimension order, outermost first: pipeline stages talk least, tensor parallel most."""
 
@@ -37,6 +39,11 @@ def world_size_from_env() -> int:
     if size < 1:
         raise LayoutError(f"WORLD_SIZE must be >= 1, got {size}")
     return size
+
+
+def stages_per_rank(p: ParallelConfig) -> int:
+    """Local pipeline stages per rank: the explicit setting, else the schedule's default."""
+    return p.pp_stages_per_rank or DEFAULT_STAGES_PER_RANK[p.pp_schedule]
 
 
 def _divisors(n: int) -> list[int]:
@@ -184,12 +191,8 @@ def validate_layout(
                 f"parallel needs (it splits every sequence across the tp ranks); e.g. trainer.seq_len="
                 f"{max(1, trainer.seq_len // p.tp) * p.tp}"
             )
-    if p.pp > 1 and model.n_layers % p.pp:
-        valid = [s for s in _divisors(model.n_layers) if world_size % s == 0]
-        raise LayoutError(
-            f"parallel.pp={p.pp} does not divide model.n_layers={model.n_layers}; "
-            f"valid pp for this model: {_fmt(valid)}"
-        )
+    if p.pp > 1:
+        _validate_pipeline(p, world_size, model)
     dims = resolve_dims(p, world_size)
     per_step = trainer.micro_batch_size * dims.dp_size
     if trainer.global_batch_size % per_step:
@@ -199,12 +202,14 @@ def validate_layout(
             f"trainer.micro_batch_size*dp = {trainer.micro_batch_size}*{dims.dp_size} = {per_step}; "
             f"e.g. trainer.global_batch_size={fix}"
         )
-    micro_batches = trainer.global_batch_size // per_step
-    if dims.pp > 1 and micro_batches < dims.pp:
+    if dims.pp > 1 and dims.dp_replicate > 1:
         raise LayoutError(
-            f"{micro_batches} micro-batches per step are fewer than parallel.pp={dims.pp} stages (the pipeline "
-            f"would idle); e.g. trainer.global_batch_size={dims.pp * per_step}"
+            f"parallel.dp_replicate={dims.dp_replicate} with parallel.pp={dims.pp} is not supported (DDP's reducer "
+            f"expects one backward per forward, a pipeline runs several forwards first: measured 3e-3 off the "
+            f"single-process loss); shard instead, e.g. parallel.dp_replicate=1 parallel.dp_shard={dims.dp_size}"
         )
+    if dims.pp > 1:
+        _validate_pipeline_batches(p, trainer.global_batch_size // per_step, per_step)
     if p.cpu_offload and not dims.fsdp:
         raise LayoutError(
             "parallel.cpu_offload=true needs FSDP (parallel.dp_shard > 1); set parallel.cpu_offload=false"
@@ -215,8 +220,62 @@ def validate_layout(
             f"are not verified with tensor parallel); shard instead, e.g. parallel.dp_replicate=1 "
             f"parallel.dp_shard={dims.dp_size}"
         )
-    if dims.pp > 1:
-        raise LayoutError(
-            "parallel.pp > 1 is not yet supported: pipeline parallel lands in a later change; use parallel.pp=1"
-        )
     return dims
+
+
+def _validate_pipeline(p: ParallelConfig, world_size: int, model: ModelConfig) -> None:
+    """Rules of the stage split: schedule vs stages per rank, tied embeddings, layers per stage."""
+    if model.tie_embeddings:
+        raise LayoutError(
+            "parallel.pp > 1 needs untied embeddings: the embedding lives on the first stage and the output head "
+            "on the last, so they cannot share one matrix; set model.tie_embeddings=false or parallel.pp=1"
+        )
+    if p.pp_stages_per_rank is not None and p.pp_stages_per_rank < 1:
+        raise LayoutError(f"parallel.pp_stages_per_rank must be >= 1, got {p.pp_stages_per_rank}")
+    per_rank = stages_per_rank(p)
+    single = p.pp_schedule in ("gpipe", "1f1b")
+    if (single and per_rank != 1) or (p.pp_schedule == "zbv" and per_rank != 2) or (
+        p.pp_schedule == "interleaved_1f1b" and per_rank < 2
+    ):
+        need = {"gpipe": "1", "1f1b": "1", "zbv": "exactly 2", "interleaved_1f1b": ">= 2"}[p.pp_schedule]
+        raise LayoutError(
+            f"parallel.pp_schedule={p.pp_schedule} needs {need} stage(s) per rank, got parallel.pp_stages_per_rank="
+            f"{per_rank}; leave it unset (default {DEFAULT_STAGES_PER_RANK[p.pp_schedule]}) or pick another schedule"
+        )
+    n_stages = p.pp * per_rank
+    points = list(p.pp_split_points)
+    if points:
+        increasing = points == sorted(set(points)) and 0 < points[0] and points[-1] < model.n_layers
+        if len(points) != n_stages - 1 or not increasing:
+            raise LayoutError(
+                f"parallel.pp_split_points={points} must be {n_stages - 1} increasing block indices in 1.."
+                f"{model.n_layers - 1} (pp={p.pp} x {per_rank} stage(s) per rank = {n_stages} stages); "
+                f"e.g. {[i * model.n_layers // n_stages for i in range(1, n_stages)]}"
+            )
+    elif model.n_layers % n_stages:
+        valid = [s for s in _divisors(model.n_layers) if s % per_rank == 0 and world_size % (s // per_rank) == 0]
+        raise LayoutError(
+            f"parallel.pp={p.pp} x {per_rank} stage(s) per rank = {n_stages} stages do not divide model.n_layers="
+            f"{model.n_layers}; valid pp for this model: {_fmt([s // per_rank for s in valid])}, or set "
+            f"parallel.pp_split_points"
+        )
+    if p.compile and p.pp_schedule == "zbv":
+        raise LayoutError(
+            "parallel.compile=true does not work with parallel.pp_schedule=zbv (its split backward cannot run "
+            "compiled blocks); set parallel.compile=false or use another schedule"
+        )
+
+
+def _validate_pipeline_batches(p: ParallelConfig, micro_batches: int, per_step: int) -> None:
+    """Micro-batches per step must keep every stage busy and fit the schedule."""
+    if micro_batches < p.pp:
+        raise LayoutError(
+            f"{micro_batches} micro-batches per step are fewer than parallel.pp={p.pp} stages (the pipeline "
+            f"would idle); e.g. trainer.global_batch_size={p.pp * per_step}"
+        )
+    if p.pp_schedule in ("interleaved_1f1b", "zbv") and micro_batches % p.pp:
+        fix = -(-micro_batches // p.pp) * p.pp * per_step
+        raise LayoutError(
+            f"parallel.pp_schedule={p.pp_schedule} needs micro-batches per step ({micro_batches}) to be a multiple "
+            f"of parallel.pp={p.pp}; e.g. trainer.global_batch_size={fix}"
+        )

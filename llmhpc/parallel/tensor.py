@@ -115,20 +115,24 @@ def apply_tensor_parallel(
     if tp_mesh.ndim != 1:
         raise ValueError(f"apply_tensor_parallel needs a 1-D TP mesh, got {tp_mesh.ndim} dimensions")
     _broadcast_norm_weights(model, tp_mesh)
-    tied = model.output is None
+    # A pipeline stage's pruned model (llmhpc.parallel.pipeline.split_model) may lack the embedding
+    # (not the first stage) or the final norm and head (not the last stage); pipelines never tie them.
+    has_embedding, has_head = model.tok_embeddings is not None, model.norm is not None
+    tied = has_head and model.output is None
     seq_shard, replicate = Shard(1), Replicate()
     # The residual stream between blocks: sequence-sharded under SP, replicated (full) otherwise.
     stream = seq_shard if sequence_parallel else replicate
 
-    top_plan: dict[str, Any] = {
+    top_plan: dict[str, Any] = {}
+    if has_embedding:
         # Vocab-sharded rows: each rank looks up the ids it owns, the partial sums are reduced
         # (reduce-scattered onto the sequence under SP, all-reduced otherwise).
-        "tok_embeddings": RowwiseParallel(input_layouts=replicate, output_layouts=stream),
-    }
-    if sequence_parallel:
+        top_plan["tok_embeddings"] = RowwiseParallel(input_layouts=replicate, output_layouts=stream)
+    if sequence_parallel and has_head:
         top_plan["norm"] = SequenceParallel()
-    parallelize_module(model, tp_mesh, top_plan)
-    if sequence_parallel:
+    if top_plan:
+        parallelize_module(model, tp_mesh, top_plan)
+    if sequence_parallel and has_head:
         # Gather the final hidden states to the full sequence so `hidden_states` keeps its plain
         # [B, S, dim] contract; the head would need this all-gather anyway.
         parallelize_module(
@@ -139,7 +143,7 @@ def apply_tensor_parallel(
     head_out = Shard(-1) if loss_parallel else replicate
     if tied:
         model.logits = MethodType(_tied_logits_fn(head_out, use_local=not loss_parallel), model)
-    else:
+    elif has_head:
         parallelize_module(
             model.output,
             tp_mesh,

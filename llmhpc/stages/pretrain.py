@@ -70,10 +70,16 @@ def _train(cfg: Config, device: torch.device, dims, mesh) -> TrainResult:
     if cfg.model.init_from:  # the checkpoint's shape wins; record it so the lineage stays readable
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(model.cfg, init_from=cfg.model.init_from))
     flops_per_token = model.flops_per_token(t.seq_len)
-    parallelize(model, dims, mesh, cfg.parallel)
+    parts = parallelize(model, dims, mesh, cfg.parallel)
+    pipeline = None
+    if dims.pp > 1:
+        from llmhpc.parallel.pipeline import PipelineRunner
+
+        micro_batches = t.global_batch_size // (t.micro_batch_size * dims.dp_size)
+        pipeline = PipelineRunner(parts, mesh["pp"], cfg.parallel.pp_schedule, micro_batches, device)
     optimizer = build_optimizer(model, t)
     trainer = Trainer(
         cfg, model, optimizer, loader, eval_batches=held_out, flops_per_token=flops_per_token, lineage=lineage,
-        dp_mesh=dp_mesh(mesh),
+        dp_mesh=dp_mesh(mesh), pipeline=pipeline,
     )
     return trainer.fit()

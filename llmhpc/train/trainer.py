@@ -36,6 +36,8 @@ from llmhpc.train.schedule import set_lr
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
+    from llmhpc.parallel.pipeline import PipelineRunner
+
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
 
@@ -92,6 +94,7 @@ class Trainer:
         flops_per_token: float | None = None,
         lineage: dict | None = None,
         dp_mesh: DeviceMesh | None = None,
+        pipeline: PipelineRunner | None = None,
     ):
         self.cfg = cfg
         self.model = model
@@ -104,6 +107,8 @@ class Trainer:
         self.device = next(model.parameters()).device
         self.run_dir = Path(cfg.run.dir)
         self.dp = DataParallelReducer(dp_mesh, self.device)
+        self.pipeline = pipeline
+        """Under pipeline parallel, runs each step's micro-batches through this rank's stages."""
         self.main = is_main_process()
         self.accum_steps = cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * self.dp.size)
         bf16 = cfg.precision.name == "bf16"
@@ -121,15 +126,22 @@ class Trainer:
         # Every rank divides by the global token count; data parallelism averages gradients over the
         # dp ranks, so each rank scales its share by dp size to make the result the global mean.
         n_tokens = self.dp.sum_int(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro))
-        total_loss = torch.zeros((), device=self.device)
-        for batch in micro:
+        if self.pipeline is not None:
             with self.autocast():
-                loss_sum, _ = self.loss_fn(self.model, batch)
-            (loss_sum / max(n_tokens, 1) * self.dp.size).backward()  # "* 1" keeps one process bitwise as before
-            total_loss += loss_sum.detach()
+                total_loss = self.pipeline.train_step(micro, self.dp.size / max(n_tokens, 1))
+        else:
+            total_loss = torch.zeros((), device=self.device)
+            for batch in micro:
+                with self.autocast():
+                    loss_sum, _ = self.loss_fn(self.model, batch)
+                (loss_sum / max(n_tokens, 1) * self.dp.size).backward()  # "* 1" keeps one process bitwise as before
+                total_loss += loss_sum.detach()
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
-        grad_norm = float(self.dp.full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+        if self.pipeline is not None:  # each rank holds some stages: the norm is global over the pipeline too
+            grad_norm = float(self.pipeline.clip_grad_norm(params, max_norm))
+        else:
+            grad_norm = float(self.dp.full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
         loss = (self.dp.sum(total_loss) / max(n_tokens, 1)).item()
         finite = math.isfinite(loss) and math.isfinite(grad_norm)  # global values: every rank decides alike
         if finite:
@@ -160,8 +172,12 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         for batch in self.eval_set:
+            batch = self._to_device(batch)
             with self.autocast():
-                loss_sum, n = self.loss_fn(self.model, self._to_device(batch))
+                if self.pipeline is not None:
+                    loss_sum, n = self.pipeline.eval_loss_sum(batch), int((batch["labels"] != IGNORE_INDEX).sum())
+                else:
+                    loss_sum, n = self.loss_fn(self.model, batch)
             total += float(loss_sum)
             count += n
         self.model.train()

@@ -34,8 +34,7 @@ def test_dp_shard_fills_the_world():
         (4, {"dp_replicate": 3}, r"dp_replicate\*tp\*pp = 3 does not divide the world size 4"),
         (2, {"tp": 2}, r"parallel\.tp=2 does not divide model\.n_heads=9; valid tp for this model: 1"),
         (3, {"tp": 3}, r"parallel\.tp=3 does not divide model\.ffn_dim=704; valid tp for this model: 1$"),
-        (4, {"pp": 4}, r"parallel\.pp=4 does not divide model\.n_layers=30; valid pp for this model: 1, 2"),
-        (2, {"pp": 2}, r"pipeline parallel lands in a later change"),
+        (2, {"pp": 2}, r"parallel\.pp > 1 needs untied embeddings.*set model\.tie_embeddings=false"),
         (8, {}, r"global_batch_size=8 is not a multiple of trainer\.micro_batch_size\*dp = 2\*8 = 16"),
         (1, {"ac": "some"}, r"parallel\.ac='some' is not one of: none, selective, full"),
         (1, {"cpu_offload": True}, r"cpu_offload=true needs FSDP"),
@@ -78,10 +77,57 @@ def test_compile_with_tp_is_refused_on_cpu():
         parallelize(build_model(SMALL), dims, None, ParallelConfig(tp=2, dp_shard=1, compile=True))
 
 
-def test_pp_needs_enough_micro_batches():
-    model = ModelConfig(n_layers=4)
-    with pytest.raises(LayoutError, match=r"1 micro-batches per step are fewer than parallel\.pp=2"):
-        validate_layout(ParallelConfig(pp=2), 2, model, TrainerConfig(global_batch_size=4, micro_batch_size=4))
+UNTIED = ModelConfig(n_layers=30, dim=576, n_heads=9, n_kv_heads=3, ffn_dim=1536, tie_embeddings=False)
+ZBV = {"pp": 2, "pp_schedule": "zbv", "pp_split_points": [8, 15, 23]}
+
+
+@pytest.mark.parametrize(
+    ("world", "kw", "trainer", "message"),
+    [
+        (4, {"pp": 4}, {}, r"parallel\.pp=4 x 1 stage\(s\) per rank = 4 stages do not divide model\.n_layers=30; "
+                           r"valid pp for this model: 1, 2, or set parallel\.pp_split_points$"),
+        (2, {"pp": 2, "pp_schedule": "interleaved_1f1b", "pp_stages_per_rank": 4}, {},
+         r"2 x 4 stage\(s\) per rank = 8 stages do not divide model\.n_layers=30; valid pp for this model: "),
+        (2, {"pp": 2, "pp_schedule": "zbv", "pp_stages_per_rank": 3}, {},
+         r"pp_schedule=zbv needs exactly 2 stage\(s\) per rank, got parallel\.pp_stages_per_rank=3"),
+        (2, {"pp": 2, "pp_stages_per_rank": 2}, {}, r"pp_schedule=1f1b needs 1 stage\(s\) per rank"),
+        (2, {"pp": 2, "pp_schedule": "interleaved_1f1b", "pp_stages_per_rank": 1}, {}, r"needs >= 2 stage\(s\)"),
+        (2, {"pp": 2, "pp_split_points": [10, 20]}, {}, r"pp_split_points=\[10, 20\] must be 1 increasing block "
+                                                       r"indices in 1\.\.29 .*e\.g\. \[15\]$"),
+        (2, {"pp": 2, "pp_split_points": [30]}, {}, r"must be 1 increasing block indices"),
+        (2, {"pp": 2}, {"global_batch_size": 4, "micro_batch_size": 4},
+         r"1 micro-batches per step are fewer than parallel\.pp=2 .*global_batch_size=8$"),
+        (2, ZBV, {"global_batch_size": 12, "micro_batch_size": 4},
+         r"pp_schedule=zbv needs micro-batches per step \(3\) to be a multiple of parallel\.pp=2; "
+         r"e\.g\. trainer\.global_batch_size=16$"),
+        (4, {"pp": 2, "dp_replicate": 2, "dp_shard": 1}, {}, r"dp_replicate=2 with parallel\.pp=2 is not supported"),
+        (2, {**ZBV, "compile": True}, {}, r"compile=true does not work with .*zbv"),
+    ],
+)
+def test_invalid_pipeline_layouts(world, kw, trainer, message):
+    batch = TrainerConfig(**{"global_batch_size": 8, "micro_batch_size": 2, **trainer})
+    with pytest.raises(LayoutError, match=message) as err:
+        validate_layout(ParallelConfig(**kw), world, UNTIED, batch)
+    assert "\n" not in str(err.value)
+
+
+def test_valid_pipeline_layouts():
+    seq_255 = TrainerConfig(global_batch_size=8, micro_batch_size=2, seq_len=255)
+    dims = validate_layout(ParallelConfig(pp=2, tp=3), 12, UNTIED, seq_255)
+    assert dims.mesh_shape() == [("pp", 2), ("dp_shard", 2), ("tp", 3)]
+    assert validate_layout(ParallelConfig(pp=4, pp_split_points=[8, 16, 23]), 4, UNTIED, BATCH).pp == 4
+    validate_layout(ParallelConfig(pp=3, pp_schedule="interleaved_1f1b"), 3, UNTIED,
+                    TrainerConfig(global_batch_size=6, micro_batch_size=1))
+
+
+def test_stage_split_and_placement():
+    from llmhpc.parallel.pipeline import local_stage_ids, stage_layer_ranges
+
+    assert stage_layer_ranges(8, 4, []) == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+    assert stage_layer_ranges(5, 2, [1]) == [range(0, 1), range(1, 5)]
+    assert local_stage_ids(1, 4, 2, "interleaved_1f1b") == [1, 5]
+    assert local_stage_ids(0, 4, 2, "zbv") == [0, 7]  # the V: rank 0 holds the first and the last stage
+    assert local_stage_ids(3, 4, 1, "1f1b") == [3]
 
 
 def test_load_config_checks_the_layout_against_world_size(monkeypatch):

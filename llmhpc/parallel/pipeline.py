@@ -1,0 +1,243 @@
+"""Pipeline parallelism: the plain model cut into stages, run by a `torch.distributed.pipelining` schedule.
+
+The model is split by transformer blocks. Stage 0 also owns the token embedding, the last stage the
+final norm and the output head. Each rank builds the whole model on the meta device as usual, keeps
+only the blocks of its own stages (`split_model` prunes the `Llama` in place, so checkpoint keys stay
+`layers.<global index>...` and DCP reshards between any pipeline layouts), and wraps each local stage
+in a small `StageModule` that the schedule calls.
+
+Schedules (`parallel.pp_schedule`):
+- 'gpipe': all forwards, then all backwards; simple, keeps every micro-batch's activations alive.
+- '1f1b': one forward, one backward in the steady state; at most pp micro-batches in flight.
+- 'interleaved_1f1b': several smaller stages per rank (`parallel.pp_stages_per_rank`, default 2),
+  placed round-robin (rank r holds stages r, r+pp, ...); shrinks the bubble by that factor.
+- 'zbv': zero-bubble "V" schedule, exactly 2 stages per rank placed as a V (rank r holds stages r
+  and 2pp-1-r, so rank 0 holds the first and the last); splits backward into input and weight
+  gradients to fill the bubble.
+
+The schedule's loss function returns each micro-batch's summed token loss times a per-step scale
+(dp_size / global token count) with `scale_grads=False`, exactly the normalization the trainer uses
+without pipelining, so gradients equal the single-process ones.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llmhpc.parallel.dims import stages_per_rank
+from llmhpc.train.losses import token_cross_entropy_sum
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from llmhpc.config.schema import ParallelConfig
+    from llmhpc.models.llama import Llama
+
+def stage_layer_ranges(n_layers: int, n_stages: int, split_points: list[int]) -> list[range]:
+    """The block indices of every stage: cut before each split point, or evenly when none are given.
+
+    Callers validate first (`llmhpc.parallel.dims.validate_layout`); here bad input is a programming error.
+    """
+    bounds = [0, *split_points, n_layers] if split_points else [i * n_layers // n_stages for i in range(n_stages + 1)]
+    if len(bounds) != n_stages + 1 or any(b >= e for b, e in zip(bounds, bounds[1:], strict=False)):
+        raise ValueError(f"split points {split_points} do not cut {n_layers} layers into {n_stages} stages")
+    return [range(b, e) for b, e in zip(bounds, bounds[1:], strict=False)]
+
+
+def stage_holder(stage: int, pp: int, schedule: str) -> int:
+    """Pipeline rank that holds `stage`: round-robin for the looped schedules, a V for 'zbv'."""
+    if schedule == "zbv":
+        return stage if stage < pp else 2 * pp - 1 - stage
+    return stage % pp
+
+
+def local_stage_ids(pp_rank: int, pp: int, per_rank: int, schedule: str) -> list[int]:
+    """Stages held by `pp_rank`, in stage order."""
+    return [s for s in range(pp * per_rank) if stage_holder(s, pp, schedule) == pp_rank]
+
+
+class StageModule(nn.Module):
+    """One pipeline stage: a contiguous run of blocks, plus the embedding (first) or norm and head (last).
+
+    Its submodules are the very modules of the pruned `Llama`, shared, not copied: the optimizer and
+    the checkpoint manager work on the `Llama` (global parameter names), the schedule on the stages.
+    """
+
+    def __init__(self, model: Llama, index: int, n_stages: int, layer_ids: range, sequence_shards: int = 1) -> None:
+        super().__init__()
+        self.index = index
+        self.n_stages = n_stages
+        self.sequence_shards = sequence_shards
+        """Under sequence parallel the hidden states between stages hold 1/tp of the positions."""
+        self.tok_embeddings = model.tok_embeddings if index == 0 else None
+        self.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layer_ids})
+        last = index == n_stages - 1
+        self.norm = model.norm if last else None
+        self.output = model.output if last else None
+        self.register_buffer("rope_cos", model.rope_cos, persistent=False)
+        self.register_buffer("rope_sin", model.rope_sin, persistent=False)
+
+    def forward(self, x: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids → hidden states (first stage), hidden → hidden, or hidden → logits (last stage)."""
+        from llmhpc.models.llama import document_mask
+
+        seq = x.shape[1] if self.tok_embeddings is not None else x.shape[1] * self.sequence_shards
+        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
+        mask = document_mask(document_ids) if document_ids is not None else None
+        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        for name, block in self.layers.items():
+            h = block(h, cos, sin, mask, None, int(name), 0)
+        if self.norm is not None:
+            h = self.output(self.norm(h))
+        return h
+
+
+def split_model(model: Llama, pp_rank: int, p: ParallelConfig) -> list[StageModule]:
+    """Prune `model` in place to the blocks of `pp_rank`'s stages and return those stages, in stage order.
+
+    The embedding survives only on the rank holding stage 0, the final norm and head only on the rank
+    holding the last stage. Tied embeddings cannot be split across stages (validated earlier).
+    """
+    per_rank = stages_per_rank(p)
+    n_stages = p.pp * per_rank
+    ranges = stage_layer_ranges(model.cfg.n_layers, n_stages, list(p.pp_split_points))
+    ids = local_stage_ids(pp_rank, p.pp, per_rank, p.pp_schedule)
+    stages = [StageModule(model, i, n_stages, ranges[i], sequence_shards=p.tp) for i in ids]
+    keep = {str(layer) for i in ids for layer in ranges[i]}
+    for name in list(model.layers):
+        if name not in keep:
+            del model.layers[name]
+    if 0 not in ids:
+        model.tok_embeddings = None
+    if n_stages - 1 not in ids:
+        model.norm = None
+        model.output = None
+    return stages
+
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class PipelineRunner:
+    """Runs one step's micro-batches through this rank's stages with the configured schedule.
+
+    Every rank of a pipeline group calls `train_step` / `eval_loss_sum` with the same batch (all ranks
+    load it; the first stage feeds the token ids, the last one scores the labels), and all get the
+    same summed loss back.
+    """
+
+    def __init__(
+        self,
+        stages: list[StageModule],
+        pp_mesh: DeviceMesh,
+        schedule: str,
+        n_microbatches: int,
+        device: torch.device,
+    ) -> None:
+        from torch.distributed.pipelining import PipelineStage
+        from torch.distributed.pipelining.schedules import (
+            Schedule1F1B,
+            ScheduleGPipe,
+            ScheduleInterleaved1F1B,
+            ScheduleZBVZeroBubble,
+        )
+
+        self.stages = {s.index: s for s in stages}
+        self.n_stages = stages[0].n_stages
+        self.group = pp_mesh.get_group()
+        self.pp_rank = pp_mesh.get_local_rank()
+        self.holders = [stage_holder(i, pp_mesh.size(), schedule) for i in range(self.n_stages)]
+        self.device = device
+        self.n_microbatches = n_microbatches
+        self._scale = 1.0
+        self._sums: list[torch.Tensor] = []
+        pipeline_stages = [PipelineStage(s, s.index, s.n_stages, device, group=self.group) for s in stages]
+        kwargs = {"n_microbatches": n_microbatches, "loss_fn": self._loss, "scale_grads": False}
+        if schedule in ("gpipe", "1f1b"):
+            cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
+            self.schedule = cls(pipeline_stages[0], **kwargs)
+        else:
+            cls = ScheduleZBVZeroBubble if schedule == "zbv" else ScheduleInterleaved1F1B
+            self.schedule = cls(pipeline_stages, **kwargs)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss_sum, _ = token_cross_entropy_sum(logits, labels)
+        self._sums.append(loss_sum.detach())
+        return loss_sum * self._scale
+
+    def _pipeline_sum(self, local: torch.Tensor | None) -> torch.Tensor:
+        """The last stage's loss sum on every rank of the pipeline (the others contribute zero)."""
+        total = local.detach().clone() if local is not None else torch.zeros((), device=self.device)
+        dist.all_reduce(total, group=self.group)
+        return total
+
+    def train_step(self, batches: list[dict[str, torch.Tensor]], scale: float) -> torch.Tensor:
+        """Forward and backward of one optimizer step's micro-batches; gradients are `scale` x d(loss sum).
+
+        Returns the summed token loss of all `batches`, the same on every pipeline rank.
+        """
+        self._scale, self._sums = scale, []
+        whole = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+        args = (whole["input_ids"],) if 0 in self.stages else ()
+        kwargs = {"document_ids": whole["document_ids"]} if "document_ids" in whole else {}
+        target = whole["labels"] if self.n_stages - 1 in self.stages else None
+        self.schedule.step(*args, target=target, return_outputs=False, **kwargs)
+        # The first step also scores a shape-inference pass (on uninitialized data): keep the real ones.
+        sums = self._sums[-self.n_microbatches :]
+        return self._pipeline_sum(torch.stack(sums).sum() if sums else None)
+
+    @torch.no_grad()
+    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed token loss of one batch, forward only: the stages run in order, passing activations on.
+
+        No schedule is involved (torch's ZBV cannot run forward-only), so eval batches need not come in
+        groups of n_microbatches. Each hand-over sends the activation's shape and dtype first.
+        """
+        document_ids = batch.get("document_ids")
+        hidden, loss = None, None
+        for index in range(self.n_stages):
+            holder = self.holders[index]
+            if holder != self.pp_rank:
+                continue
+            if index == 0:
+                hidden = batch["input_ids"]
+            elif self.holders[index - 1] != holder:
+                hidden = self._receive(self.holders[index - 1])
+            hidden = self.stages[index](hidden, document_ids=document_ids)
+            if index == self.n_stages - 1:
+                loss, _ = token_cross_entropy_sum(hidden, batch["labels"])
+            elif self.holders[index + 1] != holder:
+                self._send(hidden, self.holders[index + 1])
+        return self._pipeline_sum(loss)
+
+    def _send(self, tensor: torch.Tensor, pp_rank: int) -> None:
+        dst = dist.get_global_rank(self.group, pp_rank)
+        header = torch.tensor([*tensor.shape, _DTYPES.index(tensor.dtype)], dtype=torch.int64, device=self.device)
+        dist.send(header, dst, group=self.group)
+        dist.send(tensor.contiguous(), dst, group=self.group)
+
+    def _receive(self, pp_rank: int) -> torch.Tensor:
+        src = dist.get_global_rank(self.group, pp_rank)
+        header = torch.empty(4, dtype=torch.int64, device=self.device)  # [batch, sequence, dim, dtype]
+        dist.recv(header, src, group=self.group)
+        *shape, dtype = header.tolist()
+        tensor = torch.empty(shape, dtype=_DTYPES[dtype], device=self.device)
+        dist.recv(tensor, src, group=self.group)
+        return tensor
+
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """Clip this rank's gradients to the global norm over all stages (and shards); returns that norm."""
+        from torch.distributed.tensor import DTensor
+
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if isinstance(norm, DTensor):  # FSDP / TP shards: the norm over the whole stage
+            norm = norm.full_tensor()
+        squared = norm.pow(2)
+        dist.all_reduce(squared, group=self.group)
+        total = squared.sqrt()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
