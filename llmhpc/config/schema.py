@@ -172,7 +172,11 @@ class PrecisionConfig:
     """Numerical formats used for training."""
 
     name: str = "fp32"
-    """'fp32', or 'bf16' (fp32 master weights and optimizer, bf16 autocast for matmuls)."""
+    """'fp32'; 'bf16' (fp32 master weights and optimizer, bf16 autocast for matmuls); or 'fp8' (as bf16, plus
+    float8 matmuls in the transformer blocks via torchao; needs an H100-class GPU, refused elsewhere)."""
+    fp8_recipe: str = "tensorwise"
+    """FP8 scaling with precision=fp8: 'tensorwise' (one scale per tensor; fastest, float8 all-gather under
+    FSDP) or 'rowwise' (one scale per row; more accurate)."""
 
 
 @dataclass

@@ -21,6 +21,7 @@ from llmhpc.data.tokenizer import load_tokenizer
 from llmhpc.models import build_model, load_pretrained
 from llmhpc.parallel import dp_mesh, dp_rank, dp_size, parallelize, validate_layout
 from llmhpc.parallel.dims import world_size_from_env
+from llmhpc.parallel.float8 import apply_float8, require_fp8_device
 from llmhpc.parallel.process_group import barrier, destroy_distributed, init_distributed, is_main_process
 from llmhpc.train.optim import build_optimizer
 from llmhpc.train.trainer import Trainer, TrainResult, resolve_device
@@ -38,7 +39,10 @@ def build_model_for(cfg: Config, device: torch.device) -> tuple[torch.nn.Module,
 def run(cfg: Config) -> TrainResult:
     """Train under the layout of cfg.parallel on WORLD_SIZE processes (joining and leaving the process group)."""
     dims = validate_layout(cfg.parallel, world_size_from_env(), cfg.model, cfg.trainer)
-    device = init_distributed(resolve_device(cfg.run.device), dims.world_size)
+    device = resolve_device(cfg.run.device)
+    if cfg.precision.name == "fp8":
+        require_fp8_device(device)  # before any process group, data or model exists
+    device = init_distributed(device, dims.world_size)
     try:
         mesh = dims.build_mesh(device.type)
         return _train(cfg, device, dims, mesh)
@@ -70,6 +74,9 @@ def _train(cfg: Config, device: torch.device, dims, mesh) -> TrainResult:
     if cfg.model.init_from:  # the checkpoint's shape wins; record it so the lineage stays readable
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(model.cfg, init_from=cfg.model.init_from))
     flops_per_token = model.flops_per_token(t.seq_len)
+    after_step = None
+    if cfg.precision.name == "fp8":  # float8 linears go in before any sharding wraps them
+        after_step = apply_float8(model, cfg.precision.fp8_recipe, fsdp=dims.fsdp)
     parts = parallelize(model, dims, mesh, cfg.parallel)
     pipeline = None
     if dims.pp > 1:
@@ -80,6 +87,6 @@ def _train(cfg: Config, device: torch.device, dims, mesh) -> TrainResult:
     optimizer = build_optimizer(model, t)
     trainer = Trainer(
         cfg, model, optimizer, loader, eval_batches=held_out, flops_per_token=flops_per_token, lineage=lineage,
-        dp_mesh=dp_mesh(mesh), pipeline=pipeline,
+        dp_mesh=dp_mesh(mesh), pipeline=pipeline, after_optimizer_step=after_step,
     )
     return trainer.fit()

@@ -95,6 +95,7 @@ class Trainer:
         lineage: dict | None = None,
         dp_mesh: DeviceMesh | None = None,
         pipeline: PipelineRunner | None = None,
+        after_optimizer_step: Callable[[], None] | None = None,
     ):
         self.cfg = cfg
         self.model = model
@@ -108,10 +109,12 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.dp = DataParallelReducer(dp_mesh, self.device)
         self.pipeline = pipeline
+        self.after_optimizer_step = after_optimizer_step
+        """Called after every applied optimizer step (e.g. float8 weight scales for FSDP's fp8 all-gather)."""
         """Under pipeline parallel, runs each step's micro-batches through this rank's stages."""
         self.main = is_main_process()
         self.accum_steps = cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * self.dp.size)
-        bf16 = cfg.precision.name == "bf16"
+        bf16 = cfg.precision.name in ("bf16", "fp8")  # fp8: float8 block matmuls inside bf16 autocast; MFU vs bf16 peak
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
         self.autocast = (
             (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else (lambda: nullcontext())
@@ -146,6 +149,8 @@ class Trainer:
         finite = math.isfinite(loss) and math.isfinite(grad_norm)  # global values: every rank decides alike
         if finite:
             self.optimizer.step()
+            if self.after_optimizer_step is not None:
+                self.after_optimizer_step()
         else:
             self.optimizer.zero_grad(set_to_none=True)
         input_tokens = sum(b["input_ids"].numel() for b in micro) * self.dp.size

@@ -37,7 +37,8 @@ def test_yaml_round_trip():
         (["trainer.global_batch_size=10", "trainer.micro_batch_size=4"], ["trainer.global_batch_size=10"]),
         (["trainer.seq_len=4096"], ["trainer.seq_len=4096", "model.max_seq_len"]),
         (["logger.wandb.mode=offlne"], ["logger.wandb.mode", "offline"]),
-        (["precision=fp8"], ["fp8"]),
+        (["precision=fp8", "precision.fp8_recipe=blockwise"], ["precision.fp8_recipe='blockwise'", "rowwise"]),
+        (["precision=fp8", "parallel.tp=2"], ["precision=fp8 with parallel.tp > 1", "parallel.dp_shard"]),
         (["trainer.lr"], ["key=value"]),
     ],
 )

@@ -1,0 +1,78 @@
+"""FP8 training (`precision=fp8`) with torchao's float8 linears.
+
+Every transformer-block linear becomes a `torchao.float8.Float8Linear`: its matmuls run in float8 (e4m3
+forward, e5m2 gradients) with dynamic scales, `tensorwise` (one scale per tensor, the fastest) or
+`rowwise` (one per row, more accurate). Master weights, optimizer state, norms, attention, the embedding
+and the output head stay in higher precision (the head stays out because the loss is most sensitive to
+it; the rest runs under bf16 autocast as with `precision=bf16`).
+
+Under FSDP2 the `tensorwise` recipe also all-gathers the weights in float8 (half the bytes of bf16); their
+scales are then computed for all blocks at once after each optimizer step (`after_optimizer_step`).
+
+FP8 matmuls need tensor cores that have them (NVIDIA compute capability >= 8.9: H100, H200, L40S, B200).
+Anywhere else `require_fp8_device` stops the run at launch; torchao would otherwise emulate float8
+slowly on CPU, which no one wants as a training run, and falling back to bf16 silently would be worse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from llmhpc.config.validate import ConfigError
+
+FP8_RECIPES = ("tensorwise", "rowwise")
+MIN_CAPABILITY = (8, 9)
+
+
+def require_fp8_device(device: torch.device) -> None:
+    """Raise a one-line `ConfigError` unless `device` can run FP8 matmuls and torchao is installed."""
+    fix = "use precision=bf16 on this machine"
+    if device.type != "cuda":
+        raise ConfigError(
+            f"precision=fp8 needs an NVIDIA GPU with FP8 tensor cores (compute capability >= 8.9: H100, H200, "
+            f"L40S, B200); this run's device is {device.type}; {fix}"
+        )
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        raise ConfigError(
+            f"precision=fp8 needs compute capability >= 8.9 (H100, H200, L40S, B200); {name} has "
+            f"{capability[0]}.{capability[1]}; {fix}"
+        )
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        raise ConfigError("precision=fp8 needs torchao: pip install 'llmhpc[gpu]'") from None
+
+
+def _convertible(module: nn.Module, fqn: str) -> bool:
+    """Block linears whose shapes the float8 GEMM accepts (both dims multiples of 16); never the head."""
+    if not isinstance(module, nn.Linear) or not fqn.startswith("layers."):
+        return False
+    return module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+
+def apply_float8(model: nn.Module, recipe: str, *, fsdp: bool) -> Callable[[], None] | None:
+    """Swap the block linears of `model` for float8 ones in place (before TP/FSDP are applied).
+
+    Returns the function to call after every optimizer step (FSDP2 float8 all-gather needs the next
+    step's weight scales), or None when nothing is needed then.
+    """
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    if recipe not in FP8_RECIPES:
+        raise ConfigError(f"precision.fp8_recipe={recipe!r} is not one of: {', '.join(FP8_RECIPES)}")
+    fp8_all_gather = fsdp and recipe == "tensorwise"
+    config = dataclasses.replace(
+        Float8LinearConfig.from_recipe_name(recipe), enable_fsdp_float8_all_gather=fp8_all_gather
+    )
+    convert_to_float8_training(model, config=config, module_filter_fn=_convertible)
+    if not fp8_all_gather:
+        return None
+    from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+    return lambda: precompute_float8_dynamic_scale_for_fsdp(model)
