@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from llmhpc.config import ConfigError
 from llmhpc.config.schema import Config
 from llmhpc.metrics.bench_table import REFERENCES, table_row, update_table
 from llmhpc.metrics.mfu import measured_gemm_flops
@@ -160,6 +161,11 @@ def run(
 
     references: which transformers variants to race (tests leave out the slow-to-compile one).
     """
+    if cfg.precision.name not in LOSS_TOL:
+        raise ConfigError(
+            f"llmhpc bench races transformers on this CPU in fp32 or bf16, not precision={cfg.precision.name}; "
+            "for fp8 on an H100 run python tools/bench_gpu.py"
+        )
     bf16 = cfg.precision.name == "bf16"
     peak_dtype = torch.bfloat16 if bf16 else torch.float32
     t = cfg.trainer
