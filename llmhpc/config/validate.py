@@ -94,6 +94,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "precision=fp8 with parallel.tp > 1 is not supported yet (float8 tensor-parallel plans are unverified); "
         "use parallel.tp=1 with FSDP (parallel.dp_shard) or precision=bf16",
     )
+    _check(
+        cfg.precision.name != "fp8" or cfg.parallel.engine == "torch",
+        "precision=fp8 is not supported with parallel.engine=deepspeed; use parallel.engine=torch (FSDP2)",
+    )
     if world_size is not None:
         from llmhpc.parallel.dims import validate_layout  # imported here: dims needs ConfigError from this module
 

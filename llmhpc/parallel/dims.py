@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 AC_MODES = ("none", "selective", "full")
+ENGINES = ("torch", "deepspeed")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv")
 DEFAULT_STAGES_PER_RANK = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 2, "zbv": 2}
 """Pipeline stages each rank holds when parallel.pp_stages_per_rank is not set."""
@@ -176,6 +177,10 @@ def validate_layout(
     """The run's ParallelDims, or a `LayoutError` naming the first rule the layout breaks."""
     if p.ac not in AC_MODES:
         raise LayoutError(f"parallel.ac={p.ac!r} is not one of: {', '.join(AC_MODES)}")
+    if p.engine not in ENGINES:
+        raise LayoutError(f"parallel.engine={p.engine!r} is not one of: {', '.join(ENGINES)}")
+    if p.engine == "deepspeed":
+        _validate_deepspeed(p)
     if p.pp_schedule not in PP_SCHEDULES:
         raise LayoutError(f"parallel.pp_schedule={p.pp_schedule!r} is not one of: {', '.join(PP_SCHEDULES)}")
     if p.tp > 1:
@@ -221,6 +226,25 @@ def validate_layout(
             f"parallel.dp_shard={dims.dp_size}"
         )
     return dims
+
+
+def _validate_deepspeed(p: ParallelConfig) -> None:
+    """DeepSpeed ZeRO runs pure data parallelism over every rank, without our other wrappers."""
+    if p.zero_stage not in (1, 2, 3):
+        raise LayoutError(f"parallel.zero_stage={p.zero_stage} is not a ZeRO stage; use 1, 2 or 3")
+    others = {"dp_replicate": p.dp_replicate, "tp": p.tp, "pp": p.pp}
+    for name, value in others.items():
+        if value != 1:
+            raise LayoutError(
+                f"parallel.engine=deepspeed shards over all ranks and does not combine with parallel.{name}={value}; "
+                f"set parallel.{name}=1 (or parallel.engine=torch for FSDP2 with TP/PP)"
+            )
+    for name, default in (("ac", "none"), ("compile", False), ("cpu_offload", False)):
+        if getattr(p, name) != default:
+            raise LayoutError(
+                f"parallel.{name}={getattr(p, name)} is not supported with parallel.engine=deepspeed yet; set "
+                f"parallel.{name}={str(default).lower()} or use parallel.engine=torch"
+            )
 
 
 def _validate_pipeline(p: ParallelConfig, world_size: int, model: ModelConfig) -> None:

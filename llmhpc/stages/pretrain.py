@@ -11,6 +11,7 @@ the same or any other layout. Several processes: `torchrun --nproc-per-node N -m
 from __future__ import annotations
 
 import dataclasses
+import gc
 
 import torch
 
@@ -23,6 +24,7 @@ from llmhpc.parallel import dp_mesh, dp_rank, dp_size, parallelize, validate_lay
 from llmhpc.parallel.dims import world_size_from_env
 from llmhpc.parallel.float8 import apply_float8, require_fp8_device
 from llmhpc.parallel.process_group import barrier, destroy_distributed, init_distributed, is_main_process
+from llmhpc.train.losses import causal_lm_loss
 from llmhpc.train.optim import build_optimizer
 from llmhpc.train.trainer import Trainer, TrainResult, resolve_device
 
@@ -47,6 +49,7 @@ def run(cfg: Config) -> TrainResult:
         mesh = dims.build_mesh(device.type)
         return _train(cfg, device, dims, mesh)
     finally:
+        gc.collect()  # engines (DeepSpeed ZeRO-3) must be gone before their process group, or exit can abort
         destroy_distributed()
 
 
@@ -77,16 +80,29 @@ def _train(cfg: Config, device: torch.device, dims, mesh) -> TrainResult:
     after_step = None
     if cfg.precision.name == "fp8":  # float8 linears go in before any sharding wraps them
         after_step = apply_float8(model, cfg.precision.fp8_recipe, fsdp=dims.fsdp)
-    parts = parallelize(model, dims, mesh, cfg.parallel)
-    pipeline = None
-    if dims.pp > 1:
-        from llmhpc.parallel.pipeline import PipelineRunner
+    micro_batches = t.global_batch_size // (t.micro_batch_size * dims.dp_size)
+    pipeline, engine, loss_fn = None, None, causal_lm_loss
+    if cfg.parallel.engine == "deepspeed":  # DeepSpeed shards and reduces itself: none of our wrappers
+        from llmhpc.parallel import deepspeed as ds
 
-        micro_batches = t.global_batch_size // (t.micro_batch_size * dims.dp_size)
-        pipeline = PipelineRunner(parts, mesh["pp"], cfg.parallel.pp_schedule, micro_batches, device)
-    optimizer = build_optimizer(model, t)
+        optimizer = build_optimizer(model, t)
+        ds_config = ds.deepspeed_config(
+            cfg.parallel.zero_stage, t.micro_batch_size, micro_batches, t.grad_clip, cfg.precision.name == "bf16"
+        )
+        engine, loss_fn = ds.wrap_with_deepspeed(model, optimizer, ds_config), ds.engine_lm_loss
+    else:
+        parts = parallelize(model, dims, mesh, cfg.parallel)
+        if dims.pp > 1:
+            from llmhpc.parallel.pipeline import PipelineRunner
+
+            pipeline = PipelineRunner(parts, mesh["pp"], cfg.parallel.pp_schedule, micro_batches, device)
+        optimizer = build_optimizer(model, t)
     trainer = Trainer(
-        cfg, model, optimizer, loader, eval_batches=held_out, flops_per_token=flops_per_token, lineage=lineage,
-        dp_mesh=dp_mesh(mesh), pipeline=pipeline, after_optimizer_step=after_step,
+        cfg, model, optimizer, loader, loss_fn=loss_fn, eval_batches=held_out, flops_per_token=flops_per_token,
+        lineage=lineage, dp_mesh=dp_mesh(mesh), pipeline=pipeline, after_optimizer_step=after_step, deepspeed=engine,
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    finally:
+        if engine is not None:
+            engine.destroy()

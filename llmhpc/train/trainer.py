@@ -34,6 +34,7 @@ from llmhpc.train.reduce import DataParallelReducer
 from llmhpc.train.schedule import set_lr
 
 if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
     from torch.distributed.device_mesh import DeviceMesh
 
     from llmhpc.parallel.pipeline import PipelineRunner
@@ -96,6 +97,7 @@ class Trainer:
         dp_mesh: DeviceMesh | None = None,
         pipeline: PipelineRunner | None = None,
         after_optimizer_step: Callable[[], None] | None = None,
+        deepspeed: DeepSpeedEngine | None = None,
     ):
         self.cfg = cfg
         self.model = model
@@ -110,6 +112,9 @@ class Trainer:
         self.dp = DataParallelReducer(dp_mesh, self.device)
         self.pipeline = pipeline
         self.after_optimizer_step = after_optimizer_step
+        self.deepspeed = deepspeed
+        """With parallel.engine=deepspeed: the engine wrapping `model`; losses run through it, and it
+        reduces gradients, clips and steps. `loss_fn` then receives the engine as its model."""
         """Called after every applied optimizer step (e.g. float8 weight scales for FSDP's fp8 all-gather)."""
         """Under pipeline parallel, runs each step's micro-batches through this rank's stages."""
         self.main = is_main_process()
@@ -124,11 +129,14 @@ class Trainer:
     def _train_step(self, step: int) -> dict:
         t = self.cfg.trainer
         lr = set_lr(self.optimizer, step, t)
-        self.optimizer.zero_grad(set_to_none=True)
         micro = [self._to_device(self.batches.next_batch()) for _ in range(self.accum_steps)]
         # Every rank divides by the global token count; data parallelism averages gradients over the
         # dp ranks, so each rank scales its share by dp size to make the result the global mean.
         n_tokens = self.dp.sum_int(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro))
+        input_tokens = sum(b["input_ids"].numel() for b in micro) * self.dp.size
+        if self.deepspeed is not None:
+            return {"lr": lr, "tokens": input_tokens, **self._deepspeed_step(lr, micro, n_tokens)}
+        self.optimizer.zero_grad(set_to_none=True)
         if self.pipeline is not None:
             with self.autocast():
                 total_loss = self.pipeline.train_step(micro, self.dp.size / max(n_tokens, 1))
@@ -153,8 +161,38 @@ class Trainer:
                 self.after_optimizer_step()
         else:
             self.optimizer.zero_grad(set_to_none=True)
-        input_tokens = sum(b["input_ids"].numel() for b in micro) * self.dp.size
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "finite": finite, "tokens": input_tokens}
+
+    def _deepspeed_step(self, lr: float, micro: list[Batch], n_tokens: int) -> dict:
+        """The same step through a DeepSpeed engine, which reduces, clips and applies the update itself.
+
+        DeepSpeed skips the update when the gradient norm is not finite, as the guard above does.
+        """
+        from llmhpc.parallel import deepspeed as ds
+
+        engine = self.deepspeed
+        ds.set_lr(engine, lr)
+        total_loss = torch.zeros((), device=self.device)
+        for batch in micro:
+            with self.autocast():
+                loss_sum, _ = self.loss_fn(engine, batch)
+            ds.backward(engine, loss_sum / max(n_tokens, 1) * self.dp.size)
+            total_loss += loss_sum.detach()
+        grad_norm = ds.step(engine)
+        loss = (self.dp.sum(total_loss) / max(n_tokens, 1)).item()
+        return {"loss": loss, "grad_norm": grad_norm, "finite": math.isfinite(loss) and math.isfinite(grad_norm)}
+
+    def _state_converters(self) -> dict:
+        """How checkpoints read and write the model and optimizer: torch's default, or DeepSpeed's partitions."""
+        if self.deepspeed is None:
+            return {}
+        from llmhpc.parallel import deepspeed as ds
+
+        engine = self.deepspeed
+        return {
+            "get_states": lambda model, optimizer: ds.engine_state_dicts(engine, model),
+            "set_states": lambda model, optimizer, msd, osd: ds.load_engine_state_dicts(engine, model, msd, osd),
+        }
 
     def _to_device(self, batch: Batch) -> Batch:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -182,7 +220,7 @@ class Trainer:
                 if self.pipeline is not None:
                     loss_sum, n = self.pipeline.eval_loss_sum(batch), int((batch["labels"] != IGNORE_INDEX).sum())
                 else:
-                    loss_sum, n = self.loss_fn(self.model, batch)
+                    loss_sum, n = self.loss_fn(self.model if self.deepspeed is None else self.deepspeed, batch)
             total += float(loss_sum)
             count += n
         self.model.train()
@@ -195,7 +233,8 @@ class Trainer:
         config_yaml = to_yaml(cfg)
         if self.main:
             (self.run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
-        manager = CheckpointManager(self.run_dir, t.keep_last, warn=lambda m: self._say(f"warning: {m}"))
+        manager = CheckpointManager(self.run_dir, t.keep_last, warn=lambda m: self._say(f"warning: {m}"),
+                                    **self._state_converters())
         meta = manager.resume(self.model, self.optimizer)
         step = 0
         run_id = new_run_id()

@@ -18,6 +18,8 @@ COMMON = [*SMALL_RUN, f"trainer.max_steps={STEPS}", "trainer.global_batch_size=8
 LAYOUTS = {
     # name: (processes, overrides); micro-batch sizes keep 2 accumulation steps per rank
     "fsdp_dp_shard2": (2, ["parallel.dp_shard=2", "trainer.micro_batch_size=2"]),
+    # torch.compile per block under FSDP2 (its hooks stay between the compiled graphs)
+    "fsdp_dp_shard2_compile": (2, ["parallel.dp_shard=2", "trainer.micro_batch_size=2", "parallel.compile=true"]),
     "ddp_dp_replicate2": (2, ["parallel.dp_replicate=2", "parallel.dp_shard=1", "trainer.micro_batch_size=2"]),
     "hsdp_2x2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "trainer.micro_batch_size=1"]),
 }

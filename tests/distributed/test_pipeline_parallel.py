@@ -3,8 +3,9 @@
 Each layout trains a 4-block untied model for 6 steps on the real corpus (global batch 8 sequences, with
 document masking and an eval every 3 steps, fp32) and must match one process within 1e-5 in every step's
 loss and in the held-out loss; its checkpoint must load into one plain process with the same weights. The
-layouts cover the four schedules (one with manual split points, one with full activation checkpointing),
-tp=2 x pp=2 and dp_shard=2 x tp=2 x pp=2 (8 processes). Checkpoints then cross layouts both ways:
+layouts cover the four schedules (one with manual split points and compiled blocks, one with full
+activation checkpointing), tp=2 x pp=2 and dp_shard=2 x tp=2 x pp=2 (8 processes). Checkpoints then
+cross layouts both ways:
 pipeline → one process and one process → tensor x pipeline parallel, continuing with the uninterrupted
 run's next-step loss.
 """
@@ -43,7 +44,8 @@ PP2 = ["parallel.pp=2", "parallel.dp_shard=1", "trainer.micro_batch_size=2"]
 
 LAYOUTS = {
     # name: (processes, overrides); 4 micro-batches per step per pipeline (2 with dp_shard=2)
-    "pp2_gpipe_split": (2, [*PP2, "parallel.pp_schedule=gpipe", "parallel.pp_split_points=[1]"]),
+    "pp2_gpipe_split_compile": (2, [*PP2, "parallel.pp_schedule=gpipe", "parallel.pp_split_points=[1]",
+                                    "parallel.compile=true"]),
     "pp2_1f1b": (2, [*PP2, "parallel.pp_schedule=1f1b"]),
     "pp2_interleaved_ac": (2, [*PP2, "parallel.pp_schedule=interleaved_1f1b", "parallel.ac=full"]),
     "pp2_zbv": (2, [*PP2, "parallel.pp_schedule=zbv"]),
