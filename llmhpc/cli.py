@@ -13,11 +13,14 @@ commands:
   pretrain       pretrain a model on a token corpus (resumes from run.dir automatically)
   data prepare   tokenize data.source into packed token shards (data.path)
   bench          train-step tokens/s vs transformers eager + compiled (default: SmolLM2-135M, 4x256)
+  plan           GPU-free planner: is a layout valid, memory per GPU, step time, tokens/s, MFU
+                 (no parallel.dp_*/tp/pp given: ranks the fastest layouts that fit)
 
 examples:
   llmhpc pretrain model=tiny trainer.max_steps=50 trainer.lr=3e-4 run.dir=runs/x
   llmhpc data prepare data.source=corpus.jsonl data.path=data/corpus
   llmhpc bench precision=bf16      results go to docs/benchmarks.md and run.dir/bench.json
+  llmhpc plan model=llama3_70b cluster=h100_8x8 trainer.seq_len=8192 trainer.global_batch_size=128 precision=bf16
   llmhpc pretrain --help          every config key, its type and what it does
 """
 
@@ -56,6 +59,12 @@ def _run(command: str, overrides: list[str]) -> int:
         cfg = load_config("bench", bench.with_defaults(overrides))
         result = bench.run(cfg)
         return 0 if result["equal_loss"] else 1
+    if command == "plan":
+        from llmhpc.stages import plan
+
+        cfg = load_config("plan", overrides)
+        print(plan.run(cfg, overrides))
+        return 0
     if command == "data prepare":
         from llmhpc.data.prepare import prepare_corpus
 

@@ -62,7 +62,7 @@ def _nearest(word: str, choices: list[str]) -> str:
     return ", ".join(close)
 
 
-GROUPS = ("model", "data", "precision", "parallel", "logger")
+GROUPS = ("model", "data", "precision", "parallel", "logger", "cluster")
 """Config groups: `group=preset` picks conf/<group>/<preset>.yaml."""
 
 
@@ -121,6 +121,11 @@ def load_config(stage: str = "pretrain", overrides: list[str] | None = None) -> 
         cfg: Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
     except (HydraException, OmegaConfBaseException) as exc:
         raise _translate(exc) from None
+    if stage == "plan":
+        # The planner lays the run out over cluster.nodes x cluster.gpus_per_node GPUs, not over this process's
+        # WORLD_SIZE, and may search for the layout itself; it checks each layout with `validate` (llmhpc.plan).
+        validate(cfg)
+        return cfg
     from llmhpc.parallel.dims import world_size_from_env
 
     validate(cfg, world_size_from_env())

@@ -223,6 +223,40 @@ class RunConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """The machines a run is planned for (`llmhpc plan`); presets in conf/cluster/."""
+
+    name: str = "local"
+    """Preset name, for reports."""
+    nodes: int = 1
+    """Number of nodes."""
+    gpus_per_node: int = 8
+    """GPUs per node, joined by NVLink; the planner lays a run out over nodes x gpus_per_node GPUs."""
+    gpu: str = "h100_sxm"
+    """GPU preset: h100_sxm, h100_pcie, h200, a100, b200 (published peaks in llmhpc/plan/gpus.py)."""
+    intra_node_gbs: float | None = None
+    """Intra-node bandwidth per GPU and direction in GB/s; None uses the GPU preset's NVLink figure."""
+    inter_node_gbs: float | None = None
+    """Inter-node bandwidth per GPU and direction in GB/s; None uses the preset's (50 = one 400 Gb/s NIC per GPU)."""
+
+
+@dataclass
+class PlanConfig:
+    """Options of `llmhpc plan` (the GPU-free layout / memory / speed estimate)."""
+
+    search: bool = False
+    """Rank layouts instead of estimating the given one; also on when no parallel degree (dp_replicate,
+    dp_shard, tp, pp) is given on the command line."""
+    top: int = 5
+    """How many of the fastest layouts that fit in memory to print when searching."""
+    stack: str = "llmhpc"
+    """Efficiency preset: 'llmhpc' (this code: FSDP2, DTensor TP, eager kernels) or 'megatron' (fused kernels,
+    overlapped TP communication); see docs/planner.md for how each was calibrated."""
+    memory_margin: float = 0.9
+    """A layout fits when its estimated peak is at most this share of the GPU's memory."""
+
+
+@dataclass
 class Config:
     """Root of every llmhpc config."""
 
@@ -235,3 +269,5 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)

@@ -1,6 +1,6 @@
 """Model FLOPs utilization: achieved training FLOP/s over the device's peak.
 
-GPU peaks are the published dense (no sparsity) figures. CPUs differ too much between
+GPU peaks are the published dense (no sparsity) figures of the planner's GPU presets. CPUs differ too much between
 machines of the same class to hard-code a peak, so it is measured once with a large GEMM.
 """
 
@@ -11,24 +11,16 @@ import time
 
 import torch
 
-# Published dense peak FLOP/s per GPU, by (name fragment, dtype).
-GPU_PEAK_FLOPS = {
-    ("H200", torch.bfloat16): 989e12,
-    ("H100", torch.bfloat16): 989e12,  # SXM; the PCIe card is 756e12, see gpu_peak_flops
-    ("A100", torch.bfloat16): 312e12,
-    ("B200", torch.bfloat16): 2250e12,
-}
-
 
 def gpu_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
-    """Published dense peak of a GPU by its CUDA device name; fp32 runs on TF32 tensor cores."""
-    lookup = torch.bfloat16 if dtype in (torch.bfloat16, torch.float16, torch.float32) else dtype
-    if "H100" in device_name and "PCIe" in device_name:
-        return 756e12
-    for (fragment, kind), peak in GPU_PEAK_FLOPS.items():
-        if fragment in device_name and kind == lookup:
-            return peak / (2 if dtype == torch.float32 else 1)
-    return None
+    """Published dense bf16 peak of a GPU by its CUDA device name (the planner's presets, llmhpc.plan.gpus);
+    fp32 matmuls run on TF32 tensor cores at half of it. None for a GPU without a preset."""
+    from llmhpc.plan.gpus import preset_for_device
+
+    preset = preset_for_device(device_name)
+    if preset is None:
+        return None
+    return preset.bf16_flops / (2 if dtype == torch.float32 else 1)
 
 
 @functools.cache

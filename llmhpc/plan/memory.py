@@ -1,0 +1,168 @@
+"""Peak memory per GPU of an llmhpc training run, by category.
+
+The model follows what this code base keeps alive, tensor by tensor (see docs/planner.md):
+fp32 master weights, fp32 gradients and AdamW moments, sharded by FSDP2 / ZeRO; FSDP's gathered
+blocks and root; the activations autograd saves in our eager block (bf16 autocast keeps the
+residual stream and RMSNorm in fp32) for every micro-batch a pipeline schedule holds; the fused
+LM-head loss's chunk of logits. The worst pipeline rank is reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from llmhpc.plan.layout import Layout
+from llmhpc.plan.schedule import in_flight, rank_blocks
+from llmhpc.plan.workload import Workload
+
+GIB = 2**30
+ADAM_BYTES = 8
+"""AdamW keeps two fp32 moments per parameter."""
+MASTER_BYTES = 4
+"""Weights and gradients are fp32 in every precision (bf16/fp8 only change the matmul inputs)."""
+LOSS_CHUNK_TOKENS = 1024
+"""Tokens per chunk of the fused LM-head loss (llmhpc.train.losses.CHUNK_TOKENS)."""
+FSDP_BLOCKS_IN_FLIGHT = 2
+"""Gathered blocks FSDP2 holds at once: the one computing and the one prefetched."""
+RUNTIME_BYTES = 1.5 * GIB
+"""CUDA context, cuBLAS workspaces and NCCL buffers per GPU (typically 1-2 GiB on H100); not counted on CPU."""
+FRAGMENTATION = 0.10
+"""Caching-allocator fragmentation allowance on top of the live tensors."""
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes per GPU at the peak of a step, on the pipeline rank with the largest total."""
+
+    params: float
+    """fp32 weights this rank stores (after sharding)."""
+    grads: float
+    """fp32 gradients this rank stores."""
+    optimizer: float
+    """AdamW moments this rank stores."""
+    gathered: float
+    """Unsharded copies: FSDP's gathered root and in-flight blocks with their unsharded gradients, or DDP buckets."""
+    activations: float
+    """Saved activations of every micro-batch in flight, plus one recomputed block under checkpointing."""
+    logits: float
+    """Loss working set: the fused loss's logits chunk and head-gradient accumulator, or full logits under TP."""
+    buffers: float
+    """Runtime reserve plus fragmentation allowance (0 for CPU comparisons)."""
+    rank: int = 0
+    """The pipeline rank this breakdown is for."""
+
+    @property
+    def model_state(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def live(self) -> float:
+        """Everything but the buffers: what a CPU run's memory growth is compared with."""
+        return self.model_state + self.gathered + self.activations + self.logits
+
+    @property
+    def total(self) -> float:
+        return self.live + self.buffers
+
+    def gib(self) -> dict[str, float]:
+        """Every category and the total in GiB, for reports."""
+        out = {f.name: getattr(self, f.name) / GIB for f in fields(self) if f.name != "rank"}
+        out["total"] = self.total / GIB
+        return out
+
+
+def block_activation_bytes(w: Workload, tp: int) -> float:
+    """Bytes autograd saves per token for one transformer block of llmhpc's model.
+
+    Saved tensors: block input, RMSNorm's normalized x, their twins after attention (4 h, in the residual
+    dtype; sequence-sharded under TP); the inputs of the q/k/v and w1/w3 projections (2 h fp32, or 5 h bf16
+    because autocast casts the input once per linear; all-gathered, so full size under TP); q, k, v, the
+    attention output and its reshaped copy (3 q + 2 kv); SwiGLU's w1 and w3 outputs, silu and the product (4 f);
+    the attention log-sum-exp (one fp32 per head). Head-sharded tensors divide by tp.
+    """
+    s = w.shape
+    stream = 4  # the residual stream and RMSNorm stay fp32 (fp32 weights, no FSDP mixed-precision policy)
+    low = 4 if w.precision == "fp32" else 2
+    linear_inputs = 2 * s.dim * 4 if w.precision == "fp32" else 5 * s.dim * 2
+    sharded = (3 * s.q_dim + 2 * s.kv_dim + 4 * s.ffn_dim) * low + 4 * s.n_heads
+    return 4 * s.dim * stream / tp + linear_inputs + sharded / tp
+
+
+def logits_bytes(w: Workload, layout: Layout) -> float:
+    """Loss working set on the last stage.
+
+    Without TP or PP, llmhpc's fused loss keeps one chunk of fp32 logits and their gradient, an fp32 accumulator
+    for the head's gradient and the hidden states' gradient. Under TP (replicated logits) and on the last pipeline
+    stage (whose output the schedule's loss function takes) the logits are materialized: logits in the compute
+    dtype, their fp32 copy (none in fp32) and the saved log-softmax, or its gradient in backward.
+    """
+    s = w.shape
+    tokens = layout.micro_batch * w.seq_len
+    if layout.tp == 1 and layout.pp == 1:
+        chunk = min(LOSS_CHUNK_TOKENS, tokens)
+        return chunk * s.vocab * 4 * 2 + s.vocab * s.dim * 4 + tokens * s.dim * 4
+    low = 4 if w.precision == "fp32" else 2
+    return tokens * s.vocab * (low + 8)
+
+
+def last_stage_rank(layout: Layout) -> int:
+    """The rank holding the output head: the last one, or rank 0 for ZBV (its V ends where it started)."""
+    return 0 if layout.pp_schedule == "zbv" and layout.pp > 1 else layout.pp - 1
+
+
+def estimate_memory(w: Workload, layout: Layout, micro_batches: int | None = None, on_gpu: bool = True
+                    ) -> MemoryBreakdown:
+    """Peak bytes per GPU of `layout`; `micro_batches` per step per data-parallel rank defaults to the
+    workload's (global batch / (micro batch x dp)). `on_gpu=False` leaves out the runtime reserve."""
+    m = micro_batches or max(1, w.global_batch // (layout.micro_batch * layout.dp))
+    blocks = rank_blocks(layout, w.shape.n_layers, list(w.split_points) or None)
+    best: MemoryBreakdown | None = None
+    for rank, n_blocks in enumerate(blocks):
+        candidate = _rank_memory(w, layout, rank, n_blocks, m, on_gpu)
+        if best is None or candidate.total > best.total:
+            best = candidate
+    assert best is not None
+    return best
+
+
+def _rank_memory(w: Workload, layout: Layout, rank: int, n_blocks: int, m: int, on_gpu: bool) -> MemoryBreakdown:
+    s = w.shape
+    first, last = rank == 0, rank == last_stage_rank(layout)
+    root = (s.embedding_params if first else 0) + (s.head_params + s.dim if last else 0)
+    local = (n_blocks * s.block_params + root) / layout.tp
+    block = s.block_params / layout.tp
+
+    shard_p = shard_g = shard_o = 1
+    if layout.engine == "deepspeed":
+        shard_o = layout.dp
+        shard_g = layout.dp if layout.zero_stage >= 2 else 1
+        shard_p = layout.dp if layout.zero_stage >= 3 else 1
+    else:
+        shard_p = shard_g = shard_o = layout.dp_shard
+    params = local * MASTER_BYTES / shard_p
+    grads = local * MASTER_BYTES / shard_g
+    optimizer = local * ADAM_BYTES / shard_o
+
+    gathered = 0.0
+    sharded_weights = shard_p > 1
+    if sharded_weights:
+        root_local = root / layout.tp
+        kept = n_blocks if not layout.reshard_after_forward else min(n_blocks, FSDP_BLOCKS_IN_FLIGHT)
+        gathered = 2 * MASTER_BYTES * root_local + MASTER_BYTES * block * kept + MASTER_BYTES * block * min(
+            n_blocks, FSDP_BLOCKS_IN_FLIGHT)
+    elif layout.dp_replicate > 1 and layout.dp_shard == 1 and layout.engine == "torch":
+        gathered = local * MASTER_BYTES  # DDP's bucket copies of the gradients
+
+    tokens = layout.micro_batch * w.seq_len
+    per_block = block_activation_bytes(w, layout.tp) * tokens
+    kept_input = 4 * s.dim * tokens / layout.tp  # a checkpointed block keeps only its input
+    recomputed = round(n_blocks * layout.recompute)
+    one_mb = (n_blocks - recomputed) * per_block + recomputed * kept_input
+    activations = in_flight(layout, rank, m) * one_mb + (per_block if recomputed else 0.0)
+    if last:
+        activations += 2 * 4 * s.dim * tokens  # final RMSNorm's saved input and normalized x
+    logits = logits_bytes(w, layout) if last else 0.0
+
+    live = params + grads + optimizer + gathered + activations + logits
+    buffers = (live * FRAGMENTATION + RUNTIME_BYTES) if on_gpu else 0.0
+    return MemoryBreakdown(params, grads, optimizer, gathered, activations, logits, buffers, rank)

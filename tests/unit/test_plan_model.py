@@ -1,0 +1,120 @@
+"""Arithmetic of the planner's memory and time models, and the `llmhpc plan` command."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from llmhpc.cli import main
+from llmhpc.config import load_config
+from llmhpc.config.schema import ClusterConfig
+from llmhpc.plan import STACKS, Cluster, Layout, ModelShape, Workload, estimate_memory, estimate_step
+from llmhpc.plan.schedule import bubble_micro_batches, in_flight, rank_blocks
+
+
+def workload(model: str = "llama3_8b", seq: int = 8192, gbs: int = 64, precision: str = "bf16") -> Workload:
+    return Workload(ModelShape.of(load_config("plan", [f"model={model}"]).model), seq, gbs, precision)
+
+
+def test_shape_counts_match_the_real_model():
+    import torch
+
+    from llmhpc.models import build_model
+
+    cfg = load_config("plan", ["model=llama3_8b"]).model
+    with torch.device("meta"):
+        model = build_model(cfg, device="meta")
+    shape = ModelShape.of(cfg)
+    assert shape.total_params == model.num_params()
+    assert shape.model_flops_per_token(8192) == model.flops_per_token(8192)
+
+
+def test_fsdp_divides_model_state_by_dp_shard():
+    w = workload()
+    one, eight = estimate_memory(w, Layout(micro_batch=1)), estimate_memory(w, Layout(dp_shard=8, micro_batch=1))
+    for key in ("params", "grads", "optimizer"):
+        assert getattr(eight, key) == pytest.approx(getattr(one, key) / 8)
+    assert eight.activations == pytest.approx(one.activations)
+
+
+def test_zero_stages_shard_progressively():
+    w = workload()
+    z = {s: estimate_memory(w, Layout(dp_shard=8, engine="deepspeed", zero_stage=s)) for s in (1, 2, 3)}
+    assert z[1].optimizer == z[2].optimizer == z[3].optimizer
+    assert z[1].grads > z[2].grads == z[3].grads
+    assert z[2].params > z[3].params
+
+
+def test_activation_checkpointing_shrinks_activations():
+    w = workload()
+    acts = [estimate_memory(w, Layout(dp_shard=8, recompute=r)).activations for r in (0.0, 0.5, 1.0)]
+    assert acts[0] > acts[1] > acts[2]
+    assert acts[2] < acts[0] / 5
+
+
+def test_tensor_parallel_shrinks_activations_and_state():
+    w = workload()
+    one, four = estimate_memory(w, Layout(dp_shard=2)), estimate_memory(w, Layout(dp_shard=2, tp=4))
+    assert four.params == pytest.approx(one.params / 4, rel=0.01)
+    assert four.activations < one.activations / 2
+
+
+def test_pipeline_in_flight_micro_batches_per_schedule():
+    gpipe, ofob = Layout(pp=4, pp_schedule="gpipe"), Layout(pp=4, pp_schedule="1f1b")
+    assert in_flight(gpipe, 0, 16) == 16
+    assert [in_flight(ofob, r, 16) for r in range(4)] == [4, 3, 2, 1]
+    inter = Layout(pp=4, pp_schedule="interleaved_1f1b", stages_per_rank=2)
+    assert in_flight(inter, 0, 16) == pytest.approx((3 * 2 + 4 + 1) / 2)  # Megatron's warm-up
+    w = workload(model="llama3_70b", gbs=32)
+    assert estimate_memory(w, gpipe).activations > 3 * estimate_memory(w, ofob).activations
+
+
+def test_stage_placement_and_bubble():
+    assert rank_blocks(Layout(pp=4), 32) == [8, 8, 8, 8]
+    assert rank_blocks(Layout(pp=2, pp_schedule="zbv", stages_per_rank=2), 8) == [4, 4]
+    assert rank_blocks(Layout(pp=2), 4, [1]) == [1, 3]
+    assert bubble_micro_batches(Layout(pp=8)) == 7
+    assert bubble_micro_batches(Layout(pp=8, pp_schedule="interleaved_1f1b", stages_per_rank=4)) == 7 / 4
+
+
+def test_throughput_responds_to_layout():
+    w, cluster, stack = workload(gbs=128), Cluster.of(ClusterConfig(nodes=1)), STACKS["llmhpc"]
+    base = estimate_step(w, Layout(dp_shard=8), cluster, stack)
+    assert estimate_step(w, Layout(dp_shard=8, recompute=1.0), cluster, stack).compute > base.compute * 1.2
+    assert estimate_step(w, Layout(dp_shard=8), cluster, stack).tokens_per_s_per_gpu < estimate_step(
+        dataclasses.replace(w, precision="fp8"), Layout(dp_shard=8), cluster, stack).tokens_per_s_per_gpu
+    slow_net = Cluster.of(ClusterConfig(nodes=4, inter_node_gbs=1.0))
+    assert estimate_step(w, Layout(dp_shard=32), slow_net, stack).dp_comm > 0
+    piped = estimate_step(w, Layout(dp_shard=2, pp=4), cluster, stack)
+    assert piped.bubble > 0 and piped.pp_comm > 0
+
+
+def test_plan_cli_single_layout(capsys):
+    rc = main(["plan", "model=llama3_8b", "trainer.seq_len=8192", "trainer.global_batch_size=64",
+               "trainer.micro_batch_size=1", "precision=bf16", "parallel.dp_shard=8", "parallel.ac=full"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "memory per GPU" in out and "tokens/s/GPU" in out and "fits" in out
+
+
+def test_plan_cli_search_ranks_layouts(capsys):
+    rc = main(["plan", "model=llama3_8b", "cluster.nodes=2", "trainer.seq_len=4096", "trainer.global_batch_size=64",
+               "precision=bf16", "plan.top=3"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert " 1  " in out and " 3  " in out and "fastest layout that fits" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["parallel.tp=3"], "does not divide"),
+    (["parallel.dp_shard=3"], "world size is 8"),
+    (["cluster.gpu=h900"], "not a GPU preset"),
+    (["plan.stack=deepspeed"], "plan.stack"),
+])
+def test_plan_cli_bad_input_is_one_line_exit_2(capsys, args, message):
+    rc = main(["plan", "model=llama3_8b", "trainer.seq_len=4096", "trainer.global_batch_size=64",
+               "trainer.micro_batch_size=1", *args])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err and err.count("\n") == 1
