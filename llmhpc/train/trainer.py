@@ -111,12 +111,12 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.dp = DataParallelReducer(dp_mesh, self.device)
         self.pipeline = pipeline
+        """Under pipeline parallel, runs each step's micro-batches through this rank's stages."""
         self.after_optimizer_step = after_optimizer_step
+        """Called after every applied optimizer step (e.g. float8 weight scales for FSDP's fp8 all-gather)."""
         self.deepspeed = deepspeed
         """With parallel.engine=deepspeed: the engine wrapping `model`; losses run through it, and it
         reduces gradients, clips and steps. `loss_fn` then receives the engine as its model."""
-        """Called after every applied optimizer step (e.g. float8 weight scales for FSDP's fp8 all-gather)."""
-        """Under pipeline parallel, runs each step's micro-batches through this rank's stages."""
         self.main = is_main_process()
         self.accum_steps = cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * self.dp.size)
         bf16 = cfg.precision.name in ("bf16", "fp8")  # fp8: float8 block matmuls inside bf16 autocast; MFU vs bf16 peak
