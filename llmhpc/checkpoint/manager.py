@@ -44,7 +44,6 @@ STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 
 
-
 @contextlib.contextmanager
 def _single_process_ok():
     """DCP warns on every single-process save/load; that is a supported mode here, not a mistake."""

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from llmhpc.config.schema import ParallelConfig
     from llmhpc.models.llama import Llama
 
+
 def stage_layer_ranges(n_layers: int, n_stages: int, split_points: list[int]) -> list[range]:
     """The block indices of every stage: cut before each split point, or evenly when none are given.
 

@@ -43,6 +43,7 @@ def with_defaults(overrides: list[str]) -> list[str]:
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     return [d for d in DEFAULT_OVERRIDES if d.split("=", 1)[0] not in given] + list(overrides)
 
+
 WARMUP_STEPS = 2
 """Untimed steps per implementation before timing: the first compiles, the second settles allocators."""
 
