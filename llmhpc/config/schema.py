@@ -155,6 +155,9 @@ class ParallelConfig:
     pp_split_points: list[int] = field(default_factory=list)
     """Manual stage boundaries: the block index where each stage after the first begins (pp x stages per
     rank - 1 increasing values); empty splits the blocks evenly."""
+    loss_parallel: bool = False
+    """With tp > 1: keep the logits sharded on the vocabulary and compute the cross entropy on the shards, so no
+    rank materializes [batch, seq, vocab] logits (less memory for large vocabularies); not with pp > 1 yet."""
     ac: str = "none"
     """Activation checkpointing: 'none', 'selective' (every other block recomputes its activations in
     backward) or 'full' (every block does); trades compute for activation memory."""

@@ -44,7 +44,7 @@ def parallelize(
                 "tensor-parallel DTensor model there); set parallel.compile=false or run on GPUs"
             )
         assert mesh is not None
-        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=True)
+        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=True, loss_parallel=cfg.loss_parallel)
     apply_ac(model, cfg.ac)
     if cfg.compile:
         if dims.dp_size > 1 or dims.pp > 1:  # per block: FSDP's hooks and stage boundaries stay outside the graphs

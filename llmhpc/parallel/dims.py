@@ -196,6 +196,11 @@ def validate_layout(
                 f"parallel needs (it splits every sequence across the tp ranks); e.g. trainer.seq_len="
                 f"{max(1, trainer.seq_len // p.tp) * p.tp}"
             )
+    if p.loss_parallel and (p.tp == 1 or p.pp > 1):
+        raise LayoutError(
+            f"parallel.loss_parallel=true needs parallel.tp > 1 and parallel.pp=1 (got tp={p.tp}, pp={p.pp}); "
+            "set parallel.loss_parallel=false"
+        )
     if p.pp > 1:
         _validate_pipeline(p, world_size, model)
     dims = resolve_dims(p, world_size)

@@ -119,6 +119,12 @@ class Trainer:
         reduces gradients, clips and steps. `loss_fn` then receives the engine as its model."""
         self.main = is_main_process()
         self.accum_steps = cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * self.dp.size)
+        self.loss_context = nullcontext
+        """Context for the loss and its backward: `loss_parallel()` when the logits stay vocabulary-sharded."""
+        if cfg.parallel.loss_parallel:
+            from torch.distributed.tensor.parallel import loss_parallel
+
+            self.loss_context = loss_parallel
         bf16 = cfg.precision.name in ("bf16", "fp8")  # fp8: float8 block matmuls inside bf16 autocast; MFU vs bf16 peak
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
         self.autocast = (
@@ -143,10 +149,11 @@ class Trainer:
         else:
             total_loss = torch.zeros((), device=self.device)
             for batch in micro:
-                with self.autocast():
-                    loss_sum, _ = self.loss_fn(self.model, batch)
-                (loss_sum / max(n_tokens, 1) * self.dp.size).backward()  # "* 1" keeps one process bitwise as before
-                total_loss += loss_sum.detach()
+                with self.loss_context():  # loss parallel: the backward must run inside it too
+                    with self.autocast():
+                        loss_sum, _ = self.loss_fn(self.model, batch)
+                    (loss_sum / max(n_tokens, 1) * self.dp.size).backward()  # "* 1": one process stays bitwise
+                total_loss += self.dp.full(loss_sum.detach())
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
         if self.pipeline is not None:  # each rank holds some stages: the norm is global over the pipeline too
@@ -220,8 +227,9 @@ class Trainer:
                 if self.pipeline is not None:
                     loss_sum, n = self.pipeline.eval_loss_sum(batch), int((batch["labels"] != IGNORE_INDEX).sum())
                 else:
-                    loss_sum, n = self.loss_fn(self.model if self.deepspeed is None else self.deepspeed, batch)
-            total += float(loss_sum)
+                    with self.loss_context():
+                        loss_sum, n = self.loss_fn(self.model if self.deepspeed is None else self.deepspeed, batch)
+            total += float(self.dp.full(loss_sum))
             count += n
         self.model.train()
         return total / max(count, 1)

@@ -29,6 +29,9 @@ LAYOUTS = {
     # name: (processes, overrides); micro-batch sizes keep 2 accumulation steps per dp rank
     "tp2": (2, ["parallel.dp_shard=1", "parallel.tp=2", "trainer.micro_batch_size=4"]),
     "dp_shard2_tp2": (4, ["parallel.dp_shard=2", "parallel.tp=2", "trainer.micro_batch_size=2"]),
+    # vocabulary-sharded logits and cross entropy (no rank holds [batch, seq, vocab])
+    "tp2_loss_parallel": (2, ["parallel.dp_shard=1", "parallel.tp=2", "trainer.micro_batch_size=4",
+                              "parallel.loss_parallel=true"]),
 }
 
 

@@ -39,6 +39,7 @@ def test_dp_shard_fills_the_world():
         (1, {"ac": "some"}, r"parallel\.ac='some' is not one of: none, selective, full"),
         (1, {"cpu_offload": True}, r"cpu_offload=true needs FSDP"),
         (1, {"dp_shard": 0}, r"dp_shard must be >= 1 or -1"),
+        (1, {"loss_parallel": True}, r"parallel\.loss_parallel=true needs parallel\.tp > 1 and parallel\.pp=1"),
         (2, {"engine": "ds"}, r"parallel\.engine='ds' is not one of: torch, deepspeed"),
         (2, {"engine": "deepspeed", "zero_stage": 4}, r"parallel\.zero_stage=4 is not a ZeRO stage; use 1, 2 or 3"),
         (4, {"engine": "deepspeed", "tp": 2}, r"engine=deepspeed .* parallel\.tp=2; set parallel\.tp=1"),
