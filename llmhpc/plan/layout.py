@@ -47,6 +47,8 @@ class Layout:
     """FSDP gathers each block's weights again in backward."""
     compile: bool = False
     """torch.compile fuses the elementwise kernels."""
+    loss_parallel: bool = False
+    """Under TP, the logits and the cross entropy stay sharded on the vocabulary (parallel.loss_parallel)."""
 
     @property
     def dp(self) -> int:
@@ -89,7 +91,7 @@ class Layout:
         p = cfg.parallel
         return cls(dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp, p.pp_schedule,
                    stages_per_rank(p) if dims.pp > 1 else 1, RECOMPUTE_FRACTION[p.ac], cfg.trainer.micro_batch_size,
-                   p.engine, p.zero_stage, p.reshard_after_forward, p.compile)
+                   p.engine, p.zero_stage, p.reshard_after_forward, p.compile, p.loss_parallel)
 
 
 def with_layout(cfg: Config, layout: Layout) -> Config:
@@ -99,6 +101,7 @@ def with_layout(cfg: Config, layout: Layout) -> Config:
         cfg.parallel, dp_replicate=layout.dp_replicate, dp_shard=layout.dp_shard, tp=layout.tp, pp=layout.pp,
         pp_schedule=layout.pp_schedule, pp_stages_per_rank=layout.stages_per_rank if layout.pp > 1 else None,
         ac=ac, engine=layout.engine, zero_stage=layout.zero_stage, compile=layout.compile,
+        loss_parallel=layout.loss_parallel,
     )
     trainer = dataclasses.replace(cfg.trainer, micro_batch_size=layout.micro_batch)
     return dataclasses.replace(cfg, parallel=parallel, trainer=trainer)

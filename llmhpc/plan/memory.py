@@ -94,7 +94,8 @@ def logits_bytes(w: Workload, layout: Layout) -> float:
     Without TP or PP, llmhpc's fused loss keeps one chunk of fp32 logits and their gradient, an fp32 accumulator
     for the head's gradient and the hidden states' gradient. Under TP (replicated logits) and on the last pipeline
     stage (whose output the schedule's loss function takes) the logits are materialized: logits in the compute
-    dtype, their fp32 copy (none in fp32) and the saved log-softmax, or its gradient in backward.
+    dtype, their fp32 copy (none in fp32) and the saved log-softmax, or its gradient in backward; with loss
+    parallel each TP rank holds only its vocabulary shard of them.
     """
     s = w.shape
     tokens = layout.micro_batch * w.seq_len
@@ -102,7 +103,8 @@ def logits_bytes(w: Workload, layout: Layout) -> float:
         chunk = min(LOSS_CHUNK_TOKENS, tokens)
         return chunk * s.vocab * 4 * 2 + s.vocab * s.dim * 4 + tokens * s.dim * 4
     low = 4 if w.precision == "fp32" else 2
-    return tokens * s.vocab * (low + 8)
+    shards = layout.tp if layout.loss_parallel else 1
+    return tokens * s.vocab * (low + 8) / shards
 
 
 def last_stage_rank(layout: Layout) -> int:

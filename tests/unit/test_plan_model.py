@@ -60,6 +60,14 @@ def test_tensor_parallel_shrinks_activations_and_state():
     assert four.activations < one.activations / 2
 
 
+def test_loss_parallel_shards_the_logits_over_tp():
+    w = workload()
+    full = estimate_memory(w, Layout(dp_shard=2, tp=4))
+    sharded = estimate_memory(w, Layout(dp_shard=2, tp=4, loss_parallel=True))
+    assert sharded.logits == pytest.approx(full.logits / 4)
+    assert sharded.activations == pytest.approx(full.activations)
+
+
 def test_pipeline_in_flight_micro_batches_per_schedule():
     gpipe, ofob = Layout(pp=4, pp_schedule="gpipe"), Layout(pp=4, pp_schedule="1f1b")
     assert in_flight(gpipe, 0, 16) == 16
