@@ -1,6 +1,6 @@
 """The planner's memory model against the measured peak memory of real llmhpc runs on CPU.
 
-Method: peak RSS (ru_maxrss) of every rank of a real `llmhpc pretrain` run, minus the peak RSS of a
+Method: peak RSS (VmHWM) of every rank of a real `llmhpc pretrain` run, minus the peak RSS of a
 baseline run in one process with a minimal model (1 block of dim 64: same imports, tokenizer, data
 and allocator start-up, ~1.1 GiB). The planner's estimate is differenced the same way: live bytes of
 the run's worst rank minus live bytes of the baseline model. Both sides then hold only what the model
@@ -36,11 +36,12 @@ LAYOUTS = {  # two micro-batches per data-parallel rank, so gradients and activa
     "tp=2": (2, ["parallel.tp=2", "parallel.dp_shard=1", "trainer.global_batch_size=8"]),
     "pp=2 1f1b": (2, ["parallel.pp=2", "parallel.dp_shard=1", "trainer.global_batch_size=8"]),
 }
-WRAPPER = (
-    "import os, resource, sys\n"
+WRAPPER = (  # VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child of a big pytest process reports its size
+    "import os, sys\n"
     "from llmhpc.cli import main\n"
     "rc = main(sys.argv[1:])\n"
-    "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+    "status = open('/proc/self/status').read().split('VmHWM:')[1]\n"
+    "peak = int(status.split()[0])\n"
     "path = os.path.join(os.environ['PEAK_RSS_DIR'], 'rank' + os.environ.get('RANK', '0'))\n"
     "open(path, 'w').write(str(peak))\n"
     "sys.exit(rc)\n"
@@ -61,7 +62,7 @@ def measured_peak_mib(nproc: int, args: list[str], cache, tmp_path) -> float:
     proc = subprocess.run([*launcher, str(script), "pretrain", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    peaks = [int(f.read_text()) for f in out.iterdir()]  # ru_maxrss is in KiB on Linux
+    peaks = [int(f.read_text()) for f in out.iterdir()]  # VmHWM is in KiB
     assert len(peaks) == nproc, proc.stdout
     return max(peaks) / 1024
 
