@@ -1,7 +1,8 @@
 """Activation checkpointing lowers peak memory without changing the loss (measured, fresh processes).
 
 The model is shaped so activations dominate: 8 thin blocks, 16 x 256 tokens per micro-batch.
-Peak resident memory (ru_maxrss) of each run is read in its own process, after training.
+Peak resident memory (VmHWM) of each run is read in its own process, after training (not ru_maxrss: Linux
+carries it across exec, so a child of a large pytest process would report pytest's size).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ SHAPE = ["model=tiny", "model.dim=64", "model.n_layers=8", "model.n_heads=4", "m
          "run.device=cpu"]
 
 PEAK_RSS = (
-    "import resource, sys\n"
+    "import sys\n"
     "from llmhpc.cli import main\n"
     "rc = main(sys.argv[1:])\n"
-    "print('peak_rss_mib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+    "hwm_kib = int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])\n"
+    "print('peak_rss_mib', hwm_kib / 1024)\n"
     "sys.exit(rc)\n"
 )
 
