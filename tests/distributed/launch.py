@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from llmhpc.checkpoint.manager import step_dir_name
 from llmhpc.metrics.jsonl import read_metrics
 from tests.conftest import REPO, cli_env
 
@@ -28,3 +30,11 @@ def run_torchrun(nproc: int, args: list[str], cache: Path, timeout: float = 300)
 def step_losses(run_dir: Path) -> dict[int, float]:
     """{step: loss} from a run's metrics.jsonl."""
     return {r["step"]: r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl")}
+
+
+def copy_run_stopped_at(run_dir: Path, dest: Path, step: int) -> None:
+    """Copy `run_dir` to `dest` without its checkpoints after `step`, as if the run had been stopped there."""
+    shutil.copytree(run_dir, dest, dirs_exist_ok=True)
+    for ckpt in (Path(dest) / "checkpoints").iterdir():
+        if ckpt.name > step_dir_name(step):
+            shutil.rmtree(ckpt)

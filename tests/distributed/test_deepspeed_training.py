@@ -8,14 +8,12 @@ process, and one written by a plain process resumes under ZeRO-1, both with the 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
-from llmhpc.checkpoint.manager import step_dir_name
 from tests.conftest import SMALL_RUN, run_cli
-from tests.distributed.launch import run_torchrun, step_losses
+from tests.distributed.launch import copy_run_stopped_at, run_torchrun, step_losses
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is the [deepspeed] extra (tools/install.sh installs it)")
 
@@ -50,11 +48,6 @@ def test_zero_stage_matches_single_process(stage, reference, tmp_path, llmhpc_ca
     assert worst < TOL, worst
 
 
-def keep_only_step(run_dir: Path, step: int) -> None:
-    for ckpt in (run_dir / "checkpoints").iterdir():
-        if ckpt.name > step_dir_name(step):
-            shutil.rmtree(ckpt)
-
 
 def test_zero3_checkpoint_resumes_in_one_process(reference, tmp_path, llmhpc_cache):
     run_torchrun(2, ["pretrain", *COMMON, *deepspeed_args(3), "trainer.max_steps=3", f"run.dir={tmp_path}"],
@@ -67,8 +60,7 @@ def test_zero3_checkpoint_resumes_in_one_process(reference, tmp_path, llmhpc_cac
 
 
 def test_single_process_checkpoint_resumes_under_zero1(reference, tmp_path, llmhpc_cache):
-    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
-    keep_only_step(tmp_path, 3)
+    copy_run_stopped_at(reference, tmp_path, 3)
     proc = run_torchrun(2, ["pretrain", *COMMON, *deepspeed_args(1), f"run.dir={tmp_path}"], llmhpc_cache)
     assert "resumed from" in proc.stdout
     worst = max_diff(step_losses(tmp_path), step_losses(reference), range(4, STEPS + 1))

@@ -12,7 +12,6 @@ run's next-step loss.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from llmhpc.checkpoint.manager import step_dir_name
 from llmhpc.metrics.jsonl import read_metrics
 from llmhpc.models import Llama
 from tests.conftest import SMALL_RUN, run_cli
-from tests.distributed.launch import run_torchrun, step_losses
+from tests.distributed.launch import copy_run_stopped_at, run_torchrun, step_losses
 
 STEPS = 6
 TOL = 1e-5
@@ -95,12 +94,6 @@ def test_pipeline_layout_matches_single_process(layout, reference, tmp_path, llm
     assert diff < WEIGHT_TOL and stray < STRAY_FRACTION, (diff, stray)
 
 
-def keep_only_step(run_dir: Path, step: int) -> None:
-    """Delete every checkpoint after `step`, as if the run had been stopped there."""
-    for ckpt in (run_dir / "checkpoints").iterdir():
-        if ckpt.name > step_dir_name(step):
-            shutil.rmtree(ckpt)
-
 
 def test_pipeline_checkpoint_resumes_in_one_process(reference, tmp_path, llmhpc_cache):
     """Saved at step 3 under pp=2 (1f1b), resumed by one process: the uninterrupted run's losses."""
@@ -118,8 +111,7 @@ def test_pipeline_checkpoint_resumes_in_one_process(reference, tmp_path, llmhpc_
 
 def test_single_process_checkpoint_resumes_under_tp_and_pp(reference, tmp_path, llmhpc_cache):
     """The single-process step-3 checkpoint, resumed under tp=2 x pp=2 (zbv): the uninterrupted losses."""
-    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
-    keep_only_step(tmp_path, 3)
+    copy_run_stopped_at(reference, tmp_path, 3)
     proc = run_torchrun(4, ["pretrain", *COMMON, *PP2, "parallel.tp=2", "parallel.pp_schedule=zbv",
                             f"run.dir={tmp_path}"], llmhpc_cache)
     assert "resumed from" in proc.stdout
