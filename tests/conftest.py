@@ -58,3 +58,20 @@ def run_cli(args: list[str], cache: Path, timeout: float = 600, check: bool = Tr
     if check and proc.returncode != 0:
         raise AssertionError(f"llmhpc {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+def peak_rss_mib(nproc: int, args: list[str], cache: Path, out_dir: Path, threads: int | None = None) -> float:
+    """Run `llmhpc ARGS` on `nproc` processes (torchrun when > 1); the largest peak RSS of its ranks, in MiB."""
+    out_dir.mkdir(parents=True)
+    env = cli_env(cache)
+    env["PEAK_RSS_DIR"] = str(out_dir)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    proc = subprocess.run([*launcher, str(REPO / "tests" / "peak_rss.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    peaks = [int(f.read_text()) for f in out_dir.iterdir()]
+    assert len(peaks) == nproc, proc.stdout
+    return max(peaks) / 1024

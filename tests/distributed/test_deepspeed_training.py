@@ -48,7 +48,6 @@ def test_zero_stage_matches_single_process(stage, reference, tmp_path, llmhpc_ca
     assert worst < TOL, worst
 
 
-
 def test_zero3_checkpoint_resumes_in_one_process(reference, tmp_path, llmhpc_cache):
     run_torchrun(2, ["pretrain", *COMMON, *deepspeed_args(3), "trainer.max_steps=3", f"run.dir={tmp_path}"],
                  llmhpc_cache)

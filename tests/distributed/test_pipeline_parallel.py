@@ -94,7 +94,6 @@ def test_pipeline_layout_matches_single_process(layout, reference, tmp_path, llm
     assert diff < WEIGHT_TOL and stray < STRAY_FRACTION, (diff, stray)
 
 
-
 def test_pipeline_checkpoint_resumes_in_one_process(reference, tmp_path, llmhpc_cache):
     """Saved at step 3 under pp=2 (1f1b), resumed by one process: the uninterrupted run's losses."""
     nproc, overrides = LAYOUTS["pp2_1f1b"]

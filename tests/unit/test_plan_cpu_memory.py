@@ -10,14 +10,12 @@ covers: weights, gradients, AdamW state, FSDP/DDP buffers, activations and the l
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import pytest
 
 from llmhpc.config import load_config
 from llmhpc.plan import Layout, Workload, estimate_memory
-from tests.conftest import REPO, cli_env
+from tests.conftest import peak_rss_mib
 
 MIB = 2**20
 TOLERANCE = 0.40
@@ -36,35 +34,12 @@ LAYOUTS = {  # two micro-batches per data-parallel rank, so gradients and activa
     "tp=2": (2, ["parallel.tp=2", "parallel.dp_shard=1", "trainer.global_batch_size=8"]),
     "pp=2 1f1b": (2, ["parallel.pp=2", "parallel.dp_shard=1", "trainer.global_batch_size=8"]),
 }
-WRAPPER = (  # VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child of a big pytest process reports its size
-    "import os, sys\n"
-    "from llmhpc.cli import main\n"
-    "rc = main(sys.argv[1:])\n"
-    "status = open('/proc/self/status').read().split('VmHWM:')[1]\n"
-    "peak = int(status.split()[0])\n"
-    "path = os.path.join(os.environ['PEAK_RSS_DIR'], 'rank' + os.environ.get('RANK', '0'))\n"
-    "open(path, 'w').write(str(peak))\n"
-    "sys.exit(rc)\n"
-)
 
 
 def measured_peak_mib(nproc: int, args: list[str], cache, tmp_path) -> float:
     """Largest peak RSS over the ranks of one real run, in MiB."""
-    script = tmp_path / "peak_rss.py"
-    script.write_text(WRAPPER)
     out = tmp_path / f"peaks_{len(list(tmp_path.glob('peaks_*')))}"
-    out.mkdir()
-    env = cli_env(cache)
-    env["PEAK_RSS_DIR"] = str(out)
-    env["OMP_NUM_THREADS"] = str(max(1, 2 // nproc))
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                    f"--nproc-per-node={nproc}"]
-    proc = subprocess.run([*launcher, str(script), "pretrain", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    peaks = [int(f.read_text()) for f in out.iterdir()]  # VmHWM is in KiB
-    assert len(peaks) == nproc, proc.stdout
-    return max(peaks) / 1024
+    return peak_rss_mib(nproc, ["pretrain", *args], cache, out, threads=max(1, 2 // nproc))
 
 
 def estimated_live_mib(overrides: list[str], nproc: int) -> float:
