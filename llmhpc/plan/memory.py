@@ -27,7 +27,8 @@ FSDP_BLOCKS_IN_FLIGHT = 2
 RUNTIME_BYTES = 1.5 * GIB
 """CUDA context, cuBLAS workspaces and NCCL buffers per GPU (typically 1-2 GiB on H100); not counted on CPU."""
 FRAGMENTATION = 0.10
-"""Caching-allocator fragmentation allowance on top of the live tensors."""
+"""Allocator allowance on top of the live tensors: freed blocks the allocator keeps but cannot reuse for the
+next request (PyTorch's CUDA caching allocator; glibc malloc on CPU, measured at 13-17 % there: docs/planner.md)."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class MemoryBreakdown:
     logits: float
     """Loss working set: the fused loss's logits chunk and head-gradient accumulator, or full logits under TP."""
     buffers: float
-    """Runtime reserve plus fragmentation allowance (0 for CPU comparisons)."""
+    """Fragmentation allowance, plus the CUDA runtime reserve on GPUs."""
     rank: int = 0
     """The pipeline rank this breakdown is for."""
 
@@ -57,7 +58,7 @@ class MemoryBreakdown:
 
     @property
     def live(self) -> float:
-        """Everything but the buffers: what a CPU run's memory growth is compared with."""
+        """The tensors alone, without the allocator's and the runtime's share."""
         return self.model_state + self.gathered + self.activations + self.logits
 
     @property
@@ -89,22 +90,27 @@ def block_activation_bytes(w: Workload, tp: int) -> float:
 
 
 def logits_bytes(w: Workload, layout: Layout) -> float:
-    """Loss working set on the last stage.
+    """Loss working set on the last stage, at its peak (the cross entropy's backward).
 
     Without TP or PP, llmhpc's fused loss keeps one chunk of fp32 logits and their gradient, an fp32 accumulator
     for the head's gradient and the hidden states' gradient. Under TP (replicated logits) and on the last pipeline
-    stage (whose output the schedule's loss function takes) the logits are materialized: logits in the compute
-    dtype, their fp32 copy (none in fp32) and the saved log-softmax, or its gradient in backward; with loss
-    parallel each TP rank holds only its vocabulary shard of them.
+    stage (whose output the schedule's loss function takes) the logits are materialized, and the eager loss peaks
+    in log-softmax's backward with three fp32 logits-sized tensors alive: the saved log-softmax, the gradient
+    coming from the NLL and the one going out. Under PP the schedule also holds the stage output (the logits, in
+    the compute dtype) until the stage's backward; under TP the logits and their fp32 copy are freed once the loss
+    is formed (both measured with torch.profiler on CPU, docs/planner.md). With loss parallel each TP rank holds
+    only its vocabulary shard of all of them.
     """
     s = w.shape
     tokens = layout.micro_batch * w.seq_len
     if layout.tp == 1 and layout.pp == 1:
         chunk = min(LOSS_CHUNK_TOKENS, tokens)
         return chunk * s.vocab * 4 * 2 + s.vocab * s.dim * 4 + tokens * s.dim * 4
-    low = 4 if w.precision == "fp32" else 2
+    per_element = 3 * 4
+    if layout.pp > 1:
+        per_element += 4 if w.precision == "fp32" else 2
     shards = layout.tp if layout.loss_parallel else 1
-    return tokens * s.vocab * (low + 8) / shards
+    return tokens * s.vocab * per_element / shards
 
 
 def last_stage_rank(layout: Layout) -> int:
@@ -115,7 +121,7 @@ def last_stage_rank(layout: Layout) -> int:
 def estimate_memory(w: Workload, layout: Layout, micro_batches: int | None = None, on_gpu: bool = True
                     ) -> MemoryBreakdown:
     """Peak bytes per GPU of `layout`; `micro_batches` per step per data-parallel rank defaults to the
-    workload's (global batch / (micro batch x dp)). `on_gpu=False` leaves out the runtime reserve."""
+    workload's (global batch / (micro batch x dp)). `on_gpu=False` (a CPU run) leaves out the CUDA runtime reserve."""
     m = micro_batches or max(1, w.global_batch // (layout.micro_batch * layout.dp))
     blocks = rank_blocks(layout, w.shape.n_layers, list(w.split_points) or None)
     best: MemoryBreakdown | None = None
@@ -166,5 +172,5 @@ def _rank_memory(w: Workload, layout: Layout, rank: int, n_blocks: int, m: int, 
     logits = logits_bytes(w, layout) if last else 0.0
 
     live = params + grads + optimizer + gathered + activations + logits
-    buffers = (live * FRAGMENTATION + RUNTIME_BYTES) if on_gpu else 0.0
+    buffers = live * FRAGMENTATION + (RUNTIME_BYTES if on_gpu else 0.0)
     return MemoryBreakdown(params, grads, optimizer, gathered, activations, logits, buffers, rank)
