@@ -90,11 +90,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _choice("precision", cfg.precision.name, ("fp32", "bf16", "fp8"))
     _choice("precision.fp8_recipe", cfg.precision.fp8_recipe, ("tensorwise", "rowwise"))
     _check(
-        cfg.precision.name != "fp8" or cfg.parallel.tp == 1,
-        "precision=fp8 with parallel.tp > 1 is not supported yet (float8 tensor-parallel plans are unverified); "
-        "use parallel.tp=1 with FSDP (parallel.dp_shard) or precision=bf16",
-    )
-    _check(
         cfg.precision.name != "fp8" or cfg.parallel.engine == "torch",
         "precision=fp8 is not supported with parallel.engine=deepspeed; use parallel.engine=torch (FSDP2)",
     )

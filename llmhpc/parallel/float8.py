@@ -9,6 +9,17 @@ it; the rest runs under bf16 autocast as with `precision=bf16`).
 Under FSDP2 the `tensorwise` recipe also all-gathers the weights in float8 (half the bytes of bf16); their
 scales are then computed for all blocks at once after each optimizer step (`after_optimizer_step`).
 
+Under tensor parallel (`parallel.tp > 1`) the float8 linears are sharded by the ordinary TP/SP plans of
+`llmhpc.parallel.tensor`: activations are all-gathered and reduce-scattered in high precision and each rank
+runs float8 GEMMs on its shards. The scales stay those of the whole tensors because torchao computes the
+amax on the DTensor, which reduces it over the shards; tests/distributed/test_fp8_tp.py checks that tp=2
+reproduces one process's float8 losses (within 1e-6 in fp32). torchao's float8 TP plans
+(`Float8ColwiseParallel`, `Float8RowwiseParallel`, `PrepareFloat8ModuleInput`: all-gathers in float8, which
+torchtitan uses on GPU for `tensorwise`) are not used: their all-gather sends the float8 data tensor
+through `_c10d_functional.all_gather_into_tensor`, and gloo rejects every float8 dtype
+(`RuntimeError: Invalid scalar type`, also for plain `all_gather` and `broadcast`), so they cannot be
+tested on CPU. They only cover `tensorwise` in any case.
+
 FP8 matmuls need tensor cores that have them (NVIDIA compute capability >= 8.9: H100, H200, L40S, B200).
 Anywhere else `require_fp8_device` stops the run at launch; torchao would otherwise emulate float8
 slowly on CPU, which no one wants as a training run, and falling back to bf16 silently would be worse.
