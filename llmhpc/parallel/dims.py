@@ -203,6 +203,13 @@ def validate_layout(
         )
     if p.pp > 1:
         _validate_pipeline(p, world_size, model)
+    else:
+        for name in ("pp_stages_per_rank", "pp_split_points"):
+            if getattr(p, name):
+                raise LayoutError(
+                    f"parallel.{name}={getattr(p, name)} only applies to pipeline parallelism but parallel.pp=1; "
+                    f"set parallel.pp > 1 or drop parallel.{name}"
+                )
     dims = resolve_dims(p, world_size)
     per_step = trainer.micro_batch_size * dims.dp_size
     if trainer.global_batch_size % per_step:

@@ -60,18 +60,28 @@ def require_fp8_device(device: torch.device) -> None:
         raise ConfigError("precision=fp8 needs torchao: pip install 'llmhpc[gpu]'") from None
 
 
-def _convertible(module: nn.Module, fqn: str) -> bool:
-    """Block linears whose shapes the float8 GEMM accepts (both dims multiples of 16); never the head."""
-    if not isinstance(module, nn.Linear) or not fqn.startswith("layers."):
-        return False
-    return module.in_features % 16 == 0 and module.out_features % 16 == 0
+def _convertible(tp: int) -> Callable[[nn.Module, str], bool]:
+    """Block linears whose per-rank shapes the float8 GEMM accepts (multiples of 16); never the head.
+
+    TP splits one dimension of every block linear by `tp` (column-wise the output, row-wise the input); checking
+    both dimensions divided by `tp` covers either split.
+    """
+
+    def accept(module: nn.Module, fqn: str) -> bool:
+        if not isinstance(module, nn.Linear) or not fqn.startswith("layers."):
+            return False
+        return all(n % tp == 0 and (n // tp) % 16 == 0 for n in (module.in_features, module.out_features))
+
+    return accept
 
 
-def apply_float8(model: nn.Module, recipe: str, *, fsdp: bool) -> Callable[[], None] | None:
+def apply_float8(model: nn.Module, recipe: str, *, fsdp: bool, tp: int = 1) -> Callable[[], None] | None:
     """Swap the block linears of `model` for float8 ones in place (before TP/FSDP are applied).
 
-    Returns the function to call after every optimizer step (FSDP2 float8 all-gather needs the next
-    step's weight scales), or None when nothing is needed then.
+    `tp` is the tensor-parallel degree the model will be split over: a linear whose shard would not suit the
+    float8 GEMM stays in high precision. Returns the function to call once before the first step and after
+    every optimizer step (FSDP2 float8 all-gather needs the coming step's weight scales, from the whole weight
+    across FSDP and TP shards), or None when nothing is needed.
     """
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
@@ -81,7 +91,7 @@ def apply_float8(model: nn.Module, recipe: str, *, fsdp: bool) -> Callable[[], N
     config = dataclasses.replace(
         Float8LinearConfig.from_recipe_name(recipe), enable_fsdp_float8_all_gather=fp8_all_gather
     )
-    convert_to_float8_training(model, config=config, module_filter_fn=_convertible)
+    convert_to_float8_training(model, config=config, module_filter_fn=_convertible(tp))
     if not fp8_all_gather:
         return None
     from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp

@@ -71,7 +71,7 @@ class Layout:
         if self.dp_shard > 1:
             parts.append(f"dp_shard={self.dp_shard}")
         if self.tp > 1:
-            parts.append(f"tp={self.tp}")
+            parts.append(f"tp={self.tp}" + ("(loss_parallel)" if self.loss_parallel else ""))
         if self.pp > 1:
             v = f"x{self.stages_per_rank}" if self.stages_per_rank > 1 else ""
             parts.append(f"pp={self.pp}{v}({self.pp_schedule})")

@@ -28,7 +28,7 @@ RUNTIME_BYTES = 1.5 * GIB
 """CUDA context, cuBLAS workspaces and NCCL buffers per GPU (typically 1-2 GiB on H100); not counted on CPU."""
 FRAGMENTATION = 0.10
 """Allocator allowance on top of the live tensors: freed blocks the allocator keeps but cannot reuse for the
-next request (PyTorch's CUDA caching allocator; glibc malloc on CPU, measured at 13-17 % there: docs/planner.md)."""
+next request (PyTorch's CUDA caching allocator; glibc malloc on CPU, measured at 12-19 % there: docs/planner.md)."""
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ MICRO_BATCHES = (1, 2, 4, 8)
 SCHEDULES = {"1f1b": 1, "interleaved_1f1b": 2, "zbv": 2, "gpipe": 1}
 """Pipeline schedules tried, with their stages per rank."""
 SEARCHED_KEYS = ("parallel.dp_replicate", "parallel.dp_shard", "parallel.tp", "parallel.pp", "parallel.pp_schedule",
-                 "parallel.ac", "trainer.micro_batch_size", "parallel.pp_stages_per_rank", "parallel.engine")
+                 "parallel.ac", "trainer.micro_batch_size", "parallel.pp_stages_per_rank", "parallel.engine",
+                 "parallel.loss_parallel")
 """Keys the search varies unless the command line fixes them."""
 
 
@@ -67,13 +68,15 @@ def _layouts(cfg: Config, cluster: Cluster, fixed: set[str]) -> list[Layout]:
                 "parallel.pp_schedule" in fixed) else (SCHEDULES if pp > 1 else {"1f1b": 1})
             acs = [p.ac] if "parallel.ac" in fixed else list(RECOMPUTE_FRACTION)
             mbs = [cfg.trainer.micro_batch_size] if "trainer.micro_batch_size" in fixed else list(MICRO_BATCHES)
+            # Loss parallel only saves memory (same step time in the model), so it is on wherever it applies.
+            loss_parallel = p.loss_parallel if "parallel.loss_parallel" in fixed else (tp > 1 and pp == 1)
             for rep, shard in sorted(splits):
                 for schedule, v in schedules.items():
                     for ac in acs:
                         for mb in mbs:
                             out.append(Layout(rep, shard, tp, pp, schedule, v if pp > 1 else 1,
                                               RECOMPUTE_FRACTION[ac], mb, p.engine, p.zero_stage,
-                                              p.reshard_after_forward, p.compile))
+                                              p.reshard_after_forward, p.compile, loss_parallel))
     return out
 
 

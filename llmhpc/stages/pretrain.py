@@ -79,7 +79,7 @@ def _train(cfg: Config, device: torch.device, dims, mesh) -> TrainResult:
     flops_per_token = model.flops_per_token(t.seq_len)
     after_step = None
     if cfg.precision.name == "fp8":  # float8 linears go in before any sharding wraps them
-        after_step = apply_float8(model, cfg.precision.fp8_recipe, fsdp=dims.fsdp)
+        after_step = apply_float8(model, cfg.precision.fp8_recipe, fsdp=dims.fsdp, tp=dims.tp)
     micro_batches = t.global_batch_size // (t.micro_batch_size * dims.dp_size)
     pipeline, engine, loss_fn = None, None, causal_lm_loss
     if cfg.parallel.engine == "deepspeed":  # DeepSpeed shards and reduces itself: none of our wrappers

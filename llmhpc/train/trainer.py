@@ -259,6 +259,8 @@ class Trainer:
         peak = peak_flops(self.device, self.compute_dtype) * self.world_size if self.flops_per_token else None
         progress = ConsoleProgress(t.max_steps, step, enabled=cfg.logger.progress_bar, silent=not self.main)
         bad_streak, last_loss, eval_loss, saved = 0, math.nan, None, None
+        if self.after_optimizer_step is not None:  # e.g. float8 weight scales: the first step needs them too
+            self.after_optimizer_step()
         self.model.train()
         try:
             while step < t.max_steps:

@@ -120,12 +120,12 @@ def _scenario(world: int, recipe: str, bf16: bool, dp_shard: int) -> dict[str, A
     cfg = ParallelConfig(dp_shard=dp_shard, tp=2)
     dims = resolve_dims(cfg, world)
     model = copy.deepcopy(initial)
-    after_step = apply_float8(model, recipe, fsdp=dims.fsdp)  # pretrain's order: float8, then the layout
+    after_step = apply_float8(model, recipe, fsdp=dims.fsdp, tp=dims.tp)  # pretrain's order: float8, then layout
     parallelize(model, dims, dims.build_mesh("cpu"), cfg)
     if after_step is not None:
-        # FSDP's float8 all-gather casts each weight with the scale that the hook precomputed from the whole
-        # weight; before the hook first runs, torchao reduces the amax over the FSDP mesh only, which under
-        # TP is the amax of this rank's TP shard. Running it once here makes step 1 comparable too.
+        # As the Trainer does before its first step: FSDP's float8 all-gather casts each weight with the scale
+        # the hook precomputed from the whole weight; without it torchao would reduce the amax over the FSDP
+        # mesh only, which under TP is the amax of this rank's TP shard.
         after_step()
     float8 = [m for m in model.modules() if isinstance(m, Float8Linear)]
     return {

@@ -83,3 +83,14 @@ def test_fsdp_tensorwise_returns_the_scale_hook():
     hook = apply_float8(model, "tensorwise", fsdp=True)
     assert callable(hook)
     assert apply_float8(build_model(MODEL, device=torch.device("cpu")), "rowwise", fsdp=True) is None
+
+
+def test_linears_whose_tensor_parallel_shards_do_not_suit_fp8_stay_high_precision():
+    from torchao.float8.float8_linear import Float8Linear
+
+    from llmhpc.parallel.float8 import apply_float8
+
+    model = build_model(MODEL, device=torch.device("cpu"))
+    apply_float8(model, "tensorwise", fsdp=False, tp=4)  # wk / wv: 2 KV heads x 16 = 32 outputs, 8 per rank
+    converted = {name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, Float8Linear)}
+    assert converted == {"wq", "wo", "w1", "w2", "w3"}

@@ -107,6 +107,9 @@ ZBV = {"pp": 2, "pp_schedule": "zbv", "pp_split_points": [8, 15, 23]}
          r"e\.g\. trainer\.global_batch_size=16$"),
         (4, {"pp": 2, "dp_replicate": 2, "dp_shard": 1}, {}, r"dp_replicate=2 with parallel\.pp=2 is not supported"),
         (2, {**ZBV, "compile": True}, {}, r"compile=true does not work with .*zbv"),
+        (1, {"pp_split_points": [15]}, {}, r"pp_split_points=\[15\] only applies to pipeline parallelism but "
+                                           r"parallel\.pp=1; set parallel\.pp > 1 or drop"),
+        (1, {"pp_stages_per_rank": 2}, {}, r"pp_stages_per_rank=2 only applies to pipeline parallelism"),
     ],
 )
 def test_invalid_pipeline_layouts(world, kw, trainer, message):

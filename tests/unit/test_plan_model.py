@@ -98,6 +98,19 @@ def test_throughput_responds_to_layout():
     assert piped.bubble > 0 and piped.pp_comm > 0
 
 
+def test_search_turns_loss_parallel_on_where_it_applies_unless_fixed():
+    from llmhpc.plan.efficiency import stack
+    from llmhpc.plan.search import search
+
+    overrides = ["model=llama3_8b", "cluster.nodes=1", "trainer.seq_len=4096", "trainer.global_batch_size=16"]
+    cfg = load_config("plan", overrides)
+    found = search(cfg, Cluster.of(cfg.cluster), stack("llmhpc"), set())
+    assert {c.layout.loss_parallel for c in found if c.layout.tp > 1 and c.layout.pp == 1} == {True}
+    assert not any(c.layout.loss_parallel for c in found if c.layout.tp == 1 or c.layout.pp > 1)
+    fixed = search(cfg, Cluster.of(cfg.cluster), stack("llmhpc"), {"parallel.loss_parallel"})
+    assert not any(c.layout.loss_parallel for c in fixed)
+
+
 def test_plan_cli_single_layout(capsys):
     rc = main(["plan", "model=llama3_8b", "trainer.seq_len=8192", "trainer.global_batch_size=64",
                "trainer.micro_batch_size=1", "precision=bf16", "parallel.dp_shard=8", "parallel.ac=full"])
