@@ -240,22 +240,28 @@ class Llama(nn.Module):
 
         Linears and embeddings ~ N(0, init_std); the projections that write into the residual
         stream (wo, w2) are scaled down by 1/sqrt(2 n_layers) so its variance does not grow with depth.
+
+        Also works after the model was split and sharded on the meta device (pipeline stages pruned,
+        TP / FSDP2 DTensor weights): each weight's full values are drawn in the order of the whole
+        model and every rank keeps its own shard, so any layout starts from exactly the weights of a
+        single-process run, with one full weight in memory at a time instead of the whole model.
         """
-        std = self.cfg.init_std
-        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
-        nn.init.normal_(self.tok_embeddings.weight, 0.0, std)
-        for block in self.layers.values():
-            attn, ffn = block.attention, block.feed_forward
-            for linear in (attn.wq, attn.wk, attn.wv, ffn.w1, ffn.w3):
-                nn.init.normal_(linear.weight, 0.0, std)
-            for linear in (attn.wo, ffn.w2):
-                nn.init.normal_(linear.weight, 0.0, residual_std)
-            block.attention_norm.reset_parameters()
-            block.ffn_norm.reset_parameters()
-        self.norm.reset_parameters()
-        if self.output is not None:
-            nn.init.normal_(self.output.weight, 0.0, std)
+        device = self.rope_cos.device
+        for name, shape, std in _random_weights(self.cfg):
+            values = torch.empty(shape, device=device).normal_(0.0, std)
+            param = self._parameter_or_none(name)
+            if param is not None:  # None: another pipeline stage holds it (the draw keeps the RNG in step)
+                _copy_own_shard(param, values)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                _copy_own_shard(param, torch.ones(param.shape, device=device))
         self.init_rope()
+
+    def _parameter_or_none(self, name: str) -> nn.Parameter | None:
+        try:
+            return self.get_parameter(name)
+        except AttributeError:
+            return None
 
     # ---- forward ---------------------------------------------------------------------------------
 
@@ -336,3 +342,30 @@ class Llama(nn.Module):
         """An empty KV cache matching this model's dtype and device."""
         weight = self.tok_embeddings.weight
         return KVCache(self.cfg, batch, max_len, dtype=weight.dtype, device=weight.device)
+
+
+def _random_weights(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...], float]]:
+    """Every randomly initialized weight of the whole model in draw order: (name, full shape, std)."""
+    std, residual_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    q, kv = cfg.n_heads * head_dim_of(cfg), cfg.n_kv_heads * head_dim_of(cfg)
+    block = [("attention.wq", (q, cfg.dim), std), ("attention.wk", (kv, cfg.dim), std),
+             ("attention.wv", (kv, cfg.dim), std), ("feed_forward.w1", (cfg.ffn_dim, cfg.dim), std),
+             ("feed_forward.w3", (cfg.ffn_dim, cfg.dim), std), ("attention.wo", (cfg.dim, q), residual_std),
+             ("feed_forward.w2", (cfg.dim, cfg.ffn_dim), residual_std)]
+    draws = [("tok_embeddings.weight", (cfg.vocab_size, cfg.dim), std)]
+    for index in range(cfg.n_layers):
+        draws += [(f"layers.{index}.{name}.weight", shape, scale) for name, shape, scale in block]
+    if not cfg.tie_embeddings:
+        draws.append(("output.weight", (cfg.vocab_size, cfg.dim), std))
+    return draws
+
+
+def _copy_own_shard(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's part of `full` into `param` (a plain tensor, or a TP / FSDP2 DTensor)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):  # every rank drew the same `full`: slice locally, no communication
+        shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(shard.to_local())
+    else:
+        param.copy_(full)

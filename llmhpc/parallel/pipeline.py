@@ -82,6 +82,10 @@ class StageModule(nn.Module):
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
 
+    def share_rope_tables(self, model: Llama) -> None:
+        """Use the model's RoPE tables again, after `to_empty` gave both of them new (meta-built) ones."""
+        self.rope_cos, self.rope_sin = model.rope_cos, model.rope_sin
+
     def forward(self, x: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids → hidden states (first stage), hidden → hidden, or hidden → logits (last stage)."""
         from llmhpc.models.llama import document_mask

@@ -30,12 +30,29 @@ from llmhpc.train.trainer import Trainer, TrainResult, resolve_device
 
 
 def build_model_for(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """A fresh model from cfg.model, or the weights of cfg.model.init_from; returns (model, lineage)."""
+    """A fresh model from cfg.model, or the weights of cfg.model.init_from; returns (model, lineage).
+
+    On the meta device a fresh model only has shapes: `parallelize` then shards it, and `initialize_sharded`
+    fills each rank's shards."""
     if cfg.model.init_from:
         model, _ = load_pretrained(cfg.model.init_from, device=str(device))
         return model, {"init_from": str(cfg.model.init_from)}
     torch.manual_seed(cfg.run.seed)
     return build_model(cfg.model, device=device), {"init_from": None}
+
+
+def initialize_sharded(model: torch.nn.Module, parts: list[torch.nn.Module], cfg: Config, device: torch.device) -> None:
+    """Materialize a model built on the meta device and already parallelized into `parts` on `device`, with the
+    weights `build_model_for` gives one process (same seed, same draws; each rank keeps its own shards)."""
+    model.to_empty(device=device)
+    for part in parts:  # pipeline stages: FSDP2 re-registers the parameters it manages on their root modules
+        if part is not model:
+            part.to_empty(device=device)
+    torch.manual_seed(cfg.run.seed)
+    model.init_weights()
+    for part in parts:
+        if part is not model:
+            part.share_rope_tables(model)
 
 
 def run(cfg: Config) -> TrainResult:
@@ -54,7 +71,10 @@ def run(cfg: Config) -> TrainResult:
 
 
 def _train(cfg: Config, device: torch.device, dims, mesh) -> TrainResult:
-    model, lineage = build_model_for(cfg, device)  # same seed on every rank: identical weights before sharding
+    # FSDP2 / TP / PP shard the model while it is on the meta device, then each rank initializes only its shards
+    # (no rank ever holds the whole model). DeepSpeed partitions a materialized model itself; init_from loads one.
+    sharded_init = cfg.parallel.engine == "torch" and not cfg.model.init_from
+    model, lineage = build_model_for(cfg, torch.device("meta") if sharded_init else device)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if len(tokenizer) > cfg.model.vocab_size:
         raise ConfigError(
@@ -92,6 +112,8 @@ def _train(cfg: Config, device: torch.device, dims, mesh) -> TrainResult:
         engine, loss_fn = ds.wrap_with_deepspeed(model, optimizer, ds_config), ds.engine_lm_loss
     else:
         parts = parallelize(model, dims, mesh, cfg.parallel)
+        if sharded_init:
+            initialize_sharded(model, parts, cfg, device)
         if dims.pp > 1:
             from llmhpc.parallel.pipeline import PipelineRunner
 
