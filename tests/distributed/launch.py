@@ -1,11 +1,18 @@
-"""Launch `llmhpc` the way users do on one node: `torchrun --nproc-per-node N -m llmhpc ...`."""
+"""Launch real processes: `llmhpc` the way users do on one node (`torchrun --nproc-per-node N -m llmhpc ...`),
+or test scenarios in-process on N gloo ranks (`spawn_gloo`)."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from llmhpc.checkpoint.manager import step_dir_name
 from llmhpc.metrics.jsonl import read_metrics
@@ -38,3 +45,42 @@ def copy_run_stopped_at(run_dir: Path, dest: Path, step: int) -> None:
     for ckpt in (Path(dest) / "checkpoints").iterdir():
         if ckpt.name > step_dir_name(step):
             shutil.rmtree(ckpt)
+
+
+Scenarios = Callable[[int], dict[str, Callable[[], Any]]]
+"""Called in every rank with the world size once the process group is up: {name: scenario}."""
+
+
+def spawn_gloo(world: int, scenarios: Scenarios, out: Path) -> list[dict[str, Any]]:
+    """Run every scenario on `world` real gloo processes (one thread each), all ranks in step.
+
+    `scenarios` must be a module-level function (it is pickled into the ranks). Returns, per rank,
+    {name: what the scenario returned (JSON), or {"error": its traceback}}.
+    """
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gloo_rank, args=(world, port, str(out), scenarios), nprocs=world, join=True)
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(world)]
+
+
+def _gloo_rank(rank: int, world: int, port: int, out: str, scenarios: Scenarios) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ["WORLD_SIZE"] = str(world)  # as torchrun sets it: llmhpc's config checks layouts against it
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        results: dict[str, Any] = {}
+        for name, scenario in scenarios(world).items():
+            try:
+                results[name] = scenario()
+            except Exception:  # noqa: BLE001 - recorded and reported by the scenario's test
+                results[name] = {"error": traceback.format_exc()}
+            dist.barrier()
+        Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()

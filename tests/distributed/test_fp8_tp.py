@@ -22,18 +22,15 @@ One spawn per world size runs its scenarios and records numbers; the tests below
 from __future__ import annotations
 
 import copy
-import json
-import socket
-import traceback
 from collections.abc import Callable
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 from llmhpc.config.schema import ModelConfig
+from tests.distributed.launch import spawn_gloo
 
 pytest.importorskip("torchao.float8", reason="torchao is installed with the [dev] extra")
 
@@ -138,51 +135,28 @@ def _scenario(world: int, recipe: str, bf16: bool, dp_shard: int) -> dict[str, A
     }
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, scenarios: list[tuple[str, str, bool, int]]) -> None:
-    import torch.distributed as dist
+def scenarios_tp2(world: int) -> dict[str, Callable[[], Any]]:
+    return {name: lambda r=recipe, b=bf16, d=dp: _scenario(world, r, b, d) for name, recipe, bf16, dp in SCENARIOS_TP2}
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        results: dict[str, Any] = {}
-        for name, recipe, bf16, dp_shard in scenarios:
-            try:
-                results[name] = _scenario(world, recipe, bf16, dp_shard)
-            except Exception:  # noqa: BLE001 - recorded and reported by the scenario's test
-                results[name] = {"error": traceback.format_exc()}
-            dist.barrier()
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    finally:
-        dist.destroy_process_group()
+
+def scenarios_2d(world: int) -> dict[str, Callable[[], Any]]:
+    return {name: lambda r=recipe, b=bf16, d=dp: _scenario(world, r, b, d) for name, recipe, bf16, dp in SCENARIOS_2D}
 
 
 # ---- test side --------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(world: int, scenarios: list[tuple[str, str, bool, int]], out: Path) -> list[dict[str, Any]]:
-    import torch.multiprocessing as mp
-
-    mp.spawn(_worker, args=(world, _free_port(), str(out), scenarios), nprocs=world, join=True)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
-
-
 @pytest.fixture(scope="module")
 def results_tp2(tmp_path_factory) -> dict[str, list[dict[str, Any]]]:
     """Every tp=2 scenario's numbers, one dict per rank, from one 2-process run."""
-    per_rank = _spawn(2, SCENARIOS_TP2, tmp_path_factory.mktemp("tp2"))
+    per_rank = spawn_gloo(2, scenarios_tp2, tmp_path_factory.mktemp("tp2"))
     return {name: [r[name] for r in per_rank] for name, *_ in SCENARIOS_TP2}
 
 
 @pytest.fixture(scope="module")
 def results_2d(tmp_path_factory) -> dict[str, list[dict[str, Any]]]:
     """The dp_shard=2 x tp=2 scenarios' numbers from one 4-process run (4 processes on 2 cores: slow)."""
-    per_rank = _spawn(4, SCENARIOS_2D, tmp_path_factory.mktemp("dp2tp2"))
+    per_rank = spawn_gloo(4, scenarios_2d, tmp_path_factory.mktemp("dp2tp2"))
     return {name: [r[name] for r in per_rank] for name, *_ in SCENARIOS_2D}
 
 

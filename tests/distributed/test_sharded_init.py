@@ -7,14 +7,12 @@ processes, and compares every weight it holds (gathered from its shards) bitwise
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import traceback
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import torch
+
+from tests.distributed.launch import spawn_gloo
 
 OVERRIDES = ["model=tiny", "model.tie_embeddings=false", "trainer.global_batch_size=8", "trainer.micro_batch_size=2",
              "run.device=cpu"]
@@ -26,8 +24,7 @@ LAYOUTS = {
 }
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch.distributed as dist
+def _check_layout(world: int, extra: list[str]) -> dict[str, object]:
     from torch.distributed.tensor import DTensor
 
     from llmhpc.config import load_config
@@ -35,55 +32,41 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     from llmhpc.parallel.dims import validate_layout
     from llmhpc.stages.pretrain import build_model_for, initialize_sharded
 
-    torch.set_num_threads(1)
-    os.environ["WORLD_SIZE"] = str(world)  # what torchrun sets; the config checks the layout against it
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    report: dict[str, object] = {}
-    try:
-        for name, extra in LAYOUTS.items():
-            cfg = load_config("pretrain", [*OVERRIDES, *extra])
-            reference_model = build_model_for(cfg, torch.device("cpu"))[0]
-            reference = reference_model.state_dict()
-            dims = validate_layout(cfg.parallel, world, cfg.model, cfg.trainer)
-            model = build_model_for(cfg, torch.device("meta"))[0]
-            parts = parallelize(model, dims, dims.build_mesh("cpu"), cfg.parallel)
-            initialize_sharded(model, parts, cfg, torch.device("cpu"))
-            held, mismatched, local_bytes = 0, [], 0
-            for fqn, param in model.named_parameters():
-                full = param.full_tensor() if isinstance(param, DTensor) else param.detach()
-                local = param.to_local() if isinstance(param, DTensor) else param
-                local_bytes += local.numel() * local.element_size()
-                held += 1
-                if not torch.equal(full, reference[fqn]):
-                    mismatched.append(fqn)
-            rope_ok = all(torch.equal(part.rope_cos, reference_model.rope_cos) and torch.equal(
-                part.rope_sin, reference_model.rope_sin) for part in parts)
-            report[name] = {"held": held, "mismatched": mismatched, "rope_ok": rope_ok, "local_bytes": local_bytes,
-                            "model_bytes": sum(t.numel() * t.element_size() for t in reference.values())}
-    except Exception:  # reported to the test, which shows it
-        report["error"] = traceback.format_exc()
-    Path(out, f"rank{rank}.json").write_text(json.dumps(report))
-    dist.destroy_process_group()
+    cfg = load_config("pretrain", [*OVERRIDES, *extra])
+    reference_model = build_model_for(cfg, torch.device("cpu"))[0]
+    reference = reference_model.state_dict()
+    dims = validate_layout(cfg.parallel, world, cfg.model, cfg.trainer)
+    model = build_model_for(cfg, torch.device("meta"))[0]
+    parts = parallelize(model, dims, dims.build_mesh("cpu"), cfg.parallel)
+    initialize_sharded(model, parts, cfg, torch.device("cpu"))
+    held, mismatched, local_bytes = 0, [], 0
+    for fqn, param in model.named_parameters():
+        full = param.full_tensor() if isinstance(param, DTensor) else param.detach()
+        local = param.to_local() if isinstance(param, DTensor) else param
+        local_bytes += local.numel() * local.element_size()
+        held += 1
+        if not torch.equal(full, reference[fqn]):
+            mismatched.append(fqn)
+    rope_ok = all(torch.equal(part.rope_cos, reference_model.rope_cos) and torch.equal(
+        part.rope_sin, reference_model.rope_sin) for part in parts)
+    return {"held": held, "mismatched": mismatched, "rope_ok": rope_ok, "local_bytes": local_bytes,
+            "model_bytes": sum(t.numel() * t.element_size() for t in reference.values())}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def scenarios(world: int) -> dict[str, Callable[[], object]]:
+    return {name: lambda e=extra: _check_layout(world, e) for name, extra in LAYOUTS.items()}
 
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("sharded_init")
-    torch.multiprocessing.spawn(_worker, args=(4, _free_port(), str(out)), nprocs=4, join=True)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
+    return spawn_gloo(4, scenarios, tmp_path_factory.mktemp("sharded_init"))
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_sharded_init_gives_the_one_process_weights(reports, layout):
     for rank, report in enumerate(reports):
-        assert "error" not in report, report["error"]
         result = report[layout]
+        assert "error" not in result, result["error"]
         assert result["held"] > 0 and result["mismatched"] == [], (rank, result["mismatched"])
         assert result["rope_ok"], rank
         # Each rank materialized only its shards: well under the whole model (4 ranks, 2-way sharded at least).

@@ -7,11 +7,7 @@ tests below only judge them. A scenario that raises records its traceback, which
 
 from __future__ import annotations
 
-import json
-import socket
-import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +15,7 @@ import torch
 
 from llmhpc.config.schema import ModelConfig
 from llmhpc.parallel.tensor import valid_tp_sizes, validate_tp
+from tests.distributed.launch import spawn_gloo
 
 TP = 2
 SEQ = 16
@@ -175,12 +172,15 @@ def _rejects(mesh) -> dict[str, Any]:
     return out
 
 
-def scenarios() -> dict[str, Callable]:
-    """Name -> function(mesh) returning JSON-able numbers; run in this order on every rank."""
+def scenarios(world: int) -> dict[str, Callable]:
+    """Name -> scenario returning JSON-able numbers, on a 1-D mesh of all ranks; run in this order on every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
     table: dict[str, Callable] = {}
     for tied in (False, True):
         for sp in (True, False):
-            table[f"forward-tied{int(tied)}-sp{int(sp)}"] = lambda m, t=tied, s=sp: _forward(m, t, s)
+            table[f"forward-tied{int(tied)}-sp{int(sp)}"] = lambda t=tied, s=sp: _forward(mesh, t, s)
     for tied, sp, lp in (
         (False, True, False),
         (True, True, False),
@@ -188,48 +188,18 @@ def scenarios() -> dict[str, Callable]:
         (False, True, True),
         (True, True, True),
     ):
-        table[f"train-tied{int(tied)}-sp{int(sp)}-lp{int(lp)}"] = lambda m, t=tied, s=sp, p=lp: _train(m, t, s, p)
-    table["rejects"] = _rejects
+        table[f"train-tied{int(tied)}-sp{int(sp)}-lp{int(lp)}"] = lambda t=tied, s=sp, p=lp: _train(mesh, t, s, p)
+    table["rejects"] = lambda: _rejects(mesh)
     return table
-
-
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        results: dict[str, Any] = {}
-        for name, fn in scenarios().items():
-            try:
-                results[name] = fn(mesh)
-            except Exception:  # noqa: BLE001 - recorded and reported by the scenario's test
-                results[name] = {"error": traceback.format_exc()}
-            dist.barrier()
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    finally:
-        dist.destroy_process_group()
 
 
 # ---- test side --------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict[str, Any]]:
     """Every scenario's numbers, one dict per rank, from a single 2-process gloo run."""
-    import torch.multiprocessing as mp
-
-    out = tmp_path_factory.mktemp("tp")
-    mp.spawn(_worker, args=(TP, _free_port(), str(out)), nprocs=TP, join=True)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(TP)]
+    return spawn_gloo(TP, scenarios, tmp_path_factory.mktemp("tp"))
 
 
 def _get(results: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
