@@ -38,12 +38,14 @@ def parallelize(
     if dims.tp > 1:
         from llmhpc.parallel.tensor import apply_tensor_parallel
 
-        assert mesh is not None
-        if cfg.compile and mesh.device_type == "cpu":  # the model itself may still be on the meta device
+        # The run's device: the mesh's (the model itself may still be on the meta device).
+        device_type = mesh.device_type if mesh is not None else next(model.parameters()).device.type
+        if cfg.compile and device_type == "cpu":
             raise LayoutError(
                 "parallel.compile=true does not work with parallel.tp > 1 on CPU (torch.compile cannot trace the "
                 "tensor-parallel DTensor model there); set parallel.compile=false or run on GPUs"
             )
+        assert mesh is not None
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=True, loss_parallel=cfg.loss_parallel)
     apply_ac(model, cfg.ac)
     if cfg.compile:
