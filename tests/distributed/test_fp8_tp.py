@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from contextlib import nullcontext
+from functools import partial
 from typing import Any
 
 import pytest
@@ -135,29 +136,29 @@ def _scenario(world: int, recipe: str, bf16: bool, dp_shard: int) -> dict[str, A
     }
 
 
-def scenarios_tp2(world: int) -> dict[str, Callable[[], Any]]:
-    return {name: lambda r=recipe, b=bf16, d=dp: _scenario(world, r, b, d) for name, recipe, bf16, dp in SCENARIOS_TP2}
-
-
-def scenarios_2d(world: int) -> dict[str, Callable[[], Any]]:
-    return {name: lambda r=recipe, b=bf16, d=dp: _scenario(world, r, b, d) for name, recipe, bf16, dp in SCENARIOS_2D}
+def scenarios(table: list[tuple[str, str, bool, int]], world: int) -> dict[str, Callable[[], Any]]:
+    return {name: lambda r=recipe, b=bf16, d=dp: _scenario(world, r, b, d) for name, recipe, bf16, dp in table}
 
 
 # ---- test side --------------------------------------------------------------------------------------
 
 
+def _run(world: int, table: list[tuple[str, str, bool, int]], out) -> dict[str, list[dict[str, Any]]]:
+    """{scenario name: one result dict per rank} from one `world`-process run of `table`."""
+    per_rank = spawn_gloo(world, partial(scenarios, table), out)
+    return {name: [r[name] for r in per_rank] for name, *_ in table}
+
+
 @pytest.fixture(scope="module")
 def results_tp2(tmp_path_factory) -> dict[str, list[dict[str, Any]]]:
     """Every tp=2 scenario's numbers, one dict per rank, from one 2-process run."""
-    per_rank = spawn_gloo(2, scenarios_tp2, tmp_path_factory.mktemp("tp2"))
-    return {name: [r[name] for r in per_rank] for name, *_ in SCENARIOS_TP2}
+    return _run(2, SCENARIOS_TP2, tmp_path_factory.mktemp("tp2"))
 
 
 @pytest.fixture(scope="module")
 def results_2d(tmp_path_factory) -> dict[str, list[dict[str, Any]]]:
     """The dp_shard=2 x tp=2 scenarios' numbers from one 4-process run (4 processes on 2 cores: slow)."""
-    per_rank = spawn_gloo(4, scenarios_2d, tmp_path_factory.mktemp("dp2tp2"))
-    return {name: [r[name] for r in per_rank] for name, *_ in SCENARIOS_2D}
+    return _run(4, SCENARIOS_2D, tmp_path_factory.mktemp("dp2tp2"))
 
 
 def _check(per_rank: list[dict[str, Any]], name: str, recipe: str, bf16: bool, dp_shard: int) -> None:

@@ -43,7 +43,7 @@ def measured_peak_mib(nproc: int, args: list[str], cache, tmp_path) -> float:
     return peak_rss_mib(nproc, ["pretrain", *args], cache, out, threads=max(1, 2 // nproc))
 
 
-def estimated_live_mib(overrides: list[str], nproc: int) -> float:
+def estimated_peak_mib(overrides: list[str], nproc: int) -> float:
     cfg = load_config("plan", overrides)
     layout = Layout.of(cfg, nproc)
     return estimate_memory(Workload.of(cfg), layout, on_gpu=False).total / MIB
@@ -61,7 +61,7 @@ def test_memory_estimate_matches_measured_cpu_runs(tmp_path, llmhpc_cache):
         args, base_args = [*COMMON, *BIG, *extra], [*COMMON, *extra, *BASELINE]
         base = measured_peak_mib(nproc, [*base_args, f"run.dir={run_dir}_base"], llmhpc_cache, tmp_path)
         measured = measured_peak_mib(nproc, [*args, f"run.dir={run_dir}"], llmhpc_cache, tmp_path) - base
-        estimated = estimated_live_mib(args, nproc) - estimated_live_mib(base_args, nproc)
+        estimated = estimated_peak_mib(args, nproc) - estimated_peak_mib(base_args, nproc)
         rows.append((name, measured, estimated))
         print(f"{name:<12} baseline {base:6.0f} MiB  measured {measured:7.0f} MiB  estimated {estimated:7.0f} MiB  "
               f"{100 * (estimated / measured - 1):+5.1f}%")
