@@ -10,7 +10,8 @@ from pathlib import Path
 TABLE_START, TABLE_END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 COLUMNS = ["date", "device", "torch", "precision", "model", "batch", "ours tok/s median (best)",
            "HF eager tok/s", "HF compiled tok/s", "ours / eager", "ours / compiled", "ours GFLOP/s",
-           "% GEMM peak", "GEMM peak GFLOP/s", "max Δloss vs eager / compiled (HF vs HF)"]
+           "% GEMM peak", "GEMM peak GFLOP/s", "max Δloss vs eager / compiled (HF vs HF)",
+           "kernel floor s: ours / eager over it"]
 REFERENCES = ("hf_eager", "hf_compiled")
 """The transformers variants raced against ours."""
 KEY_COLUMNS = ("device", "precision", "model", "batch")
@@ -51,7 +52,17 @@ def table_row(r: dict) -> dict[str, str]:
         "max Δloss vs eager / compiled (HF vs HF)": " / ".join(
             _fmt(r.get(f"max_loss_diff_vs_{x}"), ".1e") for x in REFERENCES
         ) + f" ({_fmt(r.get('max_loss_diff_between_references'), '.1e')})",
+        "kernel floor s: ours / eager over it": _floor(r),
     }
+
+
+def _floor(r: dict) -> str:
+    """'3.61: 1.10× / 1.25×': the kernel floor's median and how far above it ours and HF eager ran."""
+    floor = r.get("kernel_floor")
+    if not floor:
+        return "—"
+    over = [r["impl"].get(x, {}).get("over_floor") for x in ("ours", "hf_eager")]
+    return f"{floor['median_step_s']:.2f}: " + " / ".join(_fmt(v, ".2f", "×") for v in over)
 
 
 def update_table(path: Path, row: dict[str, str]) -> None:

@@ -92,8 +92,9 @@ def block_activation_bytes(w: Workload, tp: int) -> float:
 def logits_bytes(w: Workload, layout: Layout) -> float:
     """Loss working set on the last stage, at its peak (the cross entropy's backward).
 
-    Without TP or PP, llmhpc's fused loss keeps one chunk of fp32 logits and their gradient, an fp32 accumulator
-    for the head's gradient and the hidden states' gradient. Under TP (replicated logits) and on the last pipeline
+    Without TP or PP, llmhpc's fused loss keeps one chunk of logits in the compute dtype (overwritten in place by
+    their gradient), an fp32 accumulator for the head's gradient (under bf16 also the bf16 product and its fp32 copy
+    that are added to it) and the hidden states' gradient. Under TP (replicated logits) and on the last pipeline
     stage (whose output the schedule's loss function takes) the logits are materialized, and the eager loss peaks
     in log-softmax's backward with three fp32 logits-sized tensors alive: the saved log-softmax, the gradient
     coming from the NLL and the one going out. Under PP the schedule also holds the stage output (the logits, in
@@ -105,7 +106,10 @@ def logits_bytes(w: Workload, layout: Layout) -> float:
     tokens = layout.micro_batch * w.seq_len
     if layout.tp == 1 and layout.pp == 1:
         chunk = min(LOSS_CHUNK_TOKENS, tokens)
-        return chunk * s.vocab * 4 * 2 + s.vocab * s.dim * 4 + tokens * s.dim * 4
+        low = 4 if w.precision == "fp32" else 2
+        # bf16: the accumulator, the chunk's bf16 product and (after the first chunk) that product's fp32 copy
+        head_grad = s.vocab * s.dim * (4 if w.precision == "fp32" else 4 + 2 + (4 if tokens > chunk else 0))
+        return chunk * s.vocab * low + head_grad + tokens * s.dim * 4
     per_element = 3 * 4
     if layout.pp > 1:
         per_element += 4 if w.precision == "fp32" else 2

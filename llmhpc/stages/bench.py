@@ -25,6 +25,7 @@ import torch
 from llmhpc.config import ConfigError
 from llmhpc.config.schema import Config
 from llmhpc.metrics.bench_table import REFERENCES, table_row, update_table
+from llmhpc.metrics.kernel_floor import FloorTimes, KernelFloor
 from llmhpc.metrics.mfu import measured_gemm_flops
 from llmhpc.models import build_model
 from llmhpc.models.hf import config_to_hf, state_dict_to_hf
@@ -139,7 +140,8 @@ def _batches(cfg: Config, n: int, random_tokens: bool) -> tuple[list[dict[str, t
     return [loader.next_batch() for _ in range(n)], f"{cfg.data.name} corpus ({cfg.data.tokenizer} tokenizer)"
 
 
-def _build(cfg: Config, bf16: bool, references: tuple[str, ...]) -> dict[str, StepFn]:
+def _build(cfg: Config, bf16: bool, references: tuple[str, ...]) -> tuple[dict[str, StepFn], torch.nn.Module]:
+    """The step functions of ours and of each reference, and our (uncompiled) model."""
     torch.manual_seed(cfg.run.seed)
     ours = build_model(cfg.model).train()
     models = [("ours", ours, ours_step)] + [(ref, hf_twin(ours), hf_step) for ref in references]
@@ -149,7 +151,7 @@ def _build(cfg: Config, bf16: bool, references: tuple[str, ...]) -> dict[str, St
         if name == "hf_compiled" or (name == "ours" and cfg.parallel.compile):
             model.compile()
         steps[name] = make(model, optimizer, bf16)
-    return steps
+    return steps, ours
 
 
 def run(
@@ -173,7 +175,10 @@ def run(
     n_rounds = WARMUP_STEPS + t.max_steps
     batches, data_label = _batches(cfg, n_rounds, random_tokens)
     peaks = [measured_gemm_flops.__wrapped__(peak_dtype)]
-    steps = _build(cfg, bf16, references)
+    steps, ours_model = _build(cfg, bf16, references)
+    floor = KernelFloor(ours_model, t.micro_batch_size, t.seq_len, peak_dtype)
+    floor.measure()  # untimed: the first calls pick kernels and touch the buffers
+    floor_times: list[FloorTimes] = []
     flops_per_token = build_model(cfg.model, device="meta").flops_per_token(t.seq_len)
     tokens = t.micro_batch_size * t.seq_len
     names = list(steps)
@@ -189,9 +194,12 @@ def run(
             elapsed = time.perf_counter() - start
             if r >= WARMUP_STEPS:
                 times[name].append(elapsed)
+        if r >= WARMUP_STEPS:
+            floor_times.append(floor.measure())
         phase = "warmup" if r < WARMUP_STEPS else "timed"
         timed = r >= WARMUP_STEPS
         cells = [f"{n} loss {losses[n][-1]:.4f}" + (f" {times[n][-1]:.2f}s" if timed else "") for n in names]
+        cells += [f"kernel floor {floor_times[-1].total_s:.2f}s"] if timed else []
         print(f"  round {r + 1}/{n_rounds} ({phase}): " + " | ".join(cells), flush=True)
     peaks.append(measured_gemm_flops.__wrapped__(peak_dtype))
     peak = max(peaks)  # contention only ever lowers a measured peak
@@ -224,6 +232,15 @@ def run(
     if len(references) == 2:  # the spread two correct implementations show: the noise floor of "equal"
         pairs = zip(losses[references[0]], losses[references[1]], strict=True)
         result["max_loss_diff_between_references"] = max(abs(a - b) for a, b in pairs)
+    totals = [f.total_s for f in floor_times]
+    result["kernel_floor"] = {
+        "median_step_s": statistics.median(totals) if totals else float("nan"),
+        **{part: statistics.median(getattr(f, part) for f in floor_times) if floor_times else float("nan")
+           for part in ("matmul_s", "attention_s", "optimizer_s")},
+    }
+    for name in names:  # per round, like the paired ratios: step time over that round's floor
+        result["impl"][name]["over_floor"] = (
+            statistics.median(a / b for a, b in zip(times[name], totals, strict=True)) if totals else float("nan"))
     result["loss_tolerance"] = LOSS_TOL[cfg.precision.name]
     result["equal_loss"] = all(result[f"max_loss_diff_vs_{r}"] <= result["loss_tolerance"]
                                for r in references)
@@ -240,7 +257,12 @@ def _report(r: dict) -> None:
     for name, v in r["impl"].items():
         print(f"  {name:<12} {v['tokens_per_s']:8.1f} tok/s, best step {v['best_tokens_per_s']:.1f}  "
               f"(median {v['median_step_s']:.2f}s, spread "
-              f"{v['spread']:.0%})  {v['flops'] / 1e9:7.1f} GFLOP/s = {v['peak_fraction']:.0%} of GEMM peak")
+              f"{v['spread']:.0%})  {v['flops'] / 1e9:7.1f} GFLOP/s = {v['peak_fraction']:.0%} of GEMM peak, "
+              f"{v['over_floor']:.2f}x the kernel floor")
+    f = r["kernel_floor"]
+    print(f"  kernel floor {f['median_step_s']:.2f}s (matmuls {f['matmul_s']:.2f} + attention {f['attention_s']:.2f} "
+          f"+ AdamW {f['optimizer_s']:.2f}): the most any trainer could gain is "
+          + ", ".join(f"{r['impl'][x]['over_floor']:.2f}x over {x}" for x in r["impl"] if x != "ours"), flush=True)
     refs = [k.removeprefix("ratio_vs_") for k in r if k.startswith("ratio_vs_")]
     print("  " + ", ".join(f"ours / {x} {r[f'ratio_vs_{x}']:.2f}x (paired {r[f'paired_ratio_vs_{x}']:.2f}x, "
                            "max |loss diff| "

@@ -40,14 +40,14 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def _chunk_loss_and_dlogits(
-    logits: torch.Tensor, labels: torch.Tensor, grad_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed CE of one chunk of logits (in fp32) and d(loss sum)/d(logits) in grad_dtype.
+def _chunk_loss_and_dlogits_(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed CE of one chunk of logits (in fp32); overwrites the logits with d(loss sum)/d(logits).
 
     d/d(logits) = softmax - one_hot(target), zero on ignored rows. Compiled, this is two passes
-    over the chunk (a max + sum-of-exp reduction, then one pointwise write of the gradient) instead
-    of the ~8 full passes and fp32 temporaries of the eager ops.
+    over the chunk (a max + sum-of-exp reduction, then one pointwise pass that writes the gradient
+    over the logits it read) instead of the ~8 full passes and fp32 temporaries of the eager ops.
+    Writing in place means no new chunk-sized buffer: on CPU every fresh one costs a page fault per
+    4 KiB (50 k faults for 200 MB), about as long as the pass itself.
     """
     x = logits.float()
     keep = labels != IGNORE_INDEX
@@ -58,28 +58,49 @@ def _chunk_loss_and_dlogits(
     columns = torch.arange(x.shape[1], device=x.device)
     one_hot = (columns.unsqueeze(0) == target.unsqueeze(1)).to(x.dtype)
     grad = (torch.exp(x - lse.unsqueeze(1)) - one_hot) * keep.unsqueeze(1).to(x.dtype)
-    return loss, grad.to(grad_dtype)
+    logits.copy_(grad)
+    return loss
 
 
-def _chunk_kernel(logits: torch.Tensor, labels: torch.Tensor, grad_dtype: torch.dtype):
-    """`_chunk_loss_and_dlogits`, compiled on first use; eager where inductor cannot build (no compiler)."""
+def _chunk_kernel(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`_chunk_loss_and_dlogits_`, compiled on first use; eager where inductor cannot build (no compiler)."""
     global _compiled_chunk
     if _compiled_chunk is None:
-        _compiled_chunk = torch.compile(_chunk_loss_and_dlogits, dynamic=False)
+        _compiled_chunk = torch.compile(_chunk_loss_and_dlogits_, dynamic=False)
     try:
-        return _compiled_chunk(logits, labels, grad_dtype)
+        return _compiled_chunk(logits, labels)
     except Exception:  # noqa: BLE001 - the eager function computes the same values, only slower
-        _compiled_chunk = _chunk_loss_and_dlogits
-        return _chunk_loss_and_dlogits(logits, labels, grad_dtype)
+        _compiled_chunk = _chunk_loss_and_dlogits_
+        return _chunk_loss_and_dlogits_(logits, labels)
 
 
 _compiled_chunk = None
+
+_cpu_logits_buffers: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+
+def _logits_buffer(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A [rows, vocab] buffer for one chunk's logits (then its gradient), kept between steps on CPU.
+
+    glibc hands a fresh 200 MB tensor straight from mmap and returns it to the OS when freed, so every
+    step would page-fault the whole chunk again: on the SmolLM2 head that made its forward GEMM 307 ms
+    instead of 212 ms (docs/benchmarks.md). Keeping one buffer per (vocab, dtype) costs that memory
+    between steps. Elsewhere (CUDA) the caching allocator already reuses memory, so nothing is kept.
+    """
+    if device.type != "cpu":
+        return torch.empty(rows, vocab, dtype=dtype, device=device)
+    buf = _cpu_logits_buffers.get((vocab, dtype))
+    if buf is None or buf.shape[0] < rows:
+        _cpu_logits_buffers.clear()  # one size in use at a time: do not hoard a buffer per shape
+        buf = _cpu_logits_buffers[(vocab, dtype)] = torch.empty(rows, vocab, dtype=dtype)
+    return buf[:rows]
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum CE(hidden @ weight.T, labels) with both gradients computed chunk by chunk in forward.
 
-    The saved gradients are those of the loss sum; backward only scales them by the incoming scalar.
+    The saved gradients are those of the loss sum; backward scales them in place by the incoming
+    scalar and hands them on (no copy of the head-sized gradient), so it can run only once.
     """
 
     @staticmethod
@@ -87,30 +108,47 @@ class _LinearCrossEntropy(torch.autograd.Function):
         h = hidden.to(dtype)
         w = weight.to(dtype)
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_w = None
+        rows = h.shape[0]
+        logits = _logits_buffer(min(chunk, rows), w.shape[0], dtype, h.device)  # reused by every chunk
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, h.shape[0], chunk):
+        for start in range(0, rows, chunk):
             h_c = h[start : start + chunk]
-            loss, d = _chunk_kernel(h_c @ w.t(), labels[start : start + chunk], dtype)
-            total += loss
+            d = torch.mm(h_c, w.t(), out=logits[: h_c.shape[0]])
+            total += _chunk_kernel(d, labels[start : start + chunk])
             if grad_h is not None:
-                grad_h[start : start + chunk] = d @ w
-            if grad_w is not None:
+                if grad_h.dtype == dtype:
+                    torch.mm(d, w, out=grad_h[start : start + chunk])
+                else:
+                    grad_h[start : start + chunk] = d @ w
+            if grad_w is None and need_w:  # the first chunk's product is the accumulator (fp32)
+                grad_w = (d.t() @ h_c).float()
+            elif grad_w is not None and dtype == torch.float32:
+                grad_w.addmm_(d.t(), h_c)
+            elif grad_w is not None:
                 grad_w += (d.t() @ h_c).float()
+        del logits, d
         ctx.save_for_backward(
             grad_h if grad_h is not None else torch.empty(0),
             grad_w.to(weight.dtype) if grad_w is not None else torch.empty(0),
         )
         ctx.need = (need_h, need_w)
+        ctx.done = False
         return total
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
+        if ctx.done:
+            raise RuntimeError(
+                "linear_cross_entropy_sum's backward can run only once (its saved gradients are scaled in "
+                "place); compute the loss again instead of backward(retain_graph=True)"
+            )
+        ctx.done = True
         grad_h, grad_w = ctx.saved_tensors
         need_h, need_w = ctx.need
         return (
-            grad_h * grad_out.to(grad_h.dtype) if need_h else None,
-            grad_w * grad_out.to(grad_w.dtype) if need_w else None,
+            grad_h.mul_(grad_out.to(grad_h.dtype)) if need_h else None,
+            grad_w.mul_(grad_out.to(grad_w.dtype)) if need_w else None,
             None, None, None, None, None,
         )
 

@@ -9,10 +9,14 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from llmhpc.config import load_config
+from llmhpc.metrics.kernel_floor import KernelFloor
 from llmhpc.models import build_model
 from llmhpc.stages import bench
+from llmhpc.train import losses
 from llmhpc.train.losses import (
     IGNORE_INDEX,
     causal_lm_loss,
@@ -30,6 +34,19 @@ def _labels(n: int, vocab: int) -> torch.Tensor:
     labels[::5] = IGNORE_INDEX
     labels[-3:] = IGNORE_INDEX  # a whole chunk tail ignored
     return labels
+
+
+class _OpShapes(TorchDispatchMode):
+    """Records (aten op name, shapes of its first three tensor arguments) of every op run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        shapes = [list(a.shape) for a in args if isinstance(a, torch.Tensor)][:3]
+        self.calls.append((str(func), shapes))
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("chunk", [7, 64, 4096])
@@ -66,6 +83,22 @@ def test_fused_loss_under_bf16_autocast_is_close_to_plain():
     assert g_fused.dtype == weight.dtype
     torch.testing.assert_close(fused, plain, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(g_fused, g_plain, rtol=5e-2, atol=5e-2)
+
+
+def test_fused_loss_keeps_one_cpu_logits_buffer_and_runs_backward_once():
+    torch.manual_seed(4)
+    hidden = torch.randn(30, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    labels = _labels(30, 50)
+    first, _ = linear_cross_entropy_sum(hidden, weight, labels, chunk_tokens=8)
+    (buffer,) = losses._cpu_logits_buffers.values()
+    second, _ = linear_cross_entropy_sum(hidden, weight, labels, chunk_tokens=8)
+    (again,) = losses._cpu_logits_buffers.values()
+    assert again.data_ptr() == buffer.data_ptr() and again.shape == (8, 50)  # reused, not page-faulted anew
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    second.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):  # the saved gradients were scaled in place
+        second.backward()
 
 
 def test_causal_lm_loss_of_llama_equals_loss_of_its_logits():
@@ -118,6 +151,7 @@ def test_bench_runs_end_to_end_and_writes_the_table(tmp_path, llmhpc_cache):
     assert result["max_loss_diff_vs_hf_eager"] < 1e-4
     assert result["impl"]["ours"]["tokens_per_s"] > 0 and result["gemm_peak_flops"] > 0
     assert "shakespeare" in result["data"]
+    assert result["kernel_floor"]["median_step_s"] > 0 and result["impl"]["ours"]["over_floor"] > 0
     saved = json.loads((tmp_path / "run" / "bench.json").read_text())
     assert saved["ratio_vs_hf_eager"] == pytest.approx(result["ratio_vs_hf_eager"])
     bench.run(cfg, docs_path=docs, references=("hf_eager",))  # same key: the row is replaced
@@ -132,3 +166,26 @@ def test_user_overrides_replace_only_their_own_defaults():
     assert "model=smollm2_135m" not in merged and merged[-2:] == ["precision=bf16", "model=tiny"]
     assert "trainer.seq_len=256" in merged
     assert load_config("bench", bench.with_defaults([])).model.n_layers == 30
+
+
+def test_kernel_floor_does_exactly_the_matmul_and_attention_work_of_a_train_step():
+    cfg = load_config("bench", [*TINY, "model.tie_embeddings=false"]).model
+    model = build_model(cfg)
+    batch, seq = 2, 16
+    floor = KernelFloor(model, batch, seq, torch.float32)
+    with FlopCounterMode(display=False) as matmuls:
+        floor._matmuls()
+    matmul_params = model.num_params(exclude_embeddings=True) - sum(
+        p.numel() for n, p in model.named_parameters() if n.endswith("norm.weight"))
+    assert matmuls.get_total_flops() == 6 * matmul_params * batch * seq
+    with _OpShapes() as attention:  # the same SDPA kernel and shapes as the model's layers, once per layer
+        floor._attention()
+    hd = cfg.dim // cfg.n_heads
+    q, kv = [batch, cfg.n_heads, seq, hd], [batch, cfg.n_kv_heads, seq, hd]
+    forward = [shapes for name, shapes in attention.calls if "attention" in name and "backward" not in name]
+    backward = [name for name, _ in attention.calls if "attention" in name and "backward" in name]
+    assert forward == [[q, kv, kv]] * cfg.n_layers and len(backward) == cfg.n_layers
+    times = floor.measure()
+    assert min(times.matmul_s, times.attention_s, times.optimizer_s) > 0
+    assert times.total_s == pytest.approx(times.matmul_s + times.attention_s + times.optimizer_s)
+
