@@ -43,8 +43,8 @@ class FloorTimes:
 class KernelFloor:
     """The kernels of one train step of `model` on a [batch, seq] batch, in `dtype`, ready to time.
 
-    Holds a copy of the weights in the compute dtype and an AdamW state the size of the model: about three times
-    the model's fp32 size on top of it.
+    Holds the weights in the compute dtype (the model's own tensors in fp32) and fp32 parameters, gradients and
+    AdamW moments the size of the model: about four times the model's fp32 size on top of it.
     """
 
     def __init__(self, model: Llama, batch: int, seq: int, dtype: torch.dtype) -> None:
