@@ -83,7 +83,7 @@ def block_activation_bytes(w: Workload, tp: int) -> float:
     """
     s = w.shape
     stream = 4  # the residual stream and RMSNorm stay fp32 (fp32 weights, no FSDP mixed-precision policy)
-    low = 4 if w.precision == "fp32" else 2
+    low = w.low_bytes
     linear_inputs = 2 * s.dim * 4 if w.precision == "fp32" else 5 * s.dim * 2
     sharded = (3 * s.q_dim + 2 * s.kv_dim + 4 * s.ffn_dim) * low + 4 * s.n_heads
     return 4 * s.dim * stream / tp + linear_inputs + sharded / tp
@@ -106,13 +106,12 @@ def logits_bytes(w: Workload, layout: Layout) -> float:
     tokens = layout.micro_batch * w.seq_len
     if layout.tp == 1 and layout.pp == 1:
         chunk = min(LOSS_CHUNK_TOKENS, tokens)
-        low = 4 if w.precision == "fp32" else 2
         # bf16: the accumulator, the chunk's bf16 product and (after the first chunk) that product's fp32 copy
         head_grad = s.vocab * s.dim * (4 if w.precision == "fp32" else 4 + 2 + (4 if tokens > chunk else 0))
-        return chunk * s.vocab * low + head_grad + tokens * s.dim * 4
+        return chunk * s.vocab * w.low_bytes + head_grad + tokens * s.dim * 4
     per_element = 3 * 4
     if layout.pp > 1:
-        per_element += 4 if w.precision == "fp32" else 2
+        per_element += w.low_bytes
     shards = layout.tp if layout.loss_parallel else 1
     return tokens * s.vocab * per_element / shards
 

@@ -134,7 +134,7 @@ def _micro_batch(w: Workload, layout: Layout, cluster: Cluster, stack: Stack, n_
     t_ew = ew * tokens * n_blocks * passes / tp / (gpu.hbm_bw * HBM_FRACTION)
     compute = (t_mm + t_attn + t_ew) / stack.calibration
 
-    act = 4 if w.precision == "fp32" else 2
+    act = w.low_bytes
     tp_bw = cluster.group_bw(tp, 1)
     # Sequence parallel: 2 all-gathers + 2 reduce-scatters of the [tokens, dim] activations per block and pass.
     tp_comm = 4 * _ring(tokens * s.dim * act, tp, tp_bw) * n_blocks * passes * stack.tp_exposed

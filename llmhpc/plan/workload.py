@@ -29,5 +29,10 @@ class Workload:
                    tuple(cfg.parallel.pp_split_points))
 
     @property
+    def low_bytes(self) -> int:
+        """Bytes per element of matmul inputs and outputs: 4 in fp32, 2 under bf16 / fp8 autocast (bf16 tensors)."""
+        return 4 if self.precision == "fp32" else 2
+
+    @property
     def tokens_per_step(self) -> int:
         return self.global_batch * self.seq_len

@@ -127,7 +127,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_w.addmm_(d.t(), h_c)
             elif grad_w is not None:
                 grad_w += (d.t() @ h_c).float()
-        del logits, d
+        if need_w and grad_w is None:  # no rows at all: the head's gradient is zero
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         ctx.save_for_backward(
             grad_h if grad_h is not None else torch.empty(0),
             grad_w.to(weight.dtype) if grad_w is not None else torch.empty(0),
