@@ -1,104 +1,93 @@
-"""`llmhpc <command> [key=value ...]`: compose the config, run the recipe, report errors in one line."""
+"""`llmhpc <command> [key=value ...]`: compose the command's config, run its recipe, report errors in one line.
+
+Commands come from one table (`llmhpc.stages.registry.STAGES`); this module only parses, dispatches and
+turns the errors a user can fix into `error: <one line>` with a non-zero exit code.
+"""
 
 from __future__ import annotations
 
-import os
 import sys
 import textwrap
 
-USAGE = """\
-usage: llmhpc <command> [key=value | group=preset ...]
 
-commands:
-  pretrain       pretrain a model on a token corpus (resumes from run.dir automatically)
-  data prepare   tokenize data.source into packed token shards (data.path)
-  bench          train-step tokens/s vs transformers eager + compiled (default: SmolLM2-135M, 4x256)
-  plan           GPU-free planner: is a layout valid, memory per GPU, step time, tokens/s, MFU
-                 (no parallel.dp_*/tp/pp given: ranks the fastest layouts that fit)
+def usage() -> str:
+    from llmhpc.stages.registry import STAGES
 
-examples:
-  llmhpc pretrain model=tiny trainer.max_steps=50 trainer.lr=3e-4 run.dir=runs/x
-  llmhpc data prepare data.source=corpus.jsonl data.path=data/corpus
-  llmhpc bench precision=bf16      results go to docs/benchmarks.md and run.dir/bench.json
-  llmhpc plan model=llama3_70b cluster=h100_8x8 trainer.seq_len=8192 trainer.global_batch_size=128 precision=bf16
-  llmhpc pretrain --help          every config key, its type and what it does
-"""
+    lines = ["usage: llmhpc <command> [key=value | group=preset ...]", "", "commands:"]
+    lines += [f"  {name:<14} {spec.summary}" for name, spec in STAGES.items()]
+    lines += ["", "examples:"]
+    lines += [f"  {spec.example}" for spec in STAGES.values() if spec.example]
+    lines += ["  llmhpc pretrain --help          the config keys pretrain reads, their types and what they do"]
+    return "\n".join(lines) + "\n"
 
 
-def _print_keys() -> None:
+def _print_keys(name: str) -> None:
+    """The groups and keys command `name` reads, with their documentation."""
     from llmhpc.config.docs import key_docs
     from llmhpc.config.load import GROUPS, group_options
+    from llmhpc.stages.registry import STAGES
 
+    spec = STAGES[name]
+    print(f"llmhpc {name}: {spec.summary}\n")
     print("config groups (group=preset):")
     for group in GROUPS:
-        print(f"  {group:<10} {', '.join(group_options(group))}")
+        if group in spec.sections:
+            print(f"  {group:<10} {', '.join(group_options(group))}")
+    if spec.defaults:
+        print(f"\ndefaults of llmhpc {name} (before your overrides): {' '.join(spec.defaults)}")
     print("\nconfig keys (key=value):")
     for key, annotation, doc in key_docs():
+        if key.split(".", 1)[0] not in spec.sections:
+            continue
         print(f"  {key}  [{annotation}]")
         if doc:
             print(textwrap.indent(textwrap.fill(doc, 96), "      "))
 
 
-def _run(command: str, overrides: list[str]) -> int:
-    from llmhpc.config import load_config
+def _command(args: list[str]) -> tuple[str, list[str]] | None:
+    """(command name, its overrides), or None when the words name no command."""
+    from llmhpc.stages.registry import STAGES
 
-    if command == "pretrain":
-        cfg = load_config("pretrain", overrides)  # bad config fails before any heavy import
-        from llmhpc.stages import pretrain
-
-        result = pretrain.run(cfg)
-        if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for everyone
-            return 0
-        print(f"done: step {result.step}, loss {result.last_loss:.4f}"
-              + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
-              + (f", checkpoint {result.checkpoint}" if result.checkpoint else ""))
-        return 0
-    if command == "bench":
-        from llmhpc.stages import bench
-
-        cfg = load_config("bench", bench.with_defaults(overrides))
-        result = bench.run(cfg)
-        return 0 if result["equal_loss"] else 1
-    if command == "plan":
-        from llmhpc.stages import plan
-
-        cfg = load_config("plan", overrides)
-        print(plan.run(cfg, overrides))
-        return 0
-    if command == "data prepare":
-        from llmhpc.data.prepare import prepare_corpus
-
-        cfg = load_config("data", overrides)
-        print(prepare_corpus(cfg.data, seed=cfg.run.seed))
-        return 0
-    print(f"error: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
-    return 2
+    for words in (2, 1):
+        name = " ".join(args[:words])
+        if len(args) >= words and name in STAGES:
+            return name, args[words:]
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
+    from llmhpc.metrics.import_noise import quiet_import_noise
+
+    quiet_import_noise()  # before anything imports torchao (transformers and peft do): keep the console ours
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(usage())
         return 0
-    command, rest = args[0], args[1:]
-    if command == "data":
-        if not rest or rest[0] != "prepare":
-            print("error: use 'llmhpc data prepare [overrides]'", file=sys.stderr)
-            return 2
-        command, rest = "data prepare", rest[1:]
-    if "-h" in rest or "--help" in rest:
-        _print_keys()
+    found = _command(args)
+    if found is None:
+        from llmhpc.stages.registry import STAGES
+
+        near = [name for name in STAGES if name.split()[0] == args[0]]
+        hint = f"; did you mean: llmhpc {', llmhpc '.join(near)}?" if near else ""
+        print(f"error: unknown command '{args[0]}'{hint}\n\n{usage()}", file=sys.stderr)
+        return 2
+    name, overrides = found
+    if "-h" in overrides or "--help" in overrides:
+        _print_keys(name)
         return 0
     from llmhpc.checkpoint import CheckpointError
     from llmhpc.config import ConfigError
+    from llmhpc.errors import InputError
+    from llmhpc.stages.registry import STAGES, load_stage_config
     from llmhpc.train.trainer import TrainingAborted
 
     try:
-        return _run(command, rest)
+        cfg = load_stage_config(name, overrides)  # a bad config fails here, before any heavy import
+        return STAGES[name].run(cfg, overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, CheckpointError, TrainingAborted) as exc:
+    except (FileNotFoundError, InputError, CheckpointError, TrainingAborted) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

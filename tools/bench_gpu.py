@@ -19,7 +19,7 @@ import torch
 from llmhpc.config.schema import ModelConfig
 from llmhpc.metrics.mfu import gpu_peak_flops
 from llmhpc.models import build_model
-from llmhpc.train.losses import causal_lm_loss
+from llmhpc.train.objective import causal_lm_loss
 
 MODEL_1B = ModelConfig(
     name="llama_1b", vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,

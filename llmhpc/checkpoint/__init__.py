@@ -3,14 +3,16 @@
 from llmhpc.checkpoint.manager import (
     CheckpointError,
     CheckpointManager,
+    Component,
     complete_checkpoints,
     latest_checkpoint,
     load_model_state,
+    primary_component,
     read_checkpoint_config,
     read_meta,
 )
 
 __all__ = [
-    "CheckpointError", "CheckpointManager", "complete_checkpoints", "latest_checkpoint", "load_model_state",
-    "read_checkpoint_config", "read_meta",
+    "CheckpointError", "CheckpointManager", "Component", "complete_checkpoints", "latest_checkpoint",
+    "load_model_state", "primary_component", "read_checkpoint_config", "read_meta",
 ]

@@ -4,10 +4,18 @@ Layout of `run.dir/checkpoints/`:
 
     step_0000100/          a complete checkpoint (the rename into this name is the commit)
         .metadata          DCP index
-        __0_0.distcp       tensors: model and optimizer state, keyed by parameter FQN
-        meta.json          step, data position, RNG states, W&B run id, lineage, file sizes
+        __0_0.distcp       tensors: each component's trained weights and optimizer state, keyed
+                           `<component>.model.<parameter FQN>` / `<component>.optim.…`
+        meta.json          step, components (their frozen parameters and base), each rank's RNG states
+                           and data position, W&B run id, lineage, file sizes
         config.yaml        the resolved config that made it
     .tmp-step_0000200-*/   a save in progress (or killed mid-save): never read, removed at start
+
+A checkpoint holds named components (`Component`: e.g. 'model' in pretraining and SFT; 'policy' and
+'value' in PPO), each a model with its optimizer. Only what trains is written: frozen parameters (a
+LoRA run's base, a frozen half) are rebuilt from their base, which meta.json references (a source path
+and its hash, or the seeded init) and which is checked again on resume. Format 1 checkpoints (one model
+and one optimizer under 'model' / 'optim', one RNG state) still load, as a single component.
 
 A checkpoint is written into a temporary directory and renamed only when complete, so the
 newest complete checkpoint is never overwritten or deleted before a newer one exists.
@@ -29,17 +37,24 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from llmhpc.parallel.process_group import barrier, is_main_process
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 
@@ -106,16 +121,32 @@ def read_checkpoint_config(step_dir: Path):
     return from_yaml(path.read_text(encoding="utf-8"))
 
 
-def load_model_state(step_dir: Path, model: nn.Module) -> None:
-    """Load only the model weights of a checkpoint into `model` (any optimizer state is ignored)."""
-    read_meta(step_dir)
-    state = {"model": model.state_dict()}
+def primary_component(step_dir: Path) -> str:
+    """Name of a checkpoint's first component (the model `load_pretrained` returns)."""
+    return next(iter(_saved_components(read_meta(step_dir))))
+
+
+def load_model_state(step_dir: Path, model: nn.Module, component: str | None = None) -> list[str]:
+    """Load a component's saved weights into `model` (plain, or FSDP / TP / pipeline-pruned), no optimizer.
+
+    `component` defaults to the checkpoint's first one. Returns the frozen parameter names the checkpoint
+    does not hold: those keep the values `model` already has, so load the component's base first.
+    """
+    meta = read_meta(step_dir)
+    saved = _saved_components(meta)
+    name = component or next(iter(saved))
+    if name not in saved:
+        raise CheckpointError(f"checkpoint {step_dir} has no component '{name}' (it holds: {', '.join(saved)})")
+    frozen = set(saved[name].get("frozen", []))
+    model_sd = {k: v for k, v in get_model_state_dict(model).items() if k not in frozen}
+    state = {"model": model_sd} if meta.get("format_version", 1) == 1 else {name: {"model": model_sd}}
     try:
         with _single_process_ok():
             dcp.load(state, checkpoint_id=str(step_dir))
     except Exception as exc:  # DCP raises several types for unreadable files
         raise CheckpointError(f"checkpoint {step_dir} cannot be read: {str(exc).splitlines()[0]}") from None
-    model.load_state_dict(state["model"])
+    set_model_state_dict(model, model_sd, options=StateDictOptions(strict=False))
+    return sorted(frozen)
 
 
 def _encode_rng() -> dict:
@@ -164,29 +195,70 @@ SetStates = Callable[[nn.Module, torch.optim.Optimizer, dict, dict], None]
 
 
 def _set_torch_states(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    # strict=False: frozen parameters are not in a checkpoint (they come from the component's base)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(strict=False))
+
+
+@dataclass
+class Component:
+    """One named part of a run's training state: a model and the optimizer that trains it.
+
+    `get_states` / `set_states` turn the model and optimizer into FQN-keyed state dicts and back: torch's
+    `get_state_dict` / `set_state_dict` by default (plain, FSDP2, TP and pipeline models); an engine that
+    keeps its own partitions (DeepSpeed) passes converters to the same format, so its checkpoints and ours
+    are interchangeable.
+    """
+
+    name: str
+    """Key of the component in the checkpoint, e.g. 'model', 'policy', 'value'."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    base: dict | None = None
+    """Where the frozen parameters come from, e.g. {'source': path, 'sha256': ...} or {'source': 'init',
+    'seed': 1234}; stored in meta.json and compared on resume, so a run never continues on another base."""
+    get_states: GetStates = get_state_dict
+    set_states: SetStates = _set_torch_states
+
+    def frozen(self) -> list[str]:
+        """Names of the parameters that do not train (not written to checkpoints)."""
+        return [name for name, p in self.model.named_parameters() if not p.requires_grad]
+
+    def trained_states(self) -> tuple[dict, dict]:
+        """(model state dict without the frozen parameters, optimizer state dict)."""
+        model_sd, optim_sd = self.get_states(self.model, self.optimizer)
+        frozen = set(self.frozen())
+        return {k: v for k, v in model_sd.items() if k not in frozen}, optim_sd
+
+
+def _gather_rank_states(rank_state: dict) -> list[dict]:
+    """Every rank's state (its RNG and what the caller passed), in rank order, on every rank."""
+    states = [rank_state]
+    if dist.is_initialized():
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, rank_state)
+    return states
+
+
+def _this_rank_state(meta: dict, warn: Callable[[str], None]) -> dict:
+    """This rank's saved state: its own entry when the world size matches, else rank 0's (with a warning)."""
+    if "ranks" not in meta:  # format 1: one RNG state and data position for every rank
+        return {"rng": meta["rng"], "data": meta.get("data")}
+    ranks = meta["ranks"]
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if len(ranks) == world:
+        return ranks[rank]
+    if rank == 0:
+        warn(f"checkpoint step {meta['step']} was saved by {len(ranks)} ranks and resumes on {world}: every rank "
+             "continues from rank 0's data position and RNG state")
+    return ranks[0]
 
 
 class CheckpointManager:
-    """Saves and restores the full training state under `run_dir/checkpoints`.
+    """Saves and restores the training state of named components under `run_dir/checkpoints`."""
 
-    `get_states` / `set_states` turn the model and optimizer into FQN-keyed state dicts and back: torch's
-    `get_state_dict` / `set_state_dict` by default (plain, FSDP2, TP and pipeline models); an engine
-    that keeps its own partitions (DeepSpeed) passes converters to the same format, so its checkpoints
-    and ours are interchangeable.
-    """
-
-    def __init__(
-        self,
-        run_dir: Path,
-        keep_last: int = 3,
-        warn=None,
-        *,
-        get_states: GetStates = get_state_dict,
-        set_states: SetStates = _set_torch_states,
-    ):
-        self.get_states = get_states
-        self.set_states = set_states
+    def __init__(self, run_dir: Path, keep_last: int = 3, warn=None):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = max(1, keep_last)
         self.warn = warn or (lambda message: warnings.warn(message, stacklevel=2))
@@ -197,35 +269,35 @@ class CheckpointManager:
         barrier()
 
     def save(
-        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict, config_yaml: str
+        self, step: int, components: list[Component], extra: dict, config_yaml: str, rank_state: dict | None = None
     ) -> Path:
         """Write a complete checkpoint for `step`, then prune old ones. Returns its directory.
 
+        `rank_state` (e.g. this rank's data position) is kept per rank, next to each rank's RNG states.
         Collective when several processes run: every rank must call it with the same step.
         """
         final = self.dir / step_dir_name(step)
         tmp = self.dir / _shared_tmp_name(final.name)
-        model_sd, optim_sd = self.get_states(model, optimizer)
+        state = {}
+        for component in components:
+            model_sd, optim_sd = component.trained_states()
+            state[component.name] = {"model": model_sd, "optim": optim_sd}
+        ranks = _gather_rank_states({**(rank_state or {}), "rng": _encode_rng()})
         with _single_process_ok():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+            dcp.save(state, checkpoint_id=str(tmp))
         if dist.is_initialized():
             _fsync_files(tmp, f"__{dist.get_rank()}_")  # this rank's shards; rank 0 syncs the rest below
         barrier()
         if is_main_process():
-            self._commit(tmp, final, step, extra, config_yaml)
+            described = {c.name: {"frozen": c.frozen(), "base": c.base} for c in components}
+            self._commit(tmp, final, {"step": step, "components": described, "ranks": ranks, **extra}, config_yaml)
         barrier()
         return final
 
-    def _commit(self, tmp: Path, final: Path, step: int, extra: dict, config_yaml: str) -> None:
+    def _commit(self, tmp: Path, final: Path, meta: dict, config_yaml: str) -> None:
         """Rank 0: add config and meta (file sizes of every rank's shards), then rename into place and prune."""
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "saved_at": time.time(),
-            "rng": _encode_rng(),
-            **extra,
-        }
+        meta = {"format_version": FORMAT_VERSION, "saved_at": time.time(), **meta}
         meta["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         _fsync_tree(tmp)
@@ -243,28 +315,60 @@ class CheckpointManager:
         for old in complete[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, step_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-        """Restore model, optimizer and RNG states from one checkpoint; returns its meta."""
+    def load(self, step_dir: Path, components: list[Component]) -> dict:
+        """Restore every component, and this rank's RNG states, from one checkpoint.
+
+        Returns its meta, with `meta["rank"]` this rank's saved state (its data position under "data").
+        """
         meta = read_meta(step_dir)
-        model_sd, optim_sd = self.get_states(model, optimizer) if optimizer is not None else (model.state_dict(), None)
-        state = {"model": model_sd} if optim_sd is None else {"model": model_sd, "optim": optim_sd}
+        saved = _saved_components(meta)
+        states = {}
+        for component in components:
+            if component.name not in saved:
+                raise CheckpointError(f"checkpoint {step_dir} has no component '{component.name}' "
+                                      f"(it holds: {', '.join(saved)})")
+            base = saved[component.name].get("base")
+            if base is not None and component.base is not None and base != component.base:
+                raise CheckpointError(
+                    f"checkpoint {step_dir} trained '{component.name}' on base {_describe(base)}, but this run's "
+                    f"base is {_describe(component.base)}; resume with the original model.init_from or start a "
+                    "new run.dir"
+                )
+            model_sd, optim_sd = component.trained_states()
+            states[component.name] = {"model": model_sd, "optim": optim_sd}
+        if meta.get("format_version", 1) == 1:
+            states = states[next(iter(states))]  # one component, saved under 'model' / 'optim'
         try:
             with _single_process_ok():
-                dcp.load(state, checkpoint_id=str(step_dir))
+                dcp.load(states, checkpoint_id=str(step_dir))
         except Exception as exc:  # DCP raises several types for unreadable files
             raise CheckpointError(f"checkpoint {step_dir} cannot be read: {str(exc).splitlines()[0]}") from None
-        if optimizer is not None:
-            self.set_states(model, optimizer, state["model"], state["optim"])
-        else:
-            model.load_state_dict(state["model"])
-        _restore_rng(meta["rng"])
+        for component in components:
+            state = states if meta.get("format_version", 1) == 1 else states[component.name]
+            component.set_states(component.model, component.optimizer, state["model"], state["optim"])
+        meta["rank"] = _this_rank_state(meta, self.warn)
+        _restore_rng(meta["rank"]["rng"])
         return meta
 
-    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
-        """Load the newest usable checkpoint; a broken one is skipped with a warning naming it."""
+    def resume(self, components: list[Component]) -> dict | None:
+        """Load the newest usable checkpoint; a broken one is skipped with a warning naming it.
+
+        A checkpoint on another base is not broken but the wrong run: that error is raised, not skipped.
+        """
         for step_dir in reversed(complete_checkpoints(self.dir)):
             try:
-                return self.load(step_dir, model, optimizer)
+                return self.load(step_dir, components)
             except CheckpointError as exc:
+                if "on base" in str(exc):
+                    raise
                 self.warn(f"{exc}; falling back to the previous checkpoint")
         return None
+
+
+def _saved_components(meta: dict) -> dict[str, dict]:
+    """{component name: {'frozen': [...], 'base': ...}} of a checkpoint (format 1: one component, 'model')."""
+    return meta.get("components") or {"model": {"frozen": [], "base": None}}
+
+
+def _describe(base: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in base.items())

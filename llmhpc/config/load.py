@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Mapping
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from llmhpc.config.layout import resolve_layout, world_size_from_env
 from llmhpc.config.schema import Config
 from llmhpc.config.validate import ConfigError, validate
 
@@ -66,19 +68,35 @@ GROUPS = ("model", "data", "precision", "parallel", "logger", "cluster")
 """Config groups: `group=preset` picks conf/<group>/<preset>.yaml."""
 
 
-def check_override_keys(overrides: list[str]) -> None:
+def check_override_keys(
+    overrides: list[str],
+    stage: str | None = None,
+    sections: tuple[str, ...] | None = None,
+    owners: Mapping[str, list[str]] | None = None,
+) -> None:
     """Reject overrides of keys the schema does not declare, naming the nearest valid keys.
 
-    Done before Hydra runs because its own message for this case names only internals.
+    With `sections` (what `stage` reads), a declared key of another section is refused too, naming the
+    commands that read it (`owners`: section -> commands). Done before Hydra runs because its own
+    message for these cases names only internals.
     """
     keys = set(all_keys())
+    readable = keys if sections is None else {k for k in keys if k.split(".", 1)[0] in sections}
+    groups = set(GROUPS) if sections is None else {g for g in GROUPS if g in sections}
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"cannot parse override '{override}': write key=value (e.g. trainer.lr=3e-4)")
         key = override.split("=", 1)[0].lstrip("+~")
-        if key in GROUPS or key in keys:
+        if key in groups or key in readable:
             continue
-        raise ConfigError(f"unknown config key '{key}'; nearest valid keys: {_nearest(key, sorted(keys))}")
+        section = key.split(".", 1)[0]
+        if key in GROUPS or key in keys:
+            readers = ", ".join(f"llmhpc {name}" for name in (owners or {}).get(section, []))
+            where = f"it belongs to {readers}" if readers else "no command reads it"
+            raise ConfigError(
+                f"'{key}' is not a key of llmhpc {stage}: {where}; llmhpc {stage} reads {', '.join(sections or ())}"
+            )
+        raise ConfigError(f"unknown config key '{key}'; nearest valid keys: {_nearest(key, sorted(readable))}")
 
 
 def _translate(exc: BaseException) -> ConfigError:
@@ -107,13 +125,23 @@ def _translate(exc: BaseException) -> ConfigError:
     return ConfigError(f"invalid config{' at ' + m.group(1) if m else ''}: {first}")
 
 
-def load_config(stage: str = "pretrain", overrides: list[str] | None = None) -> Config:
-    """Compose conf/config.yaml + overrides into a validated, typed `Config`.
+def load_config(
+    stage: str = "pretrain",
+    overrides: list[str] | None = None,
+    *,
+    sections: tuple[str, ...] | None = None,
+    owners: Mapping[str, list[str]] | None = None,
+    check_layout: bool = True,
+) -> Config:
+    """Compose conf/config.yaml + overrides into a validated, typed `Config` for `stage`.
 
+    `sections` (with `owners`) restricts the overrides to what the stage reads (see `check_override_keys`);
+    `llmhpc.stages.registry` passes both. With `check_layout` the parallel layout is checked against this
+    process's WORLD_SIZE and `trainer.micro_batch_size`, when not given, is filled in from it.
     Raises `ConfigError` (one line, names the key and a fix) on any bad key, type or value.
     """
     overrides = list(overrides or [])
-    check_override_keys(overrides)
+    check_override_keys(overrides, stage, sections, owners)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="llmhpc"):
             dcfg: DictConfig = compose(config_name="config", overrides=overrides)
@@ -121,14 +149,9 @@ def load_config(stage: str = "pretrain", overrides: list[str] | None = None) -> 
         cfg: Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
     except (HydraException, OmegaConfBaseException) as exc:
         raise _translate(exc) from None
-    if stage == "plan":
-        # The planner lays the run out over cluster.nodes x cluster.gpus_per_node GPUs, not over this process's
-        # WORLD_SIZE, and may search for the layout itself; it checks each layout with `validate` (llmhpc.plan).
-        validate(cfg)
-        return cfg
-    from llmhpc.parallel.dims import world_size_from_env
-
-    validate(cfg, world_size_from_env())
+    validate(cfg)
+    if check_layout:
+        cfg, _ = resolve_layout(cfg, world_size_from_env())
     return cfg
 
 

@@ -84,6 +84,18 @@ class DataConfig:
 
 
 @dataclass
+class ParamGroupConfig:
+    """Optimizer settings for the parameters whose names match `params` (first matching group wins)."""
+
+    params: list[str] = field(default_factory=list)
+    """Glob patterns on parameter names, e.g. ['output.weight'] or ['layers.*.attention.*']."""
+    lr_scale: float = 1.0
+    """This group's learning rate is the scheduled trainer.lr times this."""
+    weight_decay: float | None = None
+    """AdamW weight decay of this group; None uses trainer.weight_decay for matrices and 0 for norms and biases."""
+
+
+@dataclass
 class TrainerConfig:
     """The one training loop shared by every stage."""
 
@@ -91,9 +103,10 @@ class TrainerConfig:
     """Optimizer steps to run."""
     global_batch_size: int = 8
     """Sequences per optimizer step, summed over gradient accumulation and data-parallel ranks."""
-    micro_batch_size: int = 8
+    micro_batch_size: int | None = None
     """Sequences per forward/backward on each data-parallel rank; global_batch_size must be a multiple of
-    micro_batch_size x the data-parallel size."""
+    micro_batch_size x the data-parallel size. None (default): the whole per-rank share of global_batch_size
+    (no accumulation), or under pipeline parallel the largest size giving a multiple of pp micro-batches."""
     seq_len: int = 256
     """Tokens per training sequence."""
     lr: float = 2e-3
@@ -116,6 +129,13 @@ class TrainerConfig:
     """AdamW epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
+    param_groups: list[ParamGroupConfig] = field(default_factory=list)
+    """Parameter groups with their own learning-rate scale and weight decay, e.g.
+    trainer.param_groups='[{params:[tok_embeddings.weight],lr_scale:0.1}]'; parameters no group matches get
+    trainer.lr and trainer.weight_decay (none on norms and biases)."""
+    freeze: list[str] = field(default_factory=list)
+    """Glob patterns of parameters that do not train, e.g. ['tok_embeddings.weight', 'layers.0.*']: no gradient,
+    no optimizer state, not written to checkpoints (rebuilt from model.init_from or the seed on resume)."""
     max_bad_steps: int = 5
     """Abort after this many optimizer steps in a row with a non-finite loss or gradient (each is skipped)."""
     ckpt_every: int = 50

@@ -55,21 +55,23 @@ def validate_model(model, prefix: str = "model") -> None:
         )
 
 
-def validate(cfg: Config, world_size: int | None = None) -> None:
-    """Raise `ConfigError` on the first rule the config breaks.
+def validate(cfg: Config) -> None:
+    """Raise `ConfigError` on the first rule the config's values break.
 
-    The parallel layout is checked only when the world size is known (a launch, not a checkpoint's
-    stored config): a checkpoint saved under one layout must stay readable under any other.
+    The parallel layout is checked separately, when the world size is known (`llmhpc.config.layout`, at a
+    launch), not here: a checkpoint saved under one layout must stay readable under any other.
     """
     validate_model(cfg.model)
     t = cfg.trainer
-    _positive(t, "trainer", ("max_steps", "global_batch_size", "micro_batch_size", "seq_len", "lr"))
-    _check(
-        t.global_batch_size % t.micro_batch_size == 0,
-        f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
-        f"trainer.micro_batch_size={t.micro_batch_size}; e.g. trainer.global_batch_size="
-        f"{max(1, round(t.global_batch_size / t.micro_batch_size)) * t.micro_batch_size}",
-    )
+    _positive(t, "trainer", ("max_steps", "global_batch_size", "seq_len", "lr"))
+    if t.micro_batch_size is not None:  # None: derived from the global batch and the layout at launch
+        _positive(t, "trainer", ("micro_batch_size",))
+        _check(
+            t.global_batch_size % t.micro_batch_size == 0,
+            f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"trainer.micro_batch_size={t.micro_batch_size}; e.g. trainer.global_batch_size="
+            f"{max(1, round(t.global_batch_size / t.micro_batch_size)) * t.micro_batch_size}",
+        )
     _check(
         t.seq_len <= cfg.model.max_seq_len,
         f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}",
@@ -93,7 +95,3 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         cfg.precision.name != "fp8" or cfg.parallel.engine == "torch",
         "precision=fp8 is not supported with parallel.engine=deepspeed; use parallel.engine=torch (FSDP2)",
     )
-    if world_size is not None:
-        from llmhpc.parallel.dims import validate_layout  # imported here: dims needs ConfigError from this module
-
-        validate_layout(cfg.parallel, world_size, cfg.model, t)

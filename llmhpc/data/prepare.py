@@ -26,6 +26,7 @@ from tqdm import tqdm
 from llmhpc.assets import cache_root
 from llmhpc.config.schema import DataConfig
 from llmhpc.data.corpus import iter_documents, source_files
+from llmhpc.errors import InputError
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -92,14 +93,17 @@ def _vocab_size(tokenizer: Any) -> int:
 
 
 @contextmanager
-def _literal_special_tokens(tokenizer: Any) -> Iterator[Any]:
+def _literal_special_tokens(tokenizer: Any, spec: str) -> Iterator[Any]:
     """The fast backend, set to read special-token strings inside documents as plain text.
 
     Otherwise a document that quotes '<|endoftext|>' would be split into two documents.
     """
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     if not hasattr(backend, "encode_batch"):
-        raise TypeError(f"a fast tokenizer is needed for corpus prep, got {type(tokenizer).__name__}")
+        raise InputError(
+            f"{spec}: corpus prep needs a fast tokenizer, this is a {type(tokenizer).__name__}; "
+            "set data.tokenizer to a directory with a tokenizer.json, a .gguf file or 'smollm2'"
+        )
     previous = getattr(backend, "encode_special_tokens", None)
     if previous is not None:
         backend.encode_special_tokens = True
@@ -130,15 +134,20 @@ def _tokenize_to_file(
 ) -> np.ndarray:
     """Write every document's tokens + separator to out_file; returns document offsets (n_docs + 1)."""
     offsets = [0]
-    bar = tqdm(desc=f"tokenize {data_cfg.name}", unit="doc", file=sys.stderr, dynamic_ncols=True)
-    with _literal_special_tokens(tokenizer) as backend, out_file.open("wb") as f, bar:
-        for batch in _batches(iter_documents(data_cfg.source, data_cfg.text_field)):
-            for encoding in backend.encode_batch(batch, add_special_tokens=False):
-                ids = np.asarray(encoding.ids + [separator_id], dtype=np.int64)
-                f.write(ids.astype(dtype).tobytes())
-                offsets.append(offsets[-1] + len(ids))
-            bar.update(len(batch))
-            bar.set_postfix(tokens=offsets[-1], refresh=False)
+    # delay: a prep that takes under a second (or fails at once on bad input) prints no bar at all
+    bar = tqdm(desc=f"tokenize {data_cfg.name}", unit="doc", file=sys.stderr, dynamic_ncols=True, delay=1.0)
+    with _literal_special_tokens(tokenizer, data_cfg.tokenizer) as backend, out_file.open("wb") as f, bar:
+        try:
+            for batch in _batches(iter_documents(data_cfg.source, data_cfg.text_field)):
+                for encoding in backend.encode_batch(batch, add_special_tokens=False):
+                    ids = np.asarray(encoding.ids + [separator_id], dtype=np.int64)
+                    f.write(ids.astype(dtype).tobytes())
+                    offsets.append(offsets[-1] + len(ids))
+                bar.update(len(batch))
+                bar.set_postfix(tokens=offsets[-1], refresh=False)
+        except BaseException:
+            bar.leave = False  # the error message comes next, alone: clear the bar instead of keeping it
+            raise
     return np.asarray(offsets, dtype=np.int64)
 
 
@@ -185,8 +194,8 @@ def _replace_dir(tmp: Path, out_dir: Path, fingerprint: str) -> None:
         foreign = {p.name for p in out_dir.iterdir()} - _OWN_FILES
         if foreign:
             shutil.rmtree(tmp)
-            raise FileExistsError(
-                f"{out_dir} holds files that are not a prepared corpus ({sorted(foreign)[:5]}); "
+            raise InputError(
+                f"{out_dir}: holds files that are not a prepared corpus ({sorted(foreign)[:5]}); "
                 "choose another data.path or empty it"
             )
         old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
@@ -235,7 +244,10 @@ def prepare_corpus(
         offsets = _tokenize_to_file(data_cfg, tokenizer, separator_id, dtype, all_file)
         n_docs = len(offsets) - 1
         if n_docs == 0:
-            raise ValueError(f"corpus source {data_cfg.source!r} holds no non-empty documents")
+            raise InputError(
+                f"{data_cfg.source}: the corpus holds no non-empty documents; "
+                "point data.source at files that contain text"
+            )
         is_val = val_document_mask(n_docs, data_cfg.val_fraction, seed)
         _write_splits(all_file, offsets, is_val, dtype, tmp)
         all_file.unlink()

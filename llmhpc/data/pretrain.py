@@ -16,6 +16,9 @@ import numpy as np
 import torch
 
 from llmhpc.data.prepare import META_FILE
+from llmhpc.errors import InputError
+
+_REPREPARE = "delete the directory and prepare the corpus again (llmhpc data prepare)"
 
 
 class PackedTokens:
@@ -26,19 +29,26 @@ class PackedTokens:
         self.split = split
         meta_file = self.path / META_FILE
         if not meta_file.exists():
-            raise FileNotFoundError(f"{meta_file} not found: {self.path} is not a complete prepared corpus")
-        self.meta: dict[str, Any] = json.loads(meta_file.read_text())
-        if f"{split}_tokens" not in self.meta:
+            raise FileNotFoundError(
+                f"{meta_file}: not found, so {self.path} is not a complete prepared corpus; "
+                "prepare it with llmhpc data prepare"
+            )
+        if split not in ("train", "val"):
             raise ValueError(f"unknown split {split!r}; expected 'train' or 'val'")
-        dtype = np.dtype(self.meta["dtype"])
-        n_tokens = int(self.meta[f"{split}_tokens"])
+        try:
+            self.meta: dict[str, Any] = json.loads(meta_file.read_text(encoding="utf-8"))
+            dtype = np.dtype(self.meta["dtype"])
+            n_tokens = int(self.meta[f"{split}_tokens"])
+            self.separator_id = int(self.meta["separator_id"])
+        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise InputError(f"{meta_file}: not a prepared-corpus meta.json ({type(e).__name__}: {e}); "
+                             f"{_REPREPARE}") from None
         bin_file = self.path / f"{split}.bin"
-        if bin_file.stat().st_size != n_tokens * dtype.itemsize:
-            raise ValueError(f"{bin_file} does not hold the {n_tokens} tokens meta.json promises")
+        if not bin_file.is_file() or bin_file.stat().st_size != n_tokens * dtype.itemsize:
+            raise InputError(f"{bin_file}: missing or not the {n_tokens} tokens meta.json promises; {_REPREPARE}")
         self.tokens: np.ndarray = (
             np.memmap(bin_file, dtype=dtype, mode="r", shape=(n_tokens,)) if n_tokens else np.zeros(0, dtype)
         )
-        self.separator_id = int(self.meta["separator_id"])
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -58,9 +68,9 @@ def _require_windows(tokens: PackedTokens, seq_len: int) -> int:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     n = tokens.n_windows(seq_len)
     if n == 0:
-        raise ValueError(
-            f"the '{tokens.split}' split of {tokens.path} has {len(tokens)} tokens, fewer than "
-            f"seq_len + 1 = {seq_len + 1}; use a larger corpus (or val_fraction) or a shorter seq_len"
+        raise InputError(
+            f"{tokens.path}: the '{tokens.split}' split has {len(tokens)} tokens, fewer than "
+            f"seq_len + 1 = {seq_len + 1}; use a larger corpus (or data.val_fraction) or a shorter trainer.seq_len"
         )
     return n
 
@@ -148,9 +158,10 @@ class PretrainLoader:
         """Continue from a state_dict() of a loader over the same data, seed and seq_len."""
         for key in ("seed", "seq_len", "n_windows"):
             if int(state[key]) != getattr(self, key):
-                raise ValueError(
-                    f"loader state has {key}={state[key]} but this loader has {getattr(self, key)}; "
-                    "resume needs the same prepared data, seed and seq_len"
+                raise InputError(
+                    f"{self.tokens.path}: the checkpoint's data position has {key}={state[key]} but this data "
+                    f"gives {getattr(self, key)}; resume with the same data, run.seed and trainer.seq_len, "
+                    "or start a new run.dir"
                 )
         if not 0 <= int(state["index"]) <= self.n_windows or int(state["epoch"]) < 0:
             raise ValueError(f"loader state out of range: {state}")

@@ -15,9 +15,25 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from llmhpc.assets import cache_root, smollm2_gguf
+from llmhpc.errors import InputError
 
 SEPARATOR_TOKEN = "<|endoftext|>"
 ACCEPTED = "expected 'smollm2', a .gguf file or a Hugging Face tokenizer directory"
+
+
+def _load(path: Path, **kwargs) -> PreTrainedTokenizerBase:
+    """AutoTokenizer.from_pretrained, with a failure to read the files turned into a one-line InputError."""
+    target = path / kwargs["gguf_file"] if "gguf_file" in kwargs else path
+    try:
+        return AutoTokenizer.from_pretrained(str(path), **kwargs)
+    except ImportError:
+        raise
+    except Exception as e:  # a parse failure of any kind: the files are damaged or not a tokenizer
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(
+            f"{target}: cannot load a tokenizer from it ({reason}); set data.tokenizer to 'smollm2', "
+            "a readable .gguf file or a directory with tokenizer.json"
+        ) from None
 
 
 def _gguf_cache_dir(gguf_path: Path) -> Path:
@@ -28,8 +44,8 @@ def _gguf_cache_dir(gguf_path: Path) -> Path:
 def _from_gguf(gguf_path: Path) -> PreTrainedTokenizerBase:
     cached = _gguf_cache_dir(gguf_path)
     if (cached / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(str(cached))
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        return _load(cached)
+    tokenizer = _load(gguf_path.parent, gguf_file=gguf_path.name)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=cached.name + ".tmp-", dir=cached.parent))
     try:
@@ -49,12 +65,12 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
         return _from_gguf(smollm2_gguf())
     path = Path(spec).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"tokenizer {spec!r} not found; {ACCEPTED}")
+        raise FileNotFoundError(f"{path}: tokenizer not found; {ACCEPTED} (data.tokenizer)")
     if path.is_file() and path.suffix == ".gguf":
         return _from_gguf(path.resolve())
     if path.is_dir():
-        return AutoTokenizer.from_pretrained(str(path))
-    raise ValueError(f"tokenizer {spec!r} is not usable; {ACCEPTED}")
+        return _load(path)
+    raise InputError(f"{path}: not a usable tokenizer; {ACCEPTED} (data.tokenizer)")
 
 
 def document_separator_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -63,5 +79,8 @@ def document_separator_id(tokenizer: PreTrainedTokenizerBase) -> int:
     if token_id is None:
         token_id = tokenizer.eos_token_id
     if token_id is None:
-        raise ValueError(f"tokenizer has neither {SEPARATOR_TOKEN} nor an eos token to separate documents")
+        raise InputError(
+            f"{getattr(tokenizer, 'name_or_path', None) or 'tokenizer'}: has neither {SEPARATOR_TOKEN} nor an "
+            "eos token to separate documents; use a tokenizer that defines an eos token"
+        )
     return int(token_id)

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmhpc.config.schema import ModelConfig, RopeScalingConfig
+from llmhpc.errors import InputError
 from llmhpc.models.llama import Llama, head_dim_of
 
 _LAYER_NAMES = {
@@ -45,7 +46,7 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScalingConfig]:
     if rope_type in ("default", None):
         return float(theta), RopeScalingConfig(type="none")
     if rope_type != "llama3":
-        raise ValueError(f"RoPE type {rope_type!r} is not supported (only default and llama3)")
+        raise InputError(f"RoPE type {rope_type!r} is not supported; use a Llama model with default or llama3 RoPE")
     defaults = RopeScalingConfig()
     scaling = RopeScalingConfig(
         type="llama3",
@@ -63,12 +64,12 @@ def config_from_hf(hf: dict, name: str = "hf") -> ModelConfig:
     """ModelConfig of a Hugging Face Llama config.json (transformers 4 or 5 RoPE keys)."""
     model_type = hf.get("model_type", "llama")
     if model_type != "llama":
-        raise ValueError(f"model_type {model_type!r} is not supported; only Llama models convert")
+        raise InputError(f"model_type {model_type!r} is not supported; use a Llama model (model_type 'llama')")
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
-            raise ValueError(f"{flag}=true is not supported by the llmhpc Llama (it has no biases)")
+            raise InputError(f"{flag}=true is not supported (the llmhpc Llama has no biases); use a model without")
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+        raise InputError(f"hidden_act {hf['hidden_act']!r} is not supported; use a Llama model with hidden_act 'silu'")
     dim, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
     head_dim = hf.get("head_dim")
     theta, scaling = _rope_from_hf(hf)
@@ -153,7 +154,7 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> d
         try:
             out[_rename(name, _HF_LAYER, _LAYER_NAMES, _TOP_NAMES, "layers")] = tensor
         except KeyError:
-            raise ValueError(f"unexpected tensor {name!r} in a Hugging Face Llama state dict") from None
+            raise InputError(f"unexpected tensor {name!r} in the weights; only Llama weights convert") from None
     return out
 
 
@@ -187,16 +188,57 @@ def save_hf(model: Llama, out_dir: str | Path, tokenizer=None, dtype: torch.dtyp
     return out
 
 
+def _load_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of one safetensors file; a damaged file is an InputError naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; the model.safetensors.index.json lists it, so copy it there")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError (truncated, bad header) is not an OSError or ValueError
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(f"{path}: not a readable safetensors file ({reason}); re-download or re-export it") from None
+
+
+def _read_json(path: Path):
+    """Parsed JSON of a file the user supplied; bad bytes or bad JSON are an InputError naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: byte {e.start} is not valid UTF-8 ({e.reason}); convert the file to UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise InputError(
+            f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); fix or re-download the file"
+        ) from None
+
+
+def read_hf_config(config_file: Path, name: str = "hf") -> ModelConfig:
+    """ModelConfig of a config.json file; any problem with it is an InputError that names the file."""
+    hf = _read_json(config_file)
+    try:
+        if not isinstance(hf, dict):
+            raise InputError("it holds a JSON " + type(hf).__name__ + ", not an object")
+        return config_from_hf(hf, name=name)
+    except InputError as e:
+        raise InputError(f"{config_file}: {e}") from None
+    except KeyError as e:
+        raise InputError(f"{config_file}: no {e} key; a Llama config.json is needed") from None
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{config_file}: a value has the wrong type ({e}); a Llama config.json is needed") from None
+
+
 def _read_safetensors(directory: Path) -> dict[str, torch.Tensor] | None:
     single = directory / "model.safetensors"
     if single.is_file():
-        return load_file(str(single))
+        return _load_safetensors_file(single)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        index_json = _read_json(index)
+        weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
+        if not isinstance(weight_map, dict):
+            raise InputError(f"{index}: no 'weight_map' object; fix or re-download the file")
         state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_file(str(directory / shard)))
+        for shard in sorted(set(weight_map.values())):
+            state.update(_load_safetensors_file(directory / shard))
         return state
     return None
 
@@ -204,9 +246,9 @@ def _read_safetensors(directory: Path) -> dict[str, torch.Tensor] | None:
 def read_pickle_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     """Tensors of a pickle file, only when the caller opted in; never runs code from it."""
     if not allow_pickle:
-        raise ValueError(
-            f"{path} is a pickle file, which can run code when loaded; convert it to safetensors "
-            "or pass allow_pickle=True (loads with torch.load(weights_only=True))"
+        raise InputError(
+            f"{path}: a pickle file, which can run code when loaded, so it is refused; convert it to "
+            "model.safetensors, or from Python pass allow_pickle=True (loads with torch.load(weights_only=True))"
         )
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -220,7 +262,9 @@ def read_hf_weights(directory: Path, allow_pickle: bool = False) -> dict[str, to
         path = directory / name
         if path.is_file():
             return read_pickle_weights(path, allow_pickle)
-    raise FileNotFoundError(f"no model.safetensors (or model.safetensors.index.json) in {directory}")
+    raise FileNotFoundError(
+        f"{directory}: no model.safetensors (or model.safetensors.index.json); put the weights there as safetensors"
+    )
 
 
 def load_hf(
@@ -232,7 +276,62 @@ def load_hf(
 ) -> Llama:
     """Llama from a Hugging Face directory (config.json + safetensors)."""
     directory = Path(directory)
-    hf_config = json.loads((directory / "config.json").read_text())
-    cfg = config_from_hf(hf_config, name=directory.name or "hf")
-    state = state_dict_from_hf(read_hf_weights(directory, allow_pickle), cfg)
-    return Llama.from_state_dict(cfg, state, dtype=dtype, device=device)
+    cfg = read_hf_config(directory / "config.json", name=directory.name or "hf")
+    return model_from_hf_state(directory, cfg, read_hf_weights(directory, allow_pickle), dtype=dtype, device=device)
+
+
+def model_from_hf_state(
+    source: Path, cfg: ModelConfig, hf_state: dict[str, torch.Tensor], *, dtype: torch.dtype, device
+) -> Llama:
+    """Llama with HF-named weights read from `source`; weights that do not fit cfg are an InputError naming it."""
+    try:
+        return Llama.from_state_dict(cfg, state_dict_from_hf(hf_state, cfg), dtype=dtype, device=device)
+    except InputError as e:
+        raise InputError(f"{source}: {e}") from None
+    except RuntimeError as e:
+        if "state_dict" not in str(e):  # not load_state_dict's report of missing / unexpected / misshapen tensors
+            raise
+        detail = " ".join(str(e).split())
+        raise InputError(
+            f"{source}: the weights do not fit its config.json ({detail[:300]}); use the config.json of these weights"
+        ) from None
+
+
+# ---- tensor by tensor: a sharded model reads only its own parts (llmhpc.models.sharded_load) ----------------
+
+
+def hf_tensor_name(name: str) -> str:
+    """The Hugging Face name of the llmhpc tensor `name` (the renaming `state_dict_to_hf` does)."""
+    layer_map = {v: k for k, v in _LAYER_NAMES.items()}
+    top_map = {v: k for k, v in _TOP_NAMES.items()}
+    try:
+        return _rename(name, _OUR_LAYER, layer_map, top_map, "model.layers")
+    except KeyError:
+        raise ValueError(f"unexpected tensor {name!r} in an llmhpc Llama state dict") from None
+
+
+def safetensors_weight_map(directory: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it (model.safetensors, or the shards of
+    model.safetensors.index.json), reading only headers. A directory with pickle weights only is refused as
+    `read_hf_weights` refuses it without allow_pickle."""
+    from safetensors import safe_open
+
+    single = directory / "model.safetensors"
+    if single.is_file():
+        try:
+            with safe_open(str(single), framework="pt") as f:
+                return dict.fromkeys(f.keys(), single)
+        except Exception as e:  # SafetensorError (truncated, bad header) is not an OSError or ValueError
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise InputError(
+                f"{single}: not a readable safetensors file ({reason}); re-download or re-export it"
+            ) from None
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        index_json = _read_json(index)
+        weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
+        if not isinstance(weight_map, dict):
+            raise InputError(f"{index}: no 'weight_map' object; fix or re-download the file")
+        return {name: directory / shard for name, shard in weight_map.items()}
+    read_hf_weights(directory, allow_pickle=False)  # no safetensors: raises (pickle refused, or no weights at all)
+    raise AssertionError(f"{directory}: read_hf_weights found no weights and did not raise")

@@ -9,6 +9,8 @@ weights load without any permutation of the query/key projections.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +59,11 @@ def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tens
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, H, S, D] by the angles of its positions (cos/sin [S, D])."""
+    """Rotate x [B, H, S, D] by the angles of its positions.
+
+    cos/sin are [S, D] when every row sits at the same positions, or [B, 1, S, D] when each row has
+    its own (padding, packing); either broadcasts over the heads.
+    """
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
@@ -84,7 +90,9 @@ class KVCache:
     """Keys and values of past positions for incremental decoding, preallocated per layer.
 
     `length` is the number of positions already written; the model continues positions from it
-    and advances it after each forward.
+    and advances it after each forward. It is one number for the whole batch: rows of unequal
+    length are left-padded to a common one, and the model's `attention_mask` (padding keys hidden,
+    positions counted from each row's first real token) makes every row decode as if alone.
     """
 
     def __init__(
@@ -122,6 +130,102 @@ def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
     same_doc = document_ids[:, :, None] == document_ids[:, None, :]
     return (same_doc & causal)[:, None]
+
+
+def token_positions(
+    batch: int,
+    seq: int,
+    start: int,
+    *,
+    position_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """RoPE positions [B, S] (or [1, S]) of the new tokens, or None for the shared start..start+S-1.
+
+    Explicit `position_ids` win. Otherwise a padding mask [B, start+S] counts real tokens, so a
+    left-padded row's first real token is position 0 exactly as if the row ran alone (padding gets
+    position 0; what it computes is never looked at). None keeps the contiguous table slice, which
+    is what the unpadded path (and pretraining's document masking) has always used.
+    """
+    if position_ids is not None:
+        if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != seq:
+            raise ValueError(f"position_ids must be [{batch}, {seq}], got {tuple(position_ids.shape)}")
+        return position_ids
+    if attention_mask is not None:
+        _check_key_shape("attention_mask", attention_mask, batch, start + seq)
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+    return None
+
+
+def rope_at(
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    positions: torch.Tensor | None,
+    start: int,
+    seq: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for `apply_rope`: a table slice [S, D], or per-row rows [B, 1, S, D] gathered at `positions`.
+
+    Raises when a position falls outside the tables (model.max_seq_len); with explicit positions that
+    is the largest one used, not start + S, so packed rows may be longer than any one document allows.
+    """
+    limit = cos_table.shape[0]
+    if positions is None:
+        if start + seq > limit:
+            raise ValueError(f"{start + seq} positions exceed model.max_seq_len={limit}")
+        return cos_table[start : start + seq], sin_table[start : start + seq]
+    low, high = (int(v) for v in positions.aminmax())
+    if low < 0 or high >= limit:
+        raise ValueError(f"position ids span {low}..{high}, outside 0..{limit - 1} (model.max_seq_len={limit})")
+    return cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
+
+
+def attention_mask_for(
+    batch: int,
+    seq: int,
+    start: int,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor | None:
+    """Boolean SDPA mask (True = may attend) for S new queries after `start` cached keys, or None.
+
+    None means plain causal attention, left to SDPA's `is_causal` kernel without a materialized mask
+    (the pretraining path). Otherwise query i (at cache index start+i) may see key j when j <= start+i,
+    j is in the same document (`document_ids` [B, start+S]) and j is not padding (`attention_mask`
+    [B, start+S], 1 = real). A padding query could then see no key at all and SDPA would return NaN
+    (which poisons gradients even where the loss ignores it), so every query may always see itself.
+    Result: [S, start+S] for the chunked-prefill case, [B, 1, S, start+S] otherwise.
+    """
+    total = start + seq
+    if attention_mask is None and document_ids is None:
+        if start > 0 and seq > 1:
+            # Chunked prefill after cached positions: query i sees every key up to start + i.
+            key_pos = torch.arange(total, device=device)
+            query_pos = torch.arange(start, total, device=device)
+            return key_pos[None, :] <= query_pos[:, None]
+        return None
+    if document_ids is not None and start == 0 and attention_mask is None:
+        _check_key_shape("document_ids", document_ids, batch, total)
+        return document_mask(document_ids)
+    key_idx = torch.arange(total, device=device)
+    query_idx = torch.arange(start, total, device=device)
+    allowed = (key_idx[None, :] <= query_idx[:, None])[None]  # [1, S, T]
+    if document_ids is not None:
+        _check_key_shape("document_ids", document_ids, batch, total)
+        allowed = allowed & (document_ids[:, start:, None] == document_ids[:, None, :])
+    if attention_mask is not None:
+        _check_key_shape("attention_mask", attention_mask, batch, total)
+        allowed = allowed & attention_mask.bool()[:, None, :]
+        allowed = allowed | (key_idx[None, :] == query_idx[:, None])[None]
+    return allowed[:, None]
+
+
+def _check_key_shape(name: str, t: torch.Tensor, batch: int, total: int) -> None:
+    """Masks describe every key a query may see: the cached positions and the new ones."""
+    if tuple(t.shape) != (batch, total):
+        raise ValueError(f"{name} must be [batch, cached + new positions] = [{batch}, {total}], got {tuple(t.shape)}")
 
 
 class Attention(nn.Module):
@@ -269,25 +373,32 @@ class Llama(nn.Module):
         self,
         input_ids: torch.Tensor,
         *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states [B, S, dim]; `logits` turns (a subset of) them into logits."""
-        seq = input_ids.shape[1]
+        """Final-norm hidden states [B, S, dim]; `logits` turns (a subset of) them into logits.
+
+        Without the optional arguments every row is one causal sequence at positions 0..S-1 (after
+        the cache's positions), computed by SDPA's causal kernel with no mask in memory.
+
+        - `attention_mask` [B, cached + S] (1 = real token, 0 = padding): padding keys are never
+          attended to, and unless `position_ids` are given a row's positions count only its real
+          tokens, so a left-padded row gets exactly the logits it has alone. With a KV cache pass the
+          mask of every position so far (prefill mask, then one more column per decode step).
+        - `position_ids` [B, S] (or [1, S]): RoPE positions per row, e.g. restarting per packed document.
+        - `document_ids` [B, cached + S]: a query sees only keys of its own document. Positions stay
+          global unless `position_ids` restart them (pretraining's document masking keeps them global).
+        All three combine: a key is visible when causal, same document and not padding.
+        """
+        batch, seq = input_ids.shape
         start = cache.length if cache is not None else 0
-        if start + seq > self.cfg.max_seq_len:
-            raise ValueError(f"{start + seq} positions exceed model.max_seq_len={self.cfg.max_seq_len}")
-        mask = None
-        if document_ids is not None:
-            if cache is not None:
-                raise ValueError("document_ids cannot be combined with a KV cache")
-            mask = document_mask(document_ids)
-        elif start > 0 and seq > 1:
-            # Chunked prefill after cached positions: query i sees every key up to start + i.
-            key_pos = torch.arange(start + seq, device=input_ids.device)
-            query_pos = torch.arange(start, start + seq, device=input_ids.device)
-            mask = key_pos[None, :] <= query_pos[:, None]
-        cos, sin = self.rope_cos[start : start + seq], self.rope_sin[start : start + seq]
+        positions = token_positions(batch, seq, start, position_ids=position_ids, attention_mask=attention_mask)
+        cos, sin = rope_at(self.rope_cos, self.rope_sin, positions, start, seq)
+        mask = attention_mask_for(
+            batch, seq, start, attention_mask=attention_mask, document_ids=document_ids, device=input_ids.device
+        )
         h = self.tok_embeddings(input_ids)
         for name, block in self.layers.items():
             h = block(h, cos, sin, mask, cache, int(name), start)
@@ -309,16 +420,26 @@ class Llama(nn.Module):
         self,
         input_ids: torch.Tensor,
         *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
-    ) -> torch.Tensor:
-        """Logits [B, S, vocab] of input_ids [B, S]; or the final hidden states if return_hidden.
+        on_hidden: Callable[[torch.Tensor], Any] | None = None,
+    ) -> Any:
+        """Logits [B, S, vocab] of input_ids [B, S]; the final hidden states if return_hidden; or
+        `on_hidden(hidden)` computed inside this forward.
 
-        return_hidden goes through forward (not `hidden_states`) so that `model.compile()` and
-        forward hooks (FSDP) still apply when the loss computes the head itself.
+        The keywords are those of `hidden_states`. return_hidden goes through forward (not
+        `hidden_states`) so that `model.compile()` and forward hooks (FSDP) still apply when the loss
+        computes the head itself. `on_hidden` is for engines that gather weights only while a module's
+        forward runs (DeepSpeed ZeRO-3): an objective that reads the head's weight runs in there.
         """
-        hidden = self.hidden_states(input_ids, document_ids=document_ids, cache=cache)
+        hidden = self.hidden_states(
+            input_ids, position_ids=position_ids, attention_mask=attention_mask, document_ids=document_ids, cache=cache
+        )
+        if on_hidden is not None:
+            return on_hidden(hidden)
         return hidden if return_hidden else self.logits(hidden)
 
     # ---- accounting ------------------------------------------------------------------------------

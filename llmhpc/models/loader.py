@@ -7,11 +7,12 @@ even then are read with `weights_only=True`.
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from llmhpc.errors import InputError
 from llmhpc.models.llama import Llama
 
 ACCEPTED = (
@@ -38,14 +39,14 @@ def _load_hf_dir(directory: Path, dtype, device, allow_pickle: bool):
 
 
 def _load_pickle_file(path: Path, dtype, device, allow_pickle: bool):
-    from llmhpc.models.hf import config_from_hf, read_pickle_weights, state_dict_from_hf
+    from llmhpc.models.hf import model_from_hf_state, read_hf_config, read_pickle_weights
 
     hf_state = read_pickle_weights(path, allow_pickle)
     config = path.parent / "config.json"
     if not config.is_file():
-        raise ValueError(f"{path}: a pickle weight file needs a Hugging Face config.json next to it")
-    cfg = config_from_hf(json.loads(config.read_text()), name=path.parent.name)
-    model = Llama.from_state_dict(cfg, state_dict_from_hf(hf_state, cfg), dtype=dtype, device=device)
+        raise InputError(f"{path}: a pickle weight file needs a Hugging Face config.json next to it; add one")
+    cfg = read_hf_config(config, name=path.parent.name)
+    model = model_from_hf_state(path, cfg, hf_state, dtype=dtype, device=device)
     return model, _hf_tokenizer(path.parent)
 
 
@@ -59,7 +60,10 @@ def _checkpoint_step(path: Path) -> Path | None:
         if checkpoints.is_dir() and any(p.name.startswith("step_") for p in checkpoints.iterdir()):
             step = latest_checkpoint(checkpoints)
             if step is None:
-                raise FileNotFoundError(f"{checkpoints} holds no complete checkpoint (step_* with meta.json)")
+                raise FileNotFoundError(
+                    f"{checkpoints}: no complete checkpoint (step_* with meta.json); "
+                    "point model.init_from at a run or checkpoint that finished saving"
+                )
             return step
     return None
 
@@ -87,30 +91,58 @@ def load_pretrained(
     """(model, tokenizer) from an HF directory, a .gguf file or an llmhpc checkpoint.
 
     The tokenizer is None for an HF directory without tokenizer files. Pickle weights
-    (.bin/.pt/...) raise ValueError unless allow_pickle=True.
+    (.bin/.pt/...) raise InputError unless allow_pickle=True; so does any file that cannot be read
+    as a model, with the path first in the message.
+    """
+    source = locate_weights(path)
+    if source.format == "gguf":
+        from llmhpc.data.tokenizer import load_tokenizer
+        from llmhpc.models.gguf import load_gguf
+
+        model = load_gguf(source.path, dtype=dtype, device=device)
+        return model.eval(), load_tokenizer(str(source.path))
+    if source.format == "pickle":
+        model, tokenizer = _load_pickle_file(source.path, dtype, device, allow_pickle)
+    elif source.format == "hf":
+        model, tokenizer = _load_hf_dir(source.path, dtype, device, allow_pickle)
+    else:
+        model, tokenizer = _load_checkpoint(source.path, dtype, device)
+    return model.eval(), tokenizer
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """What a `model.init_from` path names, recognized from what is on disk (no weights read)."""
+
+    format: str
+    """'hf' (a directory with config.json), 'gguf' (a .gguf file), 'checkpoint' (an llmhpc step directory)
+    or 'pickle' (a .bin/.pt/... file, which needs a config.json next to it)."""
+    path: Path
+    """The HF directory (also for a named .safetensors file), the .gguf or pickle file, or the checkpoint's
+    step directory (the newest complete one of a run or checkpoints/ directory)."""
+
+
+def locate_weights(path: str | Path) -> WeightSource:
+    """Recognize the weight source at `path` as `load_pretrained` does, without reading any weights.
+
+    Raises FileNotFoundError when nothing is there (or a checkpoints/ directory has no complete step),
+    InputError when it is not a model `load_pretrained` accepts.
     """
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist (expected {ACCEPTED})")
+        raise FileNotFoundError(f"{path}: not found; model.init_from must be {ACCEPTED}")
     if path.is_file():
         if path.suffix == ".gguf":
-            from llmhpc.data.tokenizer import load_tokenizer
-            from llmhpc.models.gguf import load_gguf
-
-            model = load_gguf(path, dtype=dtype, device=device)
-            return model.eval(), load_tokenizer(str(path))
+            return WeightSource("gguf", path)
         if path.suffix in PICKLE_SUFFIXES:
-            model, tokenizer = _load_pickle_file(path, dtype, device, allow_pickle)
-            return model.eval(), tokenizer
+            return WeightSource("pickle", path)
         if path.suffix == ".safetensors" and (path.parent / "config.json").is_file():
             path = path.parent
         else:
-            raise ValueError(f"{path}: unrecognized model file; accepted: {ACCEPTED}")
+            raise InputError(f"{path}: unrecognized model file; use {ACCEPTED}")
     if (path / "config.json").is_file():
-        model, tokenizer = _load_hf_dir(path, dtype, device, allow_pickle)
-        return model.eval(), tokenizer
+        return WeightSource("hf", path)
     step = _checkpoint_step(path)
     if step is not None:
-        model, tokenizer = _load_checkpoint(step, dtype, device)
-        return model.eval(), tokenizer
-    raise ValueError(f"{path}: not a recognized model directory; accepted: {ACCEPTED}")
+        return WeightSource("checkpoint", step)
+    raise InputError(f"{path}: not a recognized model directory; use {ACCEPTED}")

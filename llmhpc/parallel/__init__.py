@@ -19,9 +19,12 @@ if TYPE_CHECKING:
 
 
 def parallelize(
-    model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, cfg: ParallelConfig
+    model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, cfg: ParallelConfig, *, precision: str = "fp32"
 ) -> list[nn.Module]:
     """Apply the layout `dims` (over `mesh`, None for one process) to `model` in place.
+
+    `precision` is the run's `precision.name`: under 'bf16' and 'fp8' FSDP2 gathers parameters in bf16 and
+    reduces gradients in fp32 (`llmhpc.parallel.fsdp.mixed_precision_policy`); other layouts ignore it.
 
     Returns the modules that run forward: `[model]`, or under pipeline parallel this rank's stages
     (`llmhpc.parallel.pipeline.StageModule`), whose blocks `model` keeps under their global names for
@@ -60,7 +63,7 @@ def parallelize(
         assert mesh is not None
         names = ("dp_replicate", "dp_shard") if dims.hsdp else ("dp_shard",)
         for part in parts:
-            apply_fsdp(part, mesh[names], cfg)
+            apply_fsdp(part, mesh[names], cfg, precision)
     elif dims.ddp:
         from llmhpc.parallel.ddp import apply_ddp
 

@@ -6,10 +6,11 @@ FSDP2 is the default (see docs/parallelism.md); this module lets the same traine
 - `deepspeed_config` builds the DeepSpeed config from our trainer settings, and
   `wrap_with_deepspeed` wraps a plain model and our own `torch.optim.AdamW` into an engine, on the
   process group our code already initialized (gloo on CPU, NCCL on GPU).
-- `set_lr`, `engine_lm_loss`, `backward` and `step` are one optimizer step of the trainer: every
-  micro-batch's summed token loss divided by the global token count and multiplied by the dp size,
-  one backward per micro-batch, then clipping to `grad_clip` (global norm) and AdamW. DeepSpeed
-  averages gradients over the data-parallel ranks like DDP/FSDP, so the update equals one process's.
+- `backward` and `step` are one optimizer step of the trainer (`llmhpc.train.engine.DeepSpeedStepEngine`
+  runs the objective through the engine): every micro-batch's summed loss divided by the global
+  normalizer and multiplied by the dp size, one backward per micro-batch, then clipping to `grad_clip`
+  (global norm) and AdamW. DeepSpeed averages gradients over the data-parallel ranks like DDP/FSDP, so the
+  update equals one process's. This module knows no loss.
 - `engine_state_dicts` / `load_engine_state_dicts` convert between the engine's partitioned fp32
   master weights and optimizer states and the full, FQN-keyed `{"model": ..., "optim": ...}` state
   dicts that `torch.distributed.checkpoint.state_dict.get_state_dict` gives for a plain model, so a
@@ -27,8 +28,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from torch import nn
-
-from llmhpc.train.losses import causal_lm_loss, token_cross_entropy_sum
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -107,33 +106,15 @@ def wrap_with_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, ds_c
     if engine.zero_optimization_stage() == 3:
         head = getattr(model, "lm_head_weight", None)
         if callable(head) and head() is not None and not any(head() is p for p in model.parameters(recurse=False)):
-            # A tied head multiplies by the embedding's weight outside the embedding's forward: the
-            # model's own forward must gather it (and its backward re-gather it) under ZeRO-3.
+            # Objectives multiply by the head's weight outside the head's own forward (the fused loss, per-token
+            # log-probs; a tied head is the embedding's weight): the model's forward must gather it (and its
+            # backward re-gather it) under ZeRO-3, so the objective runs inside that forward (`on_hidden`).
             deepspeed.zero.register_external_parameter(model, head())
     engine.llmhpc_group_names = group_names  # FQNs of each optimizer group, for the state dicts
     return engine
 
 
 # ---- one optimizer step ------------------------------------------------------------------------
-
-
-def set_lr(engine: DeepSpeedEngine, lr: float) -> None:
-    """Set the learning rate of every optimizer group (DeepSpeed's groups are our AdamW's)."""
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
-
-
-def engine_lm_loss(engine: DeepSpeedEngine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """`causal_lm_loss` (summed token loss, token count) through the engine, under every ZeRO stage.
-
-    ZeRO-3 gathers each weight only inside the forward of the module that uses it, so the fused
-    head + loss (which reads the head matrix after the forward) cannot run there: ZeRO-3 computes the
-    logits inside the model's forward instead. Both paths give the same loss to rounding.
-    """
-    if engine.zero_optimization_stage() == 3:
-        logits = engine(batch["input_ids"], document_ids=batch.get("document_ids"))
-        return token_cross_entropy_sum(logits, batch["labels"])
-    return causal_lm_loss(engine, batch)
 
 
 def backward(engine: DeepSpeedEngine, loss: torch.Tensor) -> None:
@@ -267,7 +248,8 @@ def load_engine_state_dicts(engine: DeepSpeedEngine, model: nn.Module, model_sd:
     deepspeed = _deepspeed()
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    params = dict(model.named_parameters())
+    # Frozen parameters are not in checkpoints (their base rebuilds them): only the trained ones are set.
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad or name in model_sd}
     missing = sorted(set(params) - set(model_sd))
     if missing:
         raise KeyError(f"model state dict lacks {len(missing)} parameters, e.g. {missing[:3]}")

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from llmhpc.config.validate import ConfigError
+from llmhpc.metrics.import_noise import quiet_import_noise
 
 FP8_RECIPES = ("tensorwise", "rowwise")
 MIN_CAPABILITY = (8, 9)
@@ -55,6 +56,7 @@ def require_fp8_device(device: torch.device) -> None:
             f"{capability[0]}.{capability[1]}; {fix}"
         )
     try:
+        quiet_import_noise()
         import torchao.float8  # noqa: F401
     except ImportError:
         raise ConfigError("precision=fp8 needs torchao: pip install 'llmhpc[gpu]'") from None
@@ -83,6 +85,7 @@ def apply_float8(model: nn.Module, recipe: str, *, fsdp: bool, tp: int = 1) -> C
     every optimizer step (FSDP2 float8 all-gather needs the coming step's weight scales, from the whole weight
     across FSDP and TP shards), or None when nothing is needed.
     """
+    quiet_import_noise()  # torchao's import-time notices about kernels and enums are not the user's business
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     if recipe not in FP8_RECIPES:

@@ -3,29 +3,55 @@
 Each transformer block is its own FSDP unit, so only one block's full weights are gathered at a
 time; the root call then covers what is left (embedding, final norm, output head). Parameters
 become DTensors sharded on dim 0, which DCP saves and reloads under any other layout.
+
+Mixed precision (`precision=bf16`, and `fp8`, which runs as bf16 plus float8 block linears) follows
+torchtitan's policy: the sharded parameters, their gradients and the AdamW state stay fp32 (master
+weights); FSDP casts each shard to bf16 before the all-gather, so the gathered parameters, the forward and
+backward and the unsharded gradients are bf16 (half the all-gather bytes and gathered memory), and casts the
+unsharded gradients to fp32 for the reduce-scatter (sums over ranks in fp32, accumulated into fp32 shards).
+FSDP also casts each unit's floating-point inputs to bf16, so under FSDP the residual stream between blocks is
+bf16 (RMSNorm still normalizes in fp32). Float8 weights (`enable_fsdp_float8_all_gather`) are cast to float8
+from the fp32 shard by torchao's all-gather hooks, whatever `param_dtype` is; the gathered float8 weight then
+reports bf16 as its high-precision dtype.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from llmhpc.config.schema import ParallelConfig
 
+LOW_PRECISION = ("bf16", "fp8")
+"""`precision.name` values whose FSDP units gather parameters in bf16 (fp8: the non-float8 ones)."""
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig) -> nn.Module:
+
+def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
+    """FSDP2's policy for `precision.name`: bf16 gathers with fp32 gradient reduction, or plain fp32."""
+    if precision in LOW_PRECISION:
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if precision != "fp32":
+        raise ValueError(f"no FSDP mixed-precision policy for precision={precision!r}")
+    return MixedPrecisionPolicy()
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, precision: str = "fp32") -> nn.Module:
     """Shard `model` over `mesh` in place: 1-D ('dp_shard') for FSDP, 2-D ('dp_replicate', 'dp_shard') for HSDP.
 
-    The root keeps its parameters gathered after forward: backward needs them at once (the output
-    head comes first), so resharding them would only add an all-gather.
+    `precision` (`precision.name`) picks the mixed-precision policy (`mixed_precision_policy`). The root keeps
+    its parameters gathered after forward: backward needs them at once (the output head comes first), so
+    resharding them would only add an all-gather.
     """
     offload = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cfg.cpu_offload else OffloadPolicy()
+    mp = mixed_precision_policy(precision)
     blocks = list(model.layers.values())
     for index, block in enumerate(blocks):
         last = index == len(blocks) - 1
         fully_shard(
-            block, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward and not last, offload_policy=offload
+            block, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward and not last, offload_policy=offload,
+            mp_policy=mp,
         )
-    fully_shard(model, mesh=mesh, reshard_after_forward=False, offload_policy=offload)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, offload_policy=offload, mp_policy=mp)
     return model

@@ -15,13 +15,14 @@ Schedules (`parallel.pp_schedule`):
   and 2pp-1-r, so rank 0 holds the first and the last); splits backward into input and weight
   gradients to fill the bubble.
 
-The schedule's loss function returns each micro-batch's summed token loss times a per-step scale
-(dp_size / global token count) with `scale_grads=False`, exactly the normalization the trainer uses
-without pipelining, so gradients equal the single-process ones.
+This module knows no loss: `PipelineRunner.train_step` takes a `score` for the last stage's output (the
+engine in `llmhpc.train.engine` builds it from the stage's objective, scaled by dp_size / the global
+normalizer), and the schedule runs with `scale_grads=False`, so gradients equal the single-process ones.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,7 +30,6 @@ import torch.distributed as dist
 from torch import nn
 
 from llmhpc.parallel.dims import stages_per_rank
-from llmhpc.train.losses import token_cross_entropy_sum
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -86,19 +86,42 @@ class StageModule(nn.Module):
         """Use the model's RoPE tables again, after `to_empty` gave both of them new (meta-built) ones."""
         self.rope_cos, self.rope_sin = model.rope_cos, model.rope_sin
 
-    def forward(self, x: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids → hidden states (first stage), hidden → hidden, or hidden → logits (last stage)."""
-        from llmhpc.models.llama import document_mask
+    def forward(
+        self,
+        x: torch.Tensor,
+        document_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token ids → hidden states (first stage), hidden → hidden, or hidden → final-norm hidden (last stage),
+        which the objective scores through `logits` / `lm_head_weight` (an `LMHead`).
 
+        The optional [B, S] tensors mean what they mean for `Llama.hidden_states` (no KV cache here).
+        Every stage receives them, since each rebuilds the RoPE angles and the mask for its own blocks.
+        """
+        from llmhpc.models.llama import attention_mask_for, rope_at, token_positions
+
+        batch = x.shape[0]
         seq = x.shape[1] if self.tok_embeddings is not None else x.shape[1] * self.sequence_shards
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
-        mask = document_mask(document_ids) if document_ids is not None else None
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        positions = token_positions(batch, seq, 0, position_ids=position_ids, attention_mask=attention_mask)
+        cos, sin = rope_at(self.rope_cos, self.rope_sin, positions, 0, seq)
+        mask = attention_mask_for(
+            batch, seq, 0, attention_mask=attention_mask, document_ids=document_ids, device=h.device
+        )
         for name, block in self.layers.items():
             h = block(h, cos, sin, mask, None, int(name), 0)
         if self.norm is not None:
-            h = self.output(self.norm(h))
+            h = self.norm(h)
         return h
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The last stage's head: final-norm hidden states → logits."""
+        return self.output(hidden)
+
+    def lm_head_weight(self) -> torch.Tensor:
+        """The [vocab, dim] matrix `logits` multiplies by, for losses that fuse the head with softmax."""
+        return self.output.weight
 
 
 def split_model(model: Llama, pp_rank: int, p: ParallelConfig) -> list[StageModule]:
@@ -126,13 +149,17 @@ def split_model(model: Llama, pp_rank: int, p: ParallelConfig) -> list[StageModu
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""score(last_stage_output, rows) -> the scalar to backpropagate for those rows of the step's batch."""
+
 
 class PipelineRunner:
     """Runs one step's micro-batches through this rank's stages with the configured schedule.
 
-    Every rank of a pipeline group calls `train_step` / `eval_loss_sum` with the same batch (all ranks
-    load it; the first stage feeds the token ids, the last one scores the labels), and all get the
-    same summed loss back.
+    It knows no loss: the caller passes a `score` that turns the last stage's output for some rows of the
+    step's batch into the scalar to backpropagate (`llmhpc.train.engine` builds it from an objective). Every
+    rank of a pipeline group calls `train_step` / `forward` with the same inputs (all ranks load the batch;
+    the first stage feeds the token ids, the last one is scored).
     """
 
     def __init__(
@@ -158,8 +185,7 @@ class PipelineRunner:
         self.holders = [stage_holder(i, pp_mesh.size(), schedule) for i in range(self.n_stages)]
         self.device = device
         self.n_microbatches = n_microbatches
-        self._scale = 1.0
-        self._sums: list[torch.Tensor] = []
+        self._score: Score | None = None
         pipeline_stages = [PipelineStage(s, s.index, s.n_stages, device, group=self.group) for s in stages]
         kwargs = {"n_microbatches": n_microbatches, "loss_fn": self._loss, "scale_grads": False}
         if schedule in ("gpipe", "1f1b"):
@@ -169,55 +195,61 @@ class PipelineRunner:
             cls = ScheduleZBVZeroBubble if schedule == "zbv" else ScheduleInterleaved1F1B
             self.schedule = cls(pipeline_stages, **kwargs)
 
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss_sum, _ = token_cross_entropy_sum(logits, labels)
-        self._sums.append(loss_sum.detach())
-        return loss_sum * self._scale
+    @property
+    def last_stage(self) -> StageModule | None:
+        """This rank's last pipeline stage (the one with the final norm and head), if it holds it."""
+        return self.stages.get(self.n_stages - 1)
 
-    def _pipeline_sum(self, local: torch.Tensor | None) -> torch.Tensor:
-        """The last stage's loss sum on every rank of the pipeline (the others contribute zero)."""
-        total = local.detach().clone() if local is not None else torch.zeros((), device=self.device)
-        dist.all_reduce(total, group=self.group)
-        return total
+    @property
+    def last_stage_rank(self) -> int:
+        """Global rank of the process holding the last stage in this pipeline group."""
+        return dist.get_global_rank(self.group, self.holders[-1])
 
-    def train_step(self, batches: list[dict[str, torch.Tensor]], scale: float) -> torch.Tensor:
-        """Forward and backward of one optimizer step's micro-batches; gradients are `scale` x d(loss sum).
+    def _loss(self, output: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        assert self._score is not None, "train_step sets the score before the schedule runs"
+        return self._score(output, rows)
 
-        Returns the summed token loss of all `batches`, the same on every pipeline rank.
+    def train_step(self, inputs: dict[str, torch.Tensor], score: Score) -> None:
+        """Forward and backward of one optimizer step; gradients are those of the sum of `score`'s results.
+
+        `inputs` holds the step's whole batch for the model's forward (input_ids, and position_ids /
+        attention_mask / document_ids when used), rows in micro-batch order; the schedule cuts it into
+        n_microbatches. `score(output, rows)` runs on the last stage for every micro-batch, with `rows` the
+        indices of its rows in the step's batch. (The schedule's first step also scores a shape-inference
+        pass on uninitialized data; a caller that records what `score` sees keeps the last n_microbatches.)
         """
-        self._scale, self._sums = scale, []
-        whole = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
-        args = (whole["input_ids"],) if 0 in self.stages else ()
-        kwargs = {"document_ids": whole["document_ids"]} if "document_ids" in whole else {}
-        target = whole["labels"] if self.n_stages - 1 in self.stages else None
-        self.schedule.step(*args, target=target, return_outputs=False, **kwargs)
-        # The first step also scores a shape-inference pass (on uninitialized data): keep the real ones.
-        sums = self._sums[-self.n_microbatches :]
-        return self._pipeline_sum(torch.stack(sums).sum() if sums else None)
+        self._score = score
+        rows = torch.arange(inputs["input_ids"].shape[0], device=self.device)
+        args = (inputs["input_ids"],) if 0 in self.stages else ()
+        kwargs = {k: v for k, v in inputs.items() if k != "input_ids"}
+        target = rows if self.last_stage is not None else None
+        try:
+            self.schedule.step(*args, target=target, return_outputs=False, **kwargs)
+        finally:
+            self._score = None
 
     @torch.no_grad()
-    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed token loss of one batch, forward only: the stages run in order, passing activations on.
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The last stage's output for one batch, forward only, on the rank holding it (None elsewhere).
 
-        No schedule is involved (torch's ZBV cannot run forward-only), so eval batches need not come in
-        groups of n_microbatches. Each hand-over sends the activation's shape and dtype first.
+        The stages run in order, passing activations on; no schedule is involved (torch's ZBV cannot run
+        forward-only), so eval batches need not come in groups of n_microbatches. Each hand-over sends the
+        activation's shape and dtype first.
         """
-        document_ids = batch.get("document_ids")
-        hidden, loss = None, None
+        kwargs = {k: v for k, v in inputs.items() if k != "input_ids"}
+        hidden = None
         for index in range(self.n_stages):
             holder = self.holders[index]
             if holder != self.pp_rank:
                 continue
             if index == 0:
-                hidden = batch["input_ids"]
+                hidden = inputs["input_ids"]
             elif self.holders[index - 1] != holder:
                 hidden = self._receive(self.holders[index - 1])
-            hidden = self.stages[index](hidden, document_ids=document_ids)
-            if index == self.n_stages - 1:
-                loss, _ = token_cross_entropy_sum(hidden, batch["labels"])
-            elif self.holders[index + 1] != holder:
+            hidden = self.stages[index](hidden, **kwargs)
+            if index < self.n_stages - 1 and self.holders[index + 1] != holder:
                 self._send(hidden, self.holders[index + 1])
-        return self._pipeline_sum(loss)
+        return hidden if self.last_stage is not None else None
 
     def _send(self, tensor: torch.Tensor, pp_rank: int) -> None:
         dst = dist.get_global_rank(self.group, pp_rank)

@@ -11,13 +11,14 @@ input/output hooks through `torch.distributed.tensor.parallel.parallelize_module
       -> wo row-wise: partial sums reduce-scattered back onto the sequence shard
       (the same for ffn_norm -> w1, w3 column-wise -> w2 row-wise)
 
-Attention always sees the whole sequence, so the RoPE tables and the `document_ids` mask (built by
-`Llama.hidden_states` from the replicated input ids) are the single-process ones unchanged.
+Attention always sees the whole sequence, so the RoPE angles (a table slice, or per-row cos/sin
+gathered at `position_ids` / padding-derived positions) and the attention mask (from `document_ids` and
+the padding `attention_mask`), all built by `Llama.hidden_states` from replicated inputs, are the
+single-process ones unchanged: plain tensors that pass through `PrepareModuleInput` untouched.
 """
 
 from __future__ import annotations
 
-import math
 from types import MethodType
 from typing import TYPE_CHECKING, Any
 
@@ -25,42 +26,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmhpc.config.layout import validate_tp
+
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-    from llmhpc.config.schema import ModelConfig
     from llmhpc.models.llama import Llama
-
-_SHARDED_SIZES = ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size")
-"""Model sizes that TP splits across ranks: heads of the attention, the MLP's inner size, the vocabulary
-(embedding rows and head columns). `dim` is never split (SP shards the sequence instead)."""
 
 _ATTENTION_ARGS = 7
 """Positional arguments `TransformerBlock` passes to `Attention.forward` (x, cos, sin, mask, cache, layer,
-start); `PrepareModuleInput` needs one layout entry per positional input."""
-
-
-def valid_tp_sizes(model_cfg: ModelConfig) -> list[int]:
-    """Every tp that divides all of the sharded sizes (the divisors of their gcd)."""
-    common = math.gcd(*(getattr(model_cfg, key) for key in _SHARDED_SIZES))
-    return [d for d in range(1, common + 1) if common % d == 0]
-
-
-def validate_tp(model_cfg: ModelConfig, tp: int) -> None:
-    """Raise a one-line ValueError when `tp` cannot split this model evenly.
-
-    Uneven shards would make column-wise heads straddle ranks (wrong attention) and DTensor shapes
-    disagree across ranks, so we refuse up front and name the sizes that would work.
-    """
-    if tp < 1:
-        raise ValueError(f"tp={tp} must be >= 1; valid tp for this model: {_fmt(valid_tp_sizes(model_cfg))}")
-    for key in _SHARDED_SIZES:
-        size = getattr(model_cfg, key)
-        if size % tp:
-            raise ValueError(
-                f"tp={tp} does not divide model.{key}={size}; "
-                f"valid tp for this model: {_fmt(valid_tp_sizes(model_cfg))}"
-            )
+start); `PrepareModuleInput` needs one layout entry per positional input. Only x is sequence-sharded;
+cos/sin ([S, D] or per-row [B, 1, S, D]) and the mask ([B, 1, S, S] or None) are full, plain tensors
+that every rank builds identically, so their layout entries are None (left as they are)."""
 
 
 def apply_tensor_parallel(
@@ -75,7 +52,8 @@ def apply_tensor_parallel(
     Every rank of the mesh must call this with a model of the same config; weights are taken from the
     mesh's first rank (column/row-wise shards are scattered from it, norm weights broadcast from it), so
     ranks need not have the same random init. Every rank of the mesh must then feed the same
-    `input_ids` (and `document_ids`): TP splits one batch's work, not the batch.
+    `input_ids` (and `document_ids`, `position_ids`, `attention_mask`): TP splits one batch's work,
+    not the batch.
 
     Semantics kept: `model(input_ids)` returns full logits [B, S, vocab] as a plain tensor;
     `model.hidden_states(...)` and `model(..., return_hidden=True)` return full, plain [B, S, dim];
@@ -181,10 +159,6 @@ def apply_tensor_parallel(
 
     model.register_forward_pre_hook(_input_check(tp, sequence_parallel), with_kwargs=True)
     return model
-
-
-def _fmt(values: list[int]) -> str:
-    return ", ".join(str(v) for v in values)
 
 
 @torch.no_grad()

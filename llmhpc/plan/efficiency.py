@@ -44,8 +44,9 @@ class Stack:
     """The same with parallel.compile=true (inductor fuses chains of elementwise ops)."""
     tp_exposed: float
     """Share of tensor-parallel communication not hidden behind compute."""
-    param_gather_bytes: float
-    """Bytes per parameter in data-parallel weight all-gathers (bf16 weights)."""
+    param_gather_bytes: float | None
+    """Bytes per parameter in data-parallel weight all-gathers; None: the run's parameter dtype (llmhpc's FSDP2
+    mixed-precision policy: bf16 under precision=bf16 / fp8, fp32 in fp32). Float8 under precision=fp8 in any case."""
     grad_reduce_bytes: float
     """Bytes per parameter in gradient reduce-scatters / all-reduces."""
     grad_reduce_once: bool
@@ -58,7 +59,7 @@ class Stack:
 
 STACKS: dict[str, Stack] = {
     "llmhpc": Stack(
-        "llmhpc", elementwise_traffic=1.0, compiled_traffic=0.5, tp_exposed=1.0, param_gather_bytes=4,
+        "llmhpc", elementwise_traffic=1.0, compiled_traffic=0.5, tp_exposed=1.0, param_gather_bytes=None,
         grad_reduce_bytes=4, grad_reduce_once=False, calibration=0.631,
         calibrated_on="torchtitan, Llama 3.1 8B, 8x H100, FSDP, bf16 eager, local batch 2 x 8192, selective AC: "
         "5,762 tokens/s/GPU (benchmarks/llama3_h100_202412_torchtitan.md, Table 1)",
@@ -70,8 +71,9 @@ STACKS: dict[str, Stack] = {
         "(NeMo Framework performance summary)",
     ),
 }
-"""'llmhpc': this code base (FSDP2 with fp32 weights gathered, reduce-scatter after every micro-batch, eager
-unfused norms/RoPE/SwiGLU, TP collectives in the critical path), the same structure as torchtitan.
+"""'llmhpc': this code base (FSDP2 gathering bf16 weights under bf16 / fp8, fp32 ones in fp32, and reduce-scattering
+fp32 gradients after every micro-batch; eager unfused norms/RoPE/SwiGLU, TP collectives in the critical path), the
+same structure as torchtitan.
 'megatron': Megatron-Core / NeMo (Transformer Engine fused kernels: assumed 40 % of the eager elementwise
 traffic; userbuffer TP overlap: assumed 70 % hidden; distributed optimizer reducing bf16 gradients once per step)."""
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from llmhpc.config.layout import micro_batch_size, stages_per_rank, validate_layout
 from llmhpc.config.schema import Config
 from llmhpc.config.validate import validate
-from llmhpc.parallel.dims import stages_per_rank
 
 RECOMPUTE_FRACTION = {"none": 0.0, "selective": 0.5, "full": 1.0}
 """Share of blocks whose activations are recomputed: 'selective' checkpoints blocks 0, 2, 4, ...
@@ -84,13 +84,12 @@ class Layout:
     def of(cls, cfg: Config, world_size: int) -> Layout:
         """The layout `cfg.parallel` describes on `world_size` GPUs; `ConfigError` (one line) if llmhpc
         would refuse it."""
-        validate(cfg, world_size)
-        from llmhpc.parallel.dims import validate_layout
-
+        validate(cfg)
         dims = validate_layout(cfg.parallel, world_size, cfg.model, cfg.trainer)
         p = cfg.parallel
         return cls(dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp, p.pp_schedule,
-                   stages_per_rank(p) if dims.pp > 1 else 1, RECOMPUTE_FRACTION[p.ac], cfg.trainer.micro_batch_size,
+                   stages_per_rank(p) if dims.pp > 1 else 1, RECOMPUTE_FRACTION[p.ac],
+                   micro_batch_size(cfg.trainer, p, dims),
                    p.engine, p.zero_stage, p.reshard_after_forward, p.compile, p.loss_parallel)
 
 

@@ -2,9 +2,10 @@
 
 The model follows what this code base keeps alive, tensor by tensor (see docs/planner.md):
 fp32 master weights, fp32 gradients and AdamW moments, sharded by FSDP2 / ZeRO; FSDP's gathered
-blocks and root; the activations autograd saves in our eager block (bf16 autocast keeps the
-residual stream and RMSNorm in fp32) for every micro-batch a pipeline schedule holds; the fused
-LM-head loss's chunk of logits. The worst pipeline rank is reported.
+blocks and root (bf16 under precision=bf16/fp8: FSDP2's mixed-precision policy); the activations
+autograd saves in our eager block (the residual stream is fp32 under plain bf16 autocast, bf16 inside
+FSDP2's mixed precision; RMSNorm normalizes in fp32 either way) for every micro-batch a pipeline
+schedule holds; the fused LM-head loss's chunk of logits. The worst pipeline rank is reported.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ GIB = 2**30
 ADAM_BYTES = 8
 """AdamW keeps two fp32 moments per parameter."""
 MASTER_BYTES = 4
-"""Weights and gradients are fp32 in every precision (bf16/fp8 only change the matmul inputs)."""
+"""Sharded weights and gradients are fp32 in every precision (bf16/fp8 change the matmul inputs and, under FSDP2,
+the gathered copies)."""
+REDUCE_BYTES = 4
+"""FSDP2 reduces gradients in fp32 in every precision (`MixedPrecisionPolicy(reduce_dtype=torch.float32)`)."""
 LOSS_CHUNK_TOKENS = 1024
 """Tokens per chunk of the fused LM-head loss (llmhpc.train.losses.CHUNK_TOKENS)."""
 FSDP_BLOCKS_IN_FLIGHT = 2
@@ -72,21 +76,47 @@ class MemoryBreakdown:
         return out
 
 
-def block_activation_bytes(w: Workload, tp: int) -> float:
-    """Bytes autograd saves per token for one transformer block of llmhpc's model.
+def fsdp_mixed_precision(w: Workload, layout: Layout) -> bool:
+    """Whether FSDP2's mixed-precision policy applies (`llmhpc.parallel.fsdp.mixed_precision_policy`): bf16 or fp8
+    under FSDP (torch engine, dp_shard > 1). Then parameters are gathered, and blocks run, in bf16."""
+    return w.precision != "fp32" and layout.engine == "torch" and layout.dp_shard > 1
 
-    Saved tensors: block input, RMSNorm's normalized x, their twins after attention (4 h, in the residual
-    dtype; sequence-sharded under TP); the inputs of the q/k/v and w1/w3 projections (2 h fp32, or 5 h bf16
-    because autocast casts the input once per linear; all-gathered, so full size under TP); q, k, v, the
-    attention output and its reshaped copy (3 q + 2 kv); SwiGLU's w1 and w3 outputs, silu and the product (4 f);
-    the attention log-sum-exp (one fp32 per head). Head-sharded tensors divide by tp.
+
+def residual_bytes(w: Workload, layout: Layout) -> int:
+    """Bytes per element of the residual stream between blocks: bf16 inside FSDP2's mixed precision (it casts
+    each block's input to bf16), else fp32 (fp32 weights; autocast only lowers the matmuls)."""
+    return 2 if fsdp_mixed_precision(w, layout) else 4
+
+
+def gathered_param_bytes(w: Workload, layout: Layout) -> int:
+    """Bytes per element of the parameters (and unsharded gradients) FSDP2 gathers: bf16 under its mixed-precision
+    policy, else fp32 (also for DeepSpeed ZeRO-3, modelled like FSDP without a policy)."""
+    return 2 if fsdp_mixed_precision(w, layout) else MASTER_BYTES
+
+
+def block_activation_bytes(w: Workload, tp: int, mixed: bool = False) -> float:
+    """Bytes autograd saves per token for one transformer block of llmhpc's model; `mixed` under FSDP2's
+    mixed-precision policy (`fsdp_mixed_precision`).
+
+    Saved tensors: per RMSNorm (two per block, sequence-sharded under TP) its fp32 input and its normalized x,
+    4 + 4 bytes per element with an fp32 residual stream; inside FSDP's mixed precision the fp32 copy of the bf16
+    input and the bf16 normalized x (4 + 2). The inputs of the q/k/v and w1/w3 projections (all-gathered, so full
+    size under TP): 2 h fp32; 5 h bf16 under autocast alone, which casts the fp32 norm output once per linear;
+    2 h bf16 under mixed precision (the norm output is bf16 already and shared). q, k, v, the attention output and
+    its reshaped copy (3 q + 2 kv); SwiGLU's w1 and w3 outputs, silu and the product (4 f); the attention
+    log-sum-exp (one fp32 per head). Head-sharded tensors divide by tp. (Checked against the tensors autograd
+    saves on CPU, `torch.autograd.graph.saved_tensors_hooks`, in fp32, bf16 autocast and FSDP2 mixed precision.)
     """
     s = w.shape
-    stream = 4  # the residual stream and RMSNorm stay fp32 (fp32 weights, no FSDP mixed-precision policy)
     low = w.low_bytes
-    linear_inputs = 2 * s.dim * 4 if w.precision == "fp32" else 5 * s.dim * 2
+    if w.precision == "fp32":
+        norms, linear_inputs = 2 * (4 + 4) * s.dim, 2 * s.dim * 4
+    elif mixed:
+        norms, linear_inputs = 2 * (4 + 2) * s.dim, 2 * s.dim * 2
+    else:
+        norms, linear_inputs = 2 * (4 + 4) * s.dim, 5 * s.dim * 2
     sharded = (3 * s.q_dim + 2 * s.kv_dim + 4 * s.ffn_dim) * low + 4 * s.n_heads
-    return 4 * s.dim * stream / tp + linear_inputs + sharded / tp
+    return norms / tp + linear_inputs + sharded / tp
 
 
 def logits_bytes(w: Workload, layout: Layout) -> float:
@@ -94,8 +124,9 @@ def logits_bytes(w: Workload, layout: Layout) -> float:
 
     Without TP or PP, llmhpc's fused loss keeps one chunk of logits in the compute dtype (overwritten in place by
     their gradient), an fp32 accumulator for the head's gradient (under bf16 also the bf16 product and its fp32 copy
-    that are added to it) and the hidden states' gradient. Under TP (replicated logits) and on the last pipeline
-    stage (whose output the schedule's loss function takes) the logits are materialized, and the eager loss peaks
+    that are added to it) and the hidden states' gradient (in the residual dtype). Under TP (replicated logits) and
+    on the last pipeline stage (whose output the schedule's loss function takes) the logits are materialized, and
+    the eager loss peaks
     in log-softmax's backward with three fp32 logits-sized tensors alive: the saved log-softmax, the gradient
     coming from the NLL and the one going out. Under PP the schedule also holds the stage output (the logits, in
     the compute dtype) until the stage's backward; under TP the logits and their fp32 copy are freed once the loss
@@ -108,7 +139,7 @@ def logits_bytes(w: Workload, layout: Layout) -> float:
         chunk = min(LOSS_CHUNK_TOKENS, tokens)
         # bf16: the accumulator, the chunk's bf16 product and (after the first chunk) that product's fp32 copy
         head_grad = s.vocab * s.dim * (4 if w.precision == "fp32" else 4 + 2 + (4 if tokens > chunk else 0))
-        return chunk * s.vocab * w.low_bytes + head_grad + tokens * s.dim * 4
+        return chunk * s.vocab * w.low_bytes + head_grad + tokens * s.dim * residual_bytes(w, layout)
     per_element = 3 * 4
     if layout.pp > 1:
         per_element += w.low_bytes
@@ -157,21 +188,28 @@ def _rank_memory(w: Workload, layout: Layout, rank: int, n_blocks: int, m: int, 
     gathered = 0.0
     sharded_weights = shard_p > 1
     if sharded_weights:
+        # Gathered weights and unsharded gradients in the parameter dtype (bf16 under FSDP2 mixed precision); the
+        # block linears' weights in float8 under fp8 (torchao's float8 all-gather, tensorwise). The root (embedding,
+        # norm, head) stays gathered all step with its gradient; per block in flight its weights, and in backward
+        # one block's unsharded gradients plus FSDP2's reduce-scatter input they are copied into (fp32).
+        param_b = gathered_param_bytes(w, layout)
+        block_b = 1 if w.precision == "fp8" and fsdp_mixed_precision(w, layout) else param_b
         root_local = root / layout.tp
         kept = n_blocks if not layout.reshard_after_forward else min(n_blocks, FSDP_BLOCKS_IN_FLIGHT)
-        gathered = 2 * MASTER_BYTES * root_local + MASTER_BYTES * block * kept + MASTER_BYTES * block * min(
-            n_blocks, FSDP_BLOCKS_IN_FLIGHT)
+        block_grads = (param_b + REDUCE_BYTES) * block if n_blocks else 0.0
+        gathered = 2 * param_b * root_local + block_b * block * kept + block_grads
     elif layout.dp_replicate > 1 and layout.dp_shard == 1 and layout.engine == "torch":
         gathered = local * MASTER_BYTES  # DDP's bucket copies of the gradients
 
     tokens = layout.micro_batch * w.seq_len
-    per_block = block_activation_bytes(w, layout.tp) * tokens
-    kept_input = 4 * s.dim * tokens / layout.tp  # a checkpointed block keeps only its input
+    stream = residual_bytes(w, layout)
+    per_block = block_activation_bytes(w, layout.tp, fsdp_mixed_precision(w, layout)) * tokens
+    kept_input = stream * s.dim * tokens / layout.tp  # a checkpointed block keeps only its input
     recomputed = round(n_blocks * layout.recompute)
     one_mb = (n_blocks - recomputed) * per_block + recomputed * kept_input
     activations = in_flight(layout, rank, m) * one_mb + (per_block if recomputed else 0.0)
     if last:
-        activations += 2 * 4 * s.dim * tokens  # final RMSNorm's saved input and normalized x
+        activations += (4 + stream) * s.dim * tokens  # final RMSNorm's saved fp32 input and normalized x
     logits = logits_bytes(w, layout) if last else 0.0
 
     live = params + grads + optimizer + gathered + activations + logits

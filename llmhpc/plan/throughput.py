@@ -78,6 +78,12 @@ class StepEstimate:
         return self.tokens_per_s_per_gpu * self.model_flops_per_token / self.peak_flops
 
 
+def param_gather_bytes(w: Workload, stack: Stack) -> float:
+    """Bytes per parameter of a data-parallel weight all-gather in high precision: the stack's figure, or (None,
+    llmhpc) the parameter dtype of FSDP2's mixed-precision policy: bf16 under precision=bf16 / fp8, else fp32."""
+    return w.low_bytes if stack.param_gather_bytes is None else stack.param_gather_bytes
+
+
 def _ring(bytes_total: float, n: int, bw: float) -> float:
     """Seconds for a ring all-gather or reduce-scatter whose full (unsharded) result is `bytes_total`."""
     return 0.0 if n <= 1 else bytes_total * (n - 1) / n / (bw * LINK_FRACTION)
@@ -98,7 +104,7 @@ def estimate_step(w: Workload, layout: Layout, cluster: Cluster, stack: Stack) -
     local = (max(blocks) * s.block_params + s.embedding_params + s.head_params) / layout.tp
     if layout.pp > 1:
         local = (max(blocks) * s.block_params + s.embedding_params) / layout.tp
-    dp_once = _reduce_once(layout, cluster, stack, local, compute)
+    dp_once = _reduce_once(w, layout, cluster, stack, local, compute)
     shard = layout.dp_shard if layout.engine == "torch" else layout.dp
     optimizer = local / shard * OPTIMIZER_BYTES_PER_PARAM / (gpu.hbm_bw * HBM_FRACTION)
     bubble = bubble_micro_batches(layout) * (compute + tp + pp)
@@ -143,7 +149,7 @@ def _micro_batch(w: Workload, layout: Layout, cluster: Cluster, stack: Stack, n_
     sharded = layout.dp_shard > 1 and (layout.engine == "torch" or layout.zero_stage == 3)
     if sharded:
         local = (n_blocks * s.block_params) / tp
-        gather_bytes = 1 if w.precision == "fp8" else stack.param_gather_bytes
+        gather_bytes = 1 if w.precision == "fp8" else param_gather_bytes(w, stack)  # fp8: float8 all-gather
         gathers = 2 if layout.reshard_after_forward else 1
         bw = cluster.group_bw(layout.dp_shard, tp)
         dp_comm = gathers * _ring(local * gather_bytes, layout.dp_shard, bw)
@@ -165,7 +171,8 @@ def _micro_batch(w: Workload, layout: Layout, cluster: Cluster, stack: Stack, n_
     return compute, tp_comm, dp_comm, pp_comm
 
 
-def _reduce_once(layout: Layout, cluster: Cluster, stack: Stack, local_params: float, mb_compute: float) -> float:
+def _reduce_once(w: Workload, layout: Layout, cluster: Cluster, stack: Stack, local_params: float,
+                 mb_compute: float) -> float:
     """Exposed once-per-step gradient reduction (+ weight gather) of stacks that accumulate before reducing and of
     ZeRO-1/2; overlapped with the last micro-batch's backward (2/3 of its compute)."""
     once = stack.grad_reduce_once or (layout.engine == "deepspeed" and layout.zero_stage < 3)
@@ -173,5 +180,5 @@ def _reduce_once(layout: Layout, cluster: Cluster, stack: Stack, local_params: f
         return 0.0
     bw = cluster.group_bw(layout.dp, layout.tp)
     traffic = _ring(local_params * stack.grad_reduce_bytes, layout.dp, bw) + _ring(
-        local_params * stack.param_gather_bytes, layout.dp, bw)
+        local_params * param_gather_bytes(w, stack), layout.dp, bw)
     return max(0.0, traffic - 2 / 3 * mb_compute)

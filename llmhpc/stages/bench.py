@@ -1,7 +1,8 @@
 """`llmhpc bench`: our train-step throughput against transformers' LlamaForCausalLM, in one run.
 
 Three trainers start from the same weights and take the same batches: ours (compiled when
-`parallel.compile=true`, with the fused LM-head loss of `causal_lm_loss`), transformers eager and
+`parallel.compile=true`, with the fused LM-head loss of `causal_lm_loss`; its defaults are
+`llmhpc.stages.registry.BENCH_DEFAULTS`), transformers eager and
 transformers under `torch.compile`. A step is forward + backward + fused AdamW step with the same
 hyperparameters, so the ratio measures the model and loss implementations. Steps are interleaved
 (one step of each, in a rotating order, per round) because CPU timings on shared machines drift
@@ -25,25 +26,13 @@ import torch
 from llmhpc.config import ConfigError
 from llmhpc.config.schema import Config
 from llmhpc.metrics.bench_table import REFERENCES, table_row, update_table
+from llmhpc.metrics.import_noise import quiet_import_noise
 from llmhpc.metrics.kernel_floor import FloorTimes, KernelFloor
 from llmhpc.metrics.mfu import measured_gemm_flops
 from llmhpc.models import build_model
 from llmhpc.models.hf import config_to_hf, state_dict_to_hf
-from llmhpc.train.losses import causal_lm_loss
+from llmhpc.train.objective import causal_lm_loss
 from llmhpc.train.optim import build_optimizer
-
-DEFAULT_OVERRIDES = ["model=smollm2_135m", "trainer.micro_batch_size=4", "trainer.seq_len=256",
-                     "trainer.max_steps=4", "trainer.lr=1e-4", "parallel.compile=true"]
-"""What `llmhpc bench` runs unless told otherwise: the SmolLM2-135M shape, batch 4 x 256, compiled. The
-learning rate is pinned (not inherited from the pretraining default): a larger one makes the first steps
-spike and amplifies rounding differences between any two implementations past the equal-loss tolerance."""
-
-
-def with_defaults(overrides: list[str]) -> list[str]:
-    """DEFAULT_OVERRIDES, except keys the user set, followed by the user's overrides."""
-    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    return [d for d in DEFAULT_OVERRIDES if d.split("=", 1)[0] not in given] + list(overrides)
-
 
 WARMUP_STEPS = 2
 """Untimed steps per implementation before timing: the first compiles, the second settles allocators."""
@@ -78,6 +67,7 @@ def _autocast(bf16: bool):
 
 def hf_twin(model: torch.nn.Module) -> torch.nn.Module:
     """transformers' LlamaForCausalLM (SDPA attention) holding a copy of `model`'s weights."""
+    quiet_import_noise()  # transformers' model classes import torchao, whose CPU-machine notices are not ours
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hf_cfg = LlamaConfig(**config_to_hf(model.cfg), attn_implementation="sdpa")
@@ -147,7 +137,7 @@ def _build(cfg: Config, bf16: bool, references: tuple[str, ...]) -> tuple[dict[s
     models = [("ours", ours, ours_step)] + [(ref, hf_twin(ours), hf_step) for ref in references]
     steps = {}
     for name, model, make in models:
-        optimizer = build_optimizer(model, cfg.trainer)  # same groups, lr, betas, eps; fused AdamW
+        optimizer, _ = build_optimizer(model, cfg.trainer)  # same groups, lr, betas, eps; fused AdamW
         if name == "hf_compiled" or (name == "ours" and cfg.parallel.compile):
             model.compile()
         steps[name] = make(model, optimizer, bf16)
@@ -270,3 +260,8 @@ def _report(r: dict) -> None:
           + f"; tolerance {r['loss_tolerance']:g}: {'equal' if r['equal_loss'] else 'NOT EQUAL'}"
           + (f" (HF compiled vs HF eager: {r['max_loss_diff_between_references']:.2e})"
              if "max_loss_diff_between_references" in r else ""), flush=True)
+
+
+def main(cfg: Config, overrides: list[str]) -> int:
+    """`llmhpc bench`: exit code 1 when the implementations' losses disagree (the speed would mean nothing)."""
+    return 0 if run(cfg)["equal_loss"] else 1

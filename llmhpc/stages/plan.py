@@ -34,3 +34,9 @@ def run(cfg: Config, overrides: list[str]) -> str:
         return f"{top}\n\n{body}"
     layout = Layout.of(cfg, cluster.world_size)
     return f"{top}\n\n{detail(evaluate(cfg, layout, cluster, chosen), cluster)}"
+
+
+def main(cfg: Config, overrides: list[str]) -> int:
+    """`llmhpc plan`: print the report."""
+    print(run(cfg, overrides))
+    return 0

@@ -14,6 +14,8 @@ where the three GEMMs dominate.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -62,16 +64,38 @@ def _chunk_loss_and_dlogits_(logits: torch.Tensor, labels: torch.Tensor) -> torc
     return loss
 
 
+def _compile_blocker(device: torch.device) -> str | None:
+    """Why inductor cannot build kernels for `device` in this environment, or None when it can.
+
+    Decided before compiling, so that a failure while compiling (a real bug) is raised, not hidden: the
+    only fallbacks are a Python torch.compile does not support and a CPU without a C++ compiler.
+    """
+    import shutil
+
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile does not support this Python"
+    if device.type == "cpu":
+        from torch._inductor import config as inductor_config
+
+        compiler = inductor_config.cpp.cxx[-1] if inductor_config.cpp.cxx else "g++"
+        if shutil.which(compiler or "g++") is None and shutil.which("c++") is None:
+            return f"no C++ compiler ({compiler or 'g++'}) is installed for inductor's CPU kernels"
+    return None
+
+
 def _chunk_kernel(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """`_chunk_loss_and_dlogits_`, compiled on first use; eager where inductor cannot build (no compiler)."""
+    """`_chunk_loss_and_dlogits_`, compiled on first use; eager (with one warning) where inductor cannot build."""
     global _compiled_chunk
     if _compiled_chunk is None:
-        _compiled_chunk = torch.compile(_chunk_loss_and_dlogits_, dynamic=False)
-    try:
-        return _compiled_chunk(logits, labels)
-    except Exception:  # noqa: BLE001 - the eager function computes the same values, only slower
-        _compiled_chunk = _chunk_loss_and_dlogits_
-        return _chunk_loss_and_dlogits_(logits, labels)
+        blocker = _compile_blocker(logits.device)
+        if blocker is None:
+            _compiled_chunk = torch.compile(_chunk_loss_and_dlogits_, dynamic=False)
+        else:
+            warnings.warn(f"the fused LM-head loss runs eager (slower, same values): {blocker}", stacklevel=2)
+            _compiled_chunk = _chunk_loss_and_dlogits_
+    return _compiled_chunk(logits, labels)
 
 
 _compiled_chunk = None
@@ -175,19 +199,3 @@ def linear_cross_entropy_sum(
     with torch.autocast(h.device.type, enabled=False):
         loss = _LinearCrossEntropy.apply(h, weight, flat, chunk_tokens, dtype, need_h, need_w)
     return loss, n_tokens
-
-
-def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Language-modelling loss of `model` on a batch with input_ids, labels (, document_ids).
-
-    Models that can return their final hidden states and expose a plain head matrix (the llmhpc
-    `Llama`, also under `model.compile()`) get the fused LM-head loss; anything else (e.g. a head
-    sharded as a DTensor) goes through its logits.
-    """
-    weight_of = getattr(model, "lm_head_weight", None)
-    weight = weight_of() if callable(weight_of) else None
-    if weight is not None and type(weight.data) is torch.Tensor:
-        hidden = model(batch["input_ids"], document_ids=batch.get("document_ids"), return_hidden=True)
-        return linear_cross_entropy_sum(hidden, model.lm_head_weight(), batch["labels"])
-    logits = model(batch["input_ids"], document_ids=batch.get("document_ids"))
-    return token_cross_entropy_sum(logits, batch["labels"])

@@ -32,11 +32,11 @@ class DataParallelReducer:
             dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
         return out
 
-    def sum_int(self, value: int) -> int:
-        """Sum of a Python int over the dp ranks."""
+    def sum_ints(self, *values: int) -> list[int]:
+        """Sums of Python ints over the dp ranks, in one collective."""
         if self.group is None:
-            return value
-        return int(self.sum(torch.tensor(value, dtype=torch.int64, device=self.device)).item())
+            return list(values)
+        return [int(v) for v in self.sum(torch.tensor(values, dtype=torch.int64, device=self.device)).tolist()]
 
     @staticmethod
     def full(value: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,7 @@ resuming at step N gives the same learning rate as the uninterrupted run.
 from __future__ import annotations
 
 import math
-
-import torch
+from collections.abc import Sequence
 
 from llmhpc.config.schema import TrainerConfig
 
@@ -40,9 +39,15 @@ def lr_factor(step: int, cfg: TrainerConfig) -> float:
     raise ValueError(f"unknown trainer.schedule {cfg.schedule!r}; use cosine, wsd or constant")
 
 
-def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainerConfig) -> float:
-    """Set every param group's learning rate for `step`; returns the value set."""
+def set_lr(
+    param_groups: list[dict], step: int, cfg: TrainerConfig, scales: Sequence[float] | None = None
+) -> float:
+    """Set each param group's learning rate for `step` (the schedule's value times the group's scale, 1 by
+    default); returns the schedule's value."""
     lr = cfg.lr * lr_factor(step, cfg)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    scales = scales or [1.0] * len(param_groups)
+    if len(scales) != len(param_groups):
+        raise ValueError(f"{len(scales)} learning-rate scales for {len(param_groups)} param groups")
+    for group, scale in zip(param_groups, scales, strict=True):
+        group["lr"] = lr * scale
     return lr

@@ -1,9 +1,10 @@
 """The one training loop every stage uses.
 
-A stage hands the trainer a model, an optimizer, a batch source with a resumable position and
-a loss function; the trainer owns everything else: learning-rate schedule, gradient
-accumulation, clipping, autocast, the non-finite guard, eval, logging and checkpoints. The
-same loop therefore serves pretraining, SFT, LoRA and the RL stages.
+A stage hands the trainer an engine (the laid-out model, its optimizer and how a step runs on the parallel
+backend; see `llmhpc.train.engine`, built by `llmhpc.train.builder`), the checkpoint components, a batch
+source with a resumable position and an objective; the trainer owns everything else: learning-rate
+schedule, gradient accumulation, clipping, the non-finite guard, eval, logging of the loss and the
+objective's metrics, and checkpoints. The same loop therefore serves pretraining, SFT, LoRA and the RL stages.
 """
 
 from __future__ import annotations
@@ -11,16 +12,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
-from torch import nn
 
-from llmhpc.checkpoint import CheckpointManager
+from llmhpc.checkpoint import CheckpointManager, Component
 from llmhpc.checkpoint.manager import step_dir_name
 from llmhpc.config.load import to_dict, to_yaml
 from llmhpc.config.schema import Config
@@ -29,22 +27,15 @@ from llmhpc.metrics.jsonl import JsonlLogger, truncate_after
 from llmhpc.metrics.mfu import peak_flops
 from llmhpc.metrics.wandb_logger import WandbLogger, new_run_id
 from llmhpc.parallel.process_group import is_main_process
-from llmhpc.train.losses import IGNORE_INDEX, causal_lm_loss
-from llmhpc.train.reduce import DataParallelReducer
+from llmhpc.train.engine import Engine, StepSums
+from llmhpc.train.objective import Objective, processed_tokens
 from llmhpc.train.schedule import set_lr
 
-if TYPE_CHECKING:
-    from deepspeed import DeepSpeedEngine
-    from torch.distributed.device_mesh import DeviceMesh
-
-    from llmhpc.parallel.pipeline import PipelineRunner
-
 Batch = dict[str, torch.Tensor]
-LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
 
 
 class BatchSource(Protocol):
-    """Where training batches come from; its position is saved in every checkpoint."""
+    """Where training batches come from; its position is saved in every checkpoint, per rank."""
 
     def next_batch(self) -> Batch: ...
     def state_dict(self) -> dict: ...
@@ -80,126 +71,67 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _means(sums: StepSums, count: float) -> tuple[float, dict[str, float]]:
+    """(loss / count, {metric: its sum / its count}) of reduced sums."""
+    loss = float(sums.loss) / max(count, 1)
+    return loss, {name: float(total) / max(float(n), 1e-30) for name, (total, n) in sums.metrics.items()}
+
+
 class Trainer:
-    """Runs `cfg.trainer.max_steps` optimizer steps, resuming from the newest checkpoint."""
+    """Runs `cfg.trainer.max_steps` optimizer steps of `objective`, resuming from the newest checkpoint."""
 
     def __init__(
         self,
         cfg: Config,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        engine: Engine,
         batches: BatchSource,
+        objective: Objective,
         *,
-        loss_fn: LossFn = causal_lm_loss,
+        components: list[Component] | None = None,
         eval_batches: list[Batch] | None = None,
         flops_per_token: float | None = None,
         lineage: dict | None = None,
-        dp_mesh: DeviceMesh | None = None,
-        pipeline: PipelineRunner | None = None,
-        after_optimizer_step: Callable[[], None] | None = None,
-        deepspeed: DeepSpeedEngine | None = None,
+        lr_scales: list[float] | None = None,
     ):
         self.cfg = cfg
-        self.model = model
-        self.optimizer = optimizer
+        self.engine = engine
+        self.model = engine.model
         self.batches = batches
-        self.loss_fn = loss_fn
+        self.objective = objective
+        self.components = components or [
+            Component("model", engine.model, engine.optimizer, **engine.checkpoint_converters())
+        ]
+        """What checkpoints hold; the default is the engine's model and optimizer as component 'model'."""
         self.eval_set = eval_batches or []
+        """Held-out batches, the same on every rank."""
         self.flops_per_token = flops_per_token
         self.lineage = lineage or {}
-        self.device = next(model.parameters()).device
+        self.lr_scales = lr_scales
+        """Per param group multipliers of the scheduled learning rate (None: 1 for every group)."""
+        self.device = next(self.model.parameters()).device
         self.run_dir = Path(cfg.run.dir)
-        self.dp = DataParallelReducer(dp_mesh, self.device)
-        self.pipeline = pipeline
-        """Under pipeline parallel, runs each step's micro-batches through this rank's stages."""
-        self.after_optimizer_step = after_optimizer_step
-        """Called after every applied optimizer step (e.g. float8 weight scales for FSDP's fp8 all-gather)."""
-        self.deepspeed = deepspeed
-        """With parallel.engine=deepspeed: the engine wrapping `model`; losses run through it, and it
-        reduces gradients, clips and steps. `loss_fn` then receives the engine as its model."""
+        self.dp = engine.dp
         self.main = is_main_process()
         self.accum_steps = cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * self.dp.size)
-        self.loss_context = nullcontext
-        """Context for the loss and its backward: `loss_parallel()` when the logits stay vocabulary-sharded."""
-        if cfg.parallel.loss_parallel:
-            from torch.distributed.tensor.parallel import loss_parallel
-
-            self.loss_context = loss_parallel
         bf16 = cfg.precision.name in ("bf16", "fp8")  # fp8: float8 block matmuls inside bf16 autocast; MFU vs bf16 peak
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
-        self.autocast = (
-            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else (lambda: nullcontext())
-        )
 
     # -- one optimizer step ---------------------------------------------------------------
     def _train_step(self, step: int) -> dict:
         t = self.cfg.trainer
-        lr = set_lr(self.optimizer, step, t)
+        lr = set_lr(self.engine.lr_groups(), step, t, self.lr_scales)
         micro = [self._to_device(self.batches.next_batch()) for _ in range(self.accum_steps)]
-        # Every rank divides by the global token count; data parallelism averages gradients over the
-        # dp ranks, so each rank scales its share by dp size to make the result the global mean.
-        n_tokens = self.dp.sum_int(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro))
-        input_tokens = sum(b["input_ids"].numel() for b in micro) * self.dp.size
-        if self.deepspeed is not None:
-            return {"lr": lr, "tokens": input_tokens, **self._deepspeed_step(lr, micro, n_tokens)}
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.pipeline is not None:
-            with self.autocast():
-                total_loss = self.pipeline.train_step(micro, self.dp.size / max(n_tokens, 1))
-        else:
-            total_loss = torch.zeros((), device=self.device)
-            for batch in micro:
-                with self.loss_context():  # loss parallel: the backward must run inside it too
-                    with self.autocast():
-                        loss_sum, _ = self.loss_fn(self.model, batch)
-                    (loss_sum / max(n_tokens, 1) * self.dp.size).backward()  # "* 1": one process stays bitwise
-                total_loss += self.dp.full(loss_sum.detach())
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
-        if self.pipeline is not None:  # each rank holds some stages: the norm is global over the pipeline too
-            grad_norm = float(self.pipeline.clip_grad_norm(params, max_norm))
-        else:
-            grad_norm = float(self.dp.full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
-        loss = (self.dp.sum(total_loss) / max(n_tokens, 1)).item()
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)  # global values: every rank decides alike
-        if finite:
-            self.optimizer.step()
-            if self.after_optimizer_step is not None:
-                self.after_optimizer_step()
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "finite": finite, "tokens": input_tokens}
-
-    def _deepspeed_step(self, lr: float, micro: list[Batch], n_tokens: int) -> dict:
-        """The same step through a DeepSpeed engine, which reduces, clips and applies the update itself.
-
-        DeepSpeed skips the update when the gradient norm is not finite, as the guard above does.
-        """
-        from llmhpc.parallel import deepspeed as ds
-
-        engine = self.deepspeed
-        ds.set_lr(engine, lr)
-        total_loss = torch.zeros((), device=self.device)
-        for batch in micro:
-            with self.autocast():
-                loss_sum, _ = self.loss_fn(engine, batch)
-            ds.backward(engine, loss_sum / max(n_tokens, 1) * self.dp.size)
-            total_loss += loss_sum.detach()
-        grad_norm = ds.step(engine)
-        loss = (self.dp.sum(total_loss) / max(n_tokens, 1)).item()
-        return {"loss": loss, "grad_norm": grad_norm, "finite": math.isfinite(loss) and math.isfinite(grad_norm)}
-
-    def _state_converters(self) -> dict:
-        """How checkpoints read and write the model and optimizer: torch's default, or DeepSpeed's partitions."""
-        if self.deepspeed is None:
-            return {}
-        from llmhpc.parallel import deepspeed as ds
-
-        engine = self.deepspeed
-        return {
-            "get_states": lambda model, optimizer: ds.engine_state_dicts(engine, model),
-            "set_states": lambda model, optimizer, msd, osd: ds.load_engine_state_dicts(engine, model, msd, osd),
-        }
+        # The objective's normalizer over the whole step on every dp rank, before any backward: each rank
+        # scales its share so that data parallelism's gradient average is the gradient of the global mean.
+        normalizer, tokens = self.dp.sum_ints(
+            sum(self.objective.normalizer(b) for b in micro), sum(processed_tokens(b) for b in micro)
+        )
+        self.engine.zero_grad()
+        sums = self.engine.forward_backward(micro, self.objective, normalizer)
+        names, flat = sums.flat()
+        loss, metrics = _means(StepSums.unflat(names, self.dp.sum(flat)), normalizer)
+        grad_norm, stepped = self.engine.update(t.grad_clip if t.grad_clip > 0 else math.inf, math.isfinite(loss))
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "finite": stepped, "tokens": tokens, **metrics}
 
     def _to_device(self, batch: Batch) -> Batch:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -214,25 +146,20 @@ class Trainer:
         if self.main:
             print(message, flush=True)
 
-    @torch.no_grad()
-    def evaluate(self) -> float | None:
-        """Mean per-token loss over the held-out batches."""
+    def evaluate(self) -> dict[str, float]:
+        """{'eval_loss': mean over the held-out batches' units, 'eval_<metric>': ...}; empty without them."""
         if not self.eval_set:
-            return None
+            return {}
         self.model.eval()
-        total, count = 0.0, 0
+        total, count = StepSums(), 0
         for batch in self.eval_set:
             batch = self._to_device(batch)
-            with self.autocast():
-                if self.pipeline is not None:
-                    loss_sum, n = self.pipeline.eval_loss_sum(batch), int((batch["labels"] != IGNORE_INDEX).sum())
-                else:
-                    with self.loss_context():
-                        loss_sum, n = self.loss_fn(self.model if self.deepspeed is None else self.deepspeed, batch)
-            total += float(self.dp.full(loss_sum))
-            count += n
+            sums = self.engine.forward(batch, self.objective)
+            total.add(sums.loss, {name: tuple(pair) for name, pair in sums.metrics.items()})
+            count += self.objective.normalizer(batch)
         self.model.train()
-        return total / max(count, 1)
+        loss, metrics = _means(total, count)
+        return {"eval_loss": loss, **{f"eval_{name}": value for name, value in metrics.items()}}
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -241,15 +168,14 @@ class Trainer:
         config_yaml = to_yaml(cfg)
         if self.main:
             (self.run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
-        manager = CheckpointManager(self.run_dir, t.keep_last, warn=lambda m: self._say(f"warning: {m}"),
-                                    **self._state_converters())
-        meta = manager.resume(self.model, self.optimizer)
+        manager = CheckpointManager(self.run_dir, t.keep_last, warn=lambda m: self._say(f"warning: {m}"))
+        meta = manager.resume(self.components)
         step = 0
         run_id = new_run_id()
         if meta is not None:
             step = meta["step"]
             run_id = meta.get("wandb_run_id") or run_id
-            self.batches.load_state_dict(meta["data"])
+            self.batches.load_state_dict(meta["rank"]["data"])
             if self.main:
                 truncate_after(self.run_dir / "metrics.jsonl", step)
             self._say(f"resumed from {manager.dir / step_dir_name(step)} (step {step})")
@@ -259,8 +185,8 @@ class Trainer:
         peak = peak_flops(self.device, self.compute_dtype) * self.world_size if self.flops_per_token else None
         progress = ConsoleProgress(t.max_steps, step, enabled=cfg.logger.progress_bar, silent=not self.main)
         bad_streak, last_loss, eval_loss, saved = 0, math.nan, None, None
-        if self.after_optimizer_step is not None:  # e.g. float8 weight scales: the first step needs them too
-            self.after_optimizer_step()
+        if self.engine.after_optimizer_step is not None:  # e.g. float8 weight scales: the first step needs them too
+            self.engine.after_optimizer_step()
         self.model.train()
         try:
             while step < t.max_steps:
@@ -270,7 +196,7 @@ class Trainer:
                     torch.cuda.synchronize(self.device)
                 elapsed = time.perf_counter() - start
                 step += 1
-                if out["finite"]:
+                if out.pop("finite"):
                     bad_streak = 0
                 else:
                     bad_streak += 1
@@ -281,28 +207,22 @@ class Trainer:
                             f"(trainer.max_bad_steps={t.max_bad_steps}); lower trainer.lr or check the data"
                         )
                 last_loss = out["loss"]
-                record = {
-                    "step": step,
-                    "loss": out["loss"],
-                    "lr": out["lr"],
-                    "grad_norm": out["grad_norm"],
-                    "tokens_per_s": out["tokens"] / elapsed,
-                    "step_time_s": elapsed,
-                    "tokens_seen": step * out["tokens"],
-                }
+                tokens = out.pop("tokens")
+                record = {"step": step, **out, "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
+                          "tokens_seen": step * tokens}
                 if peak:
                     record["mfu"] = self.flops_per_token * record["tokens_per_s"] / peak
                 if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
-                    eval_loss = self.evaluate()
-                    if eval_loss is not None:
-                        record["eval_loss"] = eval_loss
+                    record.update(self.evaluate())
+                    eval_loss = record.get("eval_loss", eval_loss)
                 if jsonl and t.log_every and (step % t.log_every == 0 or step == t.max_steps or "eval_loss" in record):
                     jsonl.log(record)
                     wandb_run.log(record)
                 progress.update(record)
                 if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.max_steps:
-                    extra = {"data": self.batches.state_dict(), "wandb_run_id": run_id, "lineage": self.lineage}
-                    saved = manager.save(step, self.model, self.optimizer, extra, config_yaml)
+                    extra = {"wandb_run_id": run_id, "lineage": self.lineage}
+                    saved = manager.save(step, self.components, extra, config_yaml,
+                                         rank_state={"data": self.batches.state_dict()})
         finally:
             progress.close()
             if jsonl:

@@ -34,7 +34,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from llmhpc.config.schema import ModelConfig  # noqa: E402
 from llmhpc.models import build_model  # noqa: E402
-from llmhpc.train.losses import IGNORE_INDEX, causal_lm_loss  # noqa: E402
+from llmhpc.train.losses import IGNORE_INDEX  # noqa: E402
+from llmhpc.train.objective import causal_lm_loss  # noqa: E402
 from llmhpc.train.optim import parameter_groups  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]

@@ -79,25 +79,56 @@ def _batches() -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous()} for x in ids]
 
 
-def _train(model: torch.nn.Module, bf16: bool, after_step: Callable[[], None] | None) -> list[float]:
-    """AdamW steps as the Trainer takes them: its optimizer, bf16 autocast for fp8, the scale hook."""
+def _whole_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient as one whole tensor (TP/FSDP shards gathered), by parameter name."""
+    grads = {}
+    for name, param in model.named_parameters():
+        grad = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
+        grads[name] = grad.detach().float().clone()
+    return grads
+
+
+def _train(model: torch.nn.Module, bf16: bool, after_step: Callable[[], None] | None,
+           steps: int = STEPS) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """AdamW steps as the Trainer takes them (its optimizer, bf16 autocast for fp8, the scale hook): the
+    losses, and the whole gradients of the first step (taken before any update)."""
     from llmhpc.config.schema import TrainerConfig
-    from llmhpc.train.losses import causal_lm_loss
+    from llmhpc.train.objective import causal_lm_loss
     from llmhpc.train.optim import build_optimizer
 
     optimizer = build_optimizer(model, TrainerConfig(lr=3e-3))
-    losses = []
-    for batch in _batches():
+    losses, first_grads = [], {}
+    for batch in _batches()[:steps]:
         with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
             loss, n_tokens = causal_lm_loss(model, batch)
         (loss / n_tokens).backward()
+        if not first_grads:
+            first_grads = _whole_grads(model)
         optimizer.step()
         optimizer.zero_grad()
         if after_step is not None:
             after_step()
         full = loss.full_tensor() if hasattr(loss, "full_tensor") else loss
         losses.append(float(full.detach()) / n_tokens)
-    return losses
+    return losses, first_grads
+
+
+def _grad_distance(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """max over parameters of |got - ref| / |ref| (Frobenius norms), and the parameter where it is reached."""
+    assert got.keys() == ref.keys(), sorted(set(got) ^ set(ref))
+    dist = {name: float((got[name] - ref[name]).norm() / ref[name].norm().clamp_min(1e-30)) for name in ref}
+    worst = max(dist, key=dist.__getitem__)
+    return dist[worst], worst
+
+
+def _nudge_one_ulp(model: torch.nn.Module) -> None:
+    """Move every weight element one float32 ulp up or down (fixed random signs): noise of the size that
+    reduction order leaves in an fp32 result."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for param in model.parameters():
+            up = torch.rand(param.shape, generator=gen) < 0.5
+            param.copy_(torch.nextafter(param, torch.where(up, torch.inf, -torch.inf)))
 
 
 def _scenario(world: int, recipe: str, bf16: bool, dp_shard: int) -> dict[str, Any]:
@@ -110,10 +141,14 @@ def _scenario(world: int, recipe: str, bf16: bool, dp_shard: int) -> dict[str, A
     from llmhpc.parallel.float8 import apply_float8
 
     initial = _initial_model()
-    high_precision = _train(copy.deepcopy(initial), bf16, None)
+    high_losses, high_grads = _train(copy.deepcopy(initial), bf16, None)
     one_process = copy.deepcopy(initial)
     one_after = apply_float8(one_process, recipe, fsdp=False)
-    one_losses = _train(one_process, bf16, one_after)
+    one_losses, one_grads = _train(one_process, bf16, one_after)
+    nudged = copy.deepcopy(initial)
+    _nudge_one_ulp(nudged)
+    apply_float8(nudged, recipe, fsdp=False)
+    _, nudged_grads = _train(nudged, bf16, None, steps=1)
 
     cfg = ParallelConfig(dp_shard=dp_shard, tp=2)
     dims = resolve_dims(cfg, world)
@@ -126,10 +161,14 @@ def _scenario(world: int, recipe: str, bf16: bool, dp_shard: int) -> dict[str, A
         # mesh only, which under TP is the amax of this rank's TP shard.
         after_step()
     float8 = [m for m in model.modules() if isinstance(m, Float8Linear)]
+    losses, grads = _train(model, bf16, after_step)
     return {
-        "losses": _train(model, bf16, after_step),
+        "losses": losses,
         "one_process": one_losses,
-        "high_precision": high_precision,
+        "high_precision": high_losses,
+        "grad_diff": _grad_distance(grads, one_grads),
+        "grad_gap": _grad_distance(high_grads, one_grads),
+        "grad_floor": _grad_distance(nudged_grads, one_grads),
         "float8_linears": len(float8),
         "sharded": sum(isinstance(m.weight, DTensor) for m in float8),
         "has_scale_hook": after_step is not None,
@@ -172,6 +211,10 @@ def _check(per_rank: list[dict[str, Any]], name: str, recipe: str, bf16: bool, d
         diff = max(abs(a - b) for a, b in zip(got, expected, strict=True))
         gap = max(abs(a - b) for a, b in zip(high, expected, strict=True))
         print(f"{name} rank {rank}: max |TP - one process| {diff:.2e}, float8 vs high precision {gap:.2e}")
+        print(f"  step-1 loss diff {abs(got[0] - expected[0]):.2e} (gap {abs(high[0] - expected[0]):.2e}); "
+              f"step-1 grads: TP {res['grad_diff'][0]:.2e} ({res['grad_diff'][1]}), "
+              f"1-ulp floor {res['grad_floor'][0]:.2e} ({res['grad_floor'][1]}), "
+              f"high precision {res['grad_gap'][0]:.2e} ({res['grad_gap'][1]})")
         assert diff < tol, (diff, got, expected)
         if not bf16:  # the exact comparison means something only if float8 moves the losses far beyond it
             assert gap > MIN_FP8_GAP, f"float8 changes the losses by only {gap:.2e}: is it still converted?"

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import torch
 
+from llmhpc.config.layout import valid_tp_sizes, validate_tp
 from llmhpc.config.schema import ModelConfig
-from llmhpc.parallel.tensor import valid_tp_sizes, validate_tp
 from tests.distributed.launch import spawn_gloo
 
 TP = 2
@@ -120,7 +120,8 @@ def _train(mesh, tied: bool, sp: bool, loss_par: bool) -> dict[str, Any]:
 
     from torch.distributed.tensor.parallel import loss_parallel
 
-    from llmhpc.train.losses import causal_lm_loss, token_cross_entropy_sum
+    from llmhpc.train.losses import token_cross_entropy_sum
+    from llmhpc.train.objective import causal_lm_loss
 
     ref = _reference(tied)
     model = _tp_copy(ref, mesh, sequence_parallel=sp, loss_parallel=loss_par)
@@ -172,6 +173,28 @@ def _rejects(mesh) -> dict[str, Any]:
     return out
 
 
+def _padded(mesh, sp: bool) -> dict[str, Any]:
+    """A left-padded batch (attention_mask) and a packed one (document_ids + restarting position_ids)."""
+    ref = _reference(False)
+    model = _tp_copy(ref, mesh, sequence_parallel=sp)
+    (batch,) = _batches(1)
+    ids = batch["input_ids"]
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    mask[0, :5] = 0
+    docs = torch.zeros(BATCH, SEQ, dtype=torch.long)
+    docs[:, 6:] = 1
+    pos = torch.cat([torch.arange(6), torch.arange(SEQ - 6)]).expand(BATCH, SEQ)
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask)
+        return {
+            "padded": _max_diff(padded, ref(ids, attention_mask=mask)),
+            "padded_row_alone": _max_diff(padded[0, 5:], ref(ids[:1, 5:])[0]),
+            "packed": _max_diff(
+                model(ids, document_ids=docs, position_ids=pos), ref(ids, document_ids=docs, position_ids=pos)
+            ),
+        }
+
+
 def scenarios(world: int) -> dict[str, Callable]:
     """Name -> scenario returning JSON-able numbers, on a 1-D mesh of all ranks; run in this order on every rank."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -190,6 +213,8 @@ def scenarios(world: int) -> dict[str, Callable]:
     ):
         table[f"train-tied{int(tied)}-sp{int(sp)}-lp{int(lp)}"] = lambda t=tied, s=sp, p=lp: _train(mesh, t, s, p)
     table["rejects"] = lambda: _rejects(mesh)
+    for sp in (True, False):
+        table[f"padded-sp{int(sp)}"] = lambda s=sp: _padded(mesh, s)
     return table
 
 
@@ -239,6 +264,13 @@ def test_rejects_inputs_the_layout_cannot_run(results) -> None:
     for res in _get(results, "rejects"):
         assert "not a multiple of tp=2" in res["odd_seq"], res
         assert "KV cache" in res["cache"], res
+
+
+@pytest.mark.parametrize("sp", [True, False], ids=["sp", "no-sp"])
+def test_padded_and_packed_batches_match_single_process(results, sp: bool) -> None:
+    for res in _get(results, f"padded-sp{int(sp)}"):
+        assert res["padded"] < TOL and res["packed"] < TOL, res
+        assert res["padded_row_alone"] < TOL, res
 
 
 def test_validate_tp_lists_valid_values() -> None:

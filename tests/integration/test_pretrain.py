@@ -10,12 +10,13 @@ import torch
 
 from llmhpc.checkpoint import latest_checkpoint, read_checkpoint_config, read_meta
 from llmhpc.config import load_config
+from llmhpc.config.layout import resolve_layout
 from llmhpc.data.prepare import prepare_corpus
 from llmhpc.data.pretrain import PackedTokens, eval_batches
 from llmhpc.metrics.jsonl import read_metrics
-from llmhpc.models import build_model, load_pretrained
-from llmhpc.train.losses import causal_lm_loss
-from llmhpc.train.optim import build_optimizer
+from llmhpc.models import load_pretrained
+from llmhpc.train.builder import RunContext, build
+from llmhpc.train.objective import NextTokenObjective, causal_lm_loss
 from llmhpc.train.trainer import Trainer, TrainingAborted
 from tests.conftest import SMALL_RUN, run_cli
 
@@ -84,35 +85,33 @@ class RandomTokens:
         self.index = state["index"]
 
 
-def tiny_trainer(tmp_path, loss_fn, **trainer_overrides):
+class PoisonedSteps(NextTokenObjective):
+    """Next-token loss made NaN on the given (1-based) optimizer steps; 2 micro-batches per step."""
+
+    def __init__(self, poisoned: set[int]):
+        self.poisoned, self.calls = poisoned, 0
+
+    def loss(self, head, hidden, batch):
+        loss, metrics = super().loss(head, hidden, batch)
+        self.calls += 1
+        return (loss * math.nan if (self.calls - 1) // 2 + 1 in self.poisoned else loss), metrics
+
+
+def tiny_trainer(tmp_path, objective, **trainer_overrides):
     overrides = [f"trainer.{k}={v}" for k, v in trainer_overrides.items()]
     cfg = load_config("pretrain", [*SMALL_RUN, "model.vocab_size=128", f"run.dir={tmp_path}", *overrides])
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    return Trainer(cfg, model, build_optimizer(model, cfg.trainer), RandomTokens(128, 16, 4), loss_fn=loss_fn), model
+    built = build(cfg, RunContext(torch.device("cpu"), resolve_layout(cfg, 1)[1], None))
+    return Trainer(built.cfg, built.engine, RandomTokens(128, 16, 4), objective), built.engine.model
 
 
 def test_non_finite_steps_are_skipped_then_abort(tmp_path):
-    poisoned = {3, 5, 6, 7}
-
-    def loss_fn(model, batch):
-        loss, n = causal_lm_loss(model, batch)
-        return (loss * math.nan if loss_fn.calls // 2 + 1 in poisoned else loss), n
-
-    def counting(model, batch):
-        out = loss_fn(model, batch)
-        loss_fn.calls += 1
-        return out
-
-    loss_fn.calls = 0
-    trainer, model = tiny_trainer(tmp_path / "a", counting, max_steps=4, max_bad_steps=3)
+    trainer, model = tiny_trainer(tmp_path / "a", PoisonedSteps({3}), max_steps=4, max_bad_steps=3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = trainer.fit()  # step 3 is skipped, training goes on
     assert result.step == 4
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
-    loss_fn.calls = 0
-    trainer, _ = tiny_trainer(tmp_path / "b", counting, max_steps=10, max_bad_steps=3)
+    trainer, _ = tiny_trainer(tmp_path / "b", PoisonedSteps({3, 5, 6, 7}), max_steps=10, max_bad_steps=3)
     with pytest.raises(TrainingAborted, match="step 7: 3 steps in a row"):
         trainer.fit()

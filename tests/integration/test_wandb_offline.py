@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from llmhpc.metrics.jsonl import read_metrics
-from llmhpc.metrics.wandb_records import read_offline_run
 from tests.conftest import SMALL_RUN, run_cli
+from tests.wandb_offline import read_offline_run
 
 
 def test_offline_run_logs_config_and_metrics_and_keeps_its_id_on_resume(tmp_path, llmhpc_cache):

@@ -16,13 +16,10 @@ from llmhpc.config import load_config
 from llmhpc.metrics.kernel_floor import KernelFloor
 from llmhpc.models import build_model
 from llmhpc.stages import bench
+from llmhpc.stages.registry import STAGES, load_stage_config, with_defaults
 from llmhpc.train import losses
-from llmhpc.train.losses import (
-    IGNORE_INDEX,
-    causal_lm_loss,
-    linear_cross_entropy_sum,
-    token_cross_entropy_sum,
-)
+from llmhpc.train.losses import IGNORE_INDEX, linear_cross_entropy_sum, token_cross_entropy_sum
+from llmhpc.train.objective import causal_lm_loss
 
 TINY = ["model=tiny", "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
         "model.ffn_dim=192", "trainer.seq_len=32", "trainer.micro_batch_size=2", "trainer.max_steps=2",
@@ -162,10 +159,11 @@ def test_bench_runs_end_to_end_and_writes_the_table(tmp_path, llmhpc_cache):
 
 
 def test_user_overrides_replace_only_their_own_defaults():
-    merged = bench.with_defaults(["precision=bf16", "model=tiny"])
+    spec = STAGES["bench"]
+    merged = with_defaults(spec, ["precision=bf16", "model=tiny"])
     assert "model=smollm2_135m" not in merged and merged[-2:] == ["precision=bf16", "model=tiny"]
     assert "trainer.seq_len=256" in merged
-    assert load_config("bench", bench.with_defaults([])).model.n_layers == 30
+    assert load_stage_config("bench", []).model.n_layers == 30
 
 
 def test_kernel_floor_does_exactly_the_matmul_and_attention_work_of_a_train_step():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from llmhpc.checkpoint import CheckpointError, CheckpointManager, complete_checkpoints, read_meta
+from llmhpc.checkpoint import CheckpointError, CheckpointManager, Component, complete_checkpoints, read_meta
 from llmhpc.checkpoint.manager import TMP_PREFIX
 
 
@@ -25,7 +25,12 @@ def train_steps(model, optimizer, n: int):
 
 
 def save(manager, step, model, optimizer):
-    return manager.save(step, model, optimizer, {"data": {"index": step}, "wandb_run_id": "abc"}, "stage: test\n")
+    return manager.save(step, [Component("model", model, optimizer)], {"wandb_run_id": "abc"}, "stage: test\n",
+                        rank_state={"data": {"index": step}})
+
+
+def resume(manager, model, optimizer):
+    return manager.resume([Component("model", model, optimizer)])
 
 
 def test_restore_is_exact_including_optimizer_and_rng(tmp_path):
@@ -37,8 +42,8 @@ def test_restore_is_exact_including_optimizer_and_rng(tmp_path):
     train_steps(model, optimizer, 2)  # continuing needs the optimizer moments, not just weights
 
     model2, optimizer2 = make_model_and_optimizer(1)
-    meta = CheckpointManager(tmp_path, keep_last=2).resume(model2, optimizer2)
-    assert meta["step"] == 3 and meta["data"] == {"index": 3} and meta["wandb_run_id"] == "abc"
+    meta = resume(CheckpointManager(tmp_path, keep_last=2), model2, optimizer2)
+    assert meta["step"] == 3 and meta["rank"]["data"] == {"index": 3} and meta["wandb_run_id"] == "abc"
     assert torch.equal(torch.rand(4), draw_after_save)
     torch.manual_seed(7)
     train_steps(model2, optimizer2, 2)
@@ -82,7 +87,7 @@ def test_truncated_checkpoint_falls_back_with_warning(tmp_path):
         read_meta(newest)
     warnings: list[str] = []
     model2, optimizer2 = make_model_and_optimizer(3)
-    meta = CheckpointManager(tmp_path, keep_last=3, warn=warnings.append).resume(model2, optimizer2)
+    meta = resume(CheckpointManager(tmp_path, keep_last=3, warn=warnings.append), model2, optimizer2)
     assert meta["step"] == 1
     assert len(warnings) == 1 and "step_0000002" in warnings[0] and "falling back" in warnings[0]
     for a, b in zip(model2.parameters(), good, strict=True):
@@ -96,3 +101,106 @@ def test_corrupt_meta_is_named(tmp_path):
     (path / "meta.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="step_0000005.*meta.json"):
         read_meta(path)
+
+
+WIDE = (8, 4096, 4)
+"""In, hidden and out sizes of the frozen-half model: a first linear of 36,864 floats (144 KiB) that stays frozen,
+a second of 16,388 floats that trains; big enough that tensor bytes dominate DCP's per-file overhead."""
+
+
+def _frozen_half(seed: int, train: bool = False):
+    """A model with its first linear frozen (as `trainer.freeze` leaves it) and AdamW over the rest."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(WIDE[0], WIDE[1]), nn.GELU(), nn.Linear(WIDE[1], WIDE[2]))
+    for p in model[0].parameters():
+        p.requires_grad_(train)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    return model, optimizer
+
+
+def _tensor_bytes(path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.distcp"))
+
+
+def test_a_frozen_half_is_not_written_and_resume_is_bitwise(tmp_path):
+    base = {"source": "init", "seed": 0}
+    model, optimizer = _frozen_half(0)
+    train_steps(model, optimizer, 2)
+    manager = CheckpointManager(tmp_path / "frozen")
+    path = manager.save(2, [Component("model", model, optimizer, base=base)], {}, "stage: test\n")
+    draw_after_save = torch.rand(3)
+    full_model, full_optimizer = _frozen_half(0, train=True)
+    full = CheckpointManager(tmp_path / "full").save(2, [Component("model", full_model, full_optimizer)], {}, "x\n")
+    meta = read_meta(path)
+    assert meta["components"]["model"] == {"frozen": ["0.weight", "0.bias"], "base": base}
+    # On disk: the trained linear and its two AdamW moments (3 copies), not the frozen one; the same model
+    # trained whole also writes the first linear and its moments.
+    trained, frozen = (sum(p.numel() * 4 for p in part.parameters()) for part in (model[2], model[0]))
+    overhead = 64 * 1024
+    assert 3 * trained <= _tensor_bytes(path) < 3 * trained + overhead
+    assert _tensor_bytes(full) - _tensor_bytes(path) >= 3 * frozen
+    torch.manual_seed(7)
+    train_steps(model, optimizer, 2)
+
+    # Resume: the base is rebuilt (same seed), the trained half comes from the checkpoint, bitwise.
+    model2, optimizer2 = _frozen_half(0)
+    with torch.no_grad():
+        model2[2].weight.mul_(0)  # make sure it is really loaded, not re-initialized alike
+    meta2 = CheckpointManager(tmp_path / "frozen").resume([Component("model", model2, optimizer2, base=base)])
+    assert meta2["step"] == 2 and torch.equal(torch.rand(3), draw_after_save)
+    torch.manual_seed(7)
+    train_steps(model2, optimizer2, 2)
+    for a, b in zip(model2.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+    # A checkpoint on another base is the wrong run, not a broken checkpoint: refused, not skipped.
+    model3, optimizer3 = _frozen_half(0)
+    other = Component("model", model3, optimizer3, base={"source": "init", "seed": 1})
+    with pytest.raises(CheckpointError, match="on base source=init, seed=0.*seed=1"):
+        CheckpointManager(tmp_path / "frozen").resume([other])
+
+
+def test_several_components_save_and_load_by_name(tmp_path):
+    policy, policy_opt = make_model_and_optimizer(0)
+    value, value_opt = make_model_and_optimizer(1)
+    train_steps(policy, policy_opt, 1)
+    train_steps(value, value_opt, 2)
+    CheckpointManager(tmp_path).save(3, [Component("policy", policy, policy_opt), Component("value", value, value_opt)],
+                                     {}, "x\n")
+    p2, po2 = make_model_and_optimizer(5)
+    v2, vo2 = make_model_and_optimizer(6)
+    CheckpointManager(tmp_path).resume([Component("policy", p2, po2), Component("value", v2, vo2)])
+    for got, want in ((p2, policy), (v2, value)):
+        for a, b in zip(got.parameters(), want.parameters(), strict=True):
+            assert torch.equal(a, b)
+    assert vo2.state_dict()["state"][0]["step"] == 2 and po2.state_dict()["state"][0]["step"] == 1
+    with pytest.raises(CheckpointError, match="no component 'critic'.*policy, value"):
+        CheckpointManager(tmp_path).load(complete_checkpoints(tmp_path / "checkpoints")[-1],
+                                         [Component("critic", *make_model_and_optimizer(7))])
+
+
+def test_format_1_checkpoints_still_load(tmp_path):
+    """A checkpoint as pretraining wrote it before components: 'model' / 'optim' keys, one RNG state."""
+    import json
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from llmhpc.checkpoint.manager import _encode_rng, _single_process_ok
+
+    model, optimizer = make_model_and_optimizer(0)
+    train_steps(model, optimizer, 2)
+    step_dir = tmp_path / "checkpoints" / "step_0000002"
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with _single_process_ok():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(step_dir))
+    (step_dir / "config.yaml").write_text("stage: test\n")
+    meta = {"format_version": 1, "step": 2, "saved_at": 0.0, "rng": _encode_rng(), "data": {"index": 9}}
+    (step_dir / "meta.json").write_text(json.dumps(meta))
+    train_steps(model, optimizer, 1)  # the original run goes on with the RNG state it saved
+    model2, optimizer2 = make_model_and_optimizer(1)
+    loaded = resume(CheckpointManager(tmp_path), model2, optimizer2)
+    assert loaded["step"] == 2 and loaded["rank"]["data"] == {"index": 9}
+    train_steps(model2, optimizer2, 1)  # the same draws follow: the restored RNG state is the saved one
+    for a, b in zip(model2.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)

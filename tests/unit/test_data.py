@@ -22,6 +22,7 @@ from llmhpc.config.schema import DataConfig
 from llmhpc.data.corpus import iter_documents
 from llmhpc.data.prepare import prepare_corpus
 from llmhpc.data.pretrain import PackedTokens, PretrainLoader, eval_batches
+from llmhpc.errors import InputError
 
 WORDS = "the king and queen of a castle walk slowly under grey sky while players speak verse".split()
 
@@ -100,8 +101,21 @@ def test_sources_yield_documents_in_order(tmp_path: Path) -> None:
 def test_jsonl_missing_field_names_file_line_and_field(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "ok"}\n{"text": "ok"}\n{"content": "no text here"}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl, line 3: no field 'text'"):
+    with pytest.raises(InputError, match=r"bad\.jsonl, line 3: no field 'text'.*data\.text_field"):
         list(iter_documents(str(path)))
+
+
+@pytest.mark.parametrize("name", ["doc.jsonl", "doc.txt"])
+def test_non_utf8_byte_is_located_by_file_offset_and_line(tmp_path: Path, name: str) -> None:
+    good = ['{"text": "caf\u00e9 ok"}\n'.encode(), b'{"text": "second line"}\n']
+    bad = b'{"text": "latin-1 caf\xe9"}\n'
+    path = tmp_path / name
+    path.write_bytes(b"".join(good) + bad)
+    offset = sum(len(line) for line in good) + bad.index(b"\xe9")  # independent of the reader's decoding
+    with pytest.raises(InputError) as err:
+        list(iter_documents(str(path)))
+    assert str(err.value).startswith(f"{path.resolve()}: byte {offset} (line 3) is not valid UTF-8 (0xe9")
+    assert "; convert the file to UTF-8" in str(err.value)
 
 
 def test_missing_path_and_unsupported_extension(tmp_path: Path) -> None:
@@ -111,7 +125,7 @@ def test_missing_path_and_unsupported_extension(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
         prepare_corpus(DataConfig(source=str(missing)))
     (tmp_path / "data.csv").write_text("a,b")
-    with pytest.raises(ValueError, match=r"\.jsonl.*\.parquet"):
+    with pytest.raises(InputError, match=r"data\.csv: .*\.jsonl.*\.parquet"):
         list(iter_documents(str(tmp_path / "data.csv")))
 
 
@@ -280,7 +294,7 @@ def test_resume_from_state_dict_gives_identical_batches(prepped: Path, masking: 
         assert same(batches(restored, 4), expected)
         assert fresh_state != state
     assert original.state_dict()["epoch"] >= 1
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(InputError, match="seed"):
         PretrainLoader(tokens, 16, 5, seed=8).load_state_dict(state)
 
 
@@ -315,9 +329,9 @@ def test_eval_batches_are_fixed_sequential_windows(prepped: Path) -> None:
 
 def test_split_shorter_than_a_window_is_a_clear_error(prepped: Path) -> None:
     val = PackedTokens(prepped, "val")
-    with pytest.raises(ValueError, match="fewer than seq_len"):
+    with pytest.raises(InputError, match="fewer than seq_len"):
         PretrainLoader(val, len(val), 1, seed=0)
-    with pytest.raises(ValueError, match="fewer than seq_len"):
+    with pytest.raises(InputError, match="fewer than seq_len"):
         eval_batches(val, len(val), 1, 1)
 
 

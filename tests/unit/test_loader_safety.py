@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from llmhpc.config.schema import ModelConfig
+from llmhpc.errors import InputError
 from llmhpc.models import build_model, load_pretrained
 from llmhpc.models.hf import config_to_hf, state_dict_to_hf
 
@@ -33,11 +34,12 @@ def pickle_dir(tmp_path):
 def test_pickle_is_refused_by_default(pickle_dir, target):
     directory, _ = pickle_dir
     path = directory if target == "dir" else directory / "pytorch_model.bin"
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(InputError) as err:
         load_pretrained(path)
     message = str(err.value)
     assert "\n" not in message
-    assert "pytorch_model.bin" in message and "allow_pickle=True" in message
+    assert message.startswith(f"{directory / 'pytorch_model.bin'}: ")
+    assert "safetensors" in message and "allow_pickle=True" in message
 
 
 @pytest.mark.parametrize("target", ["dir", "file"])
@@ -74,10 +76,10 @@ def test_missing_path_names_the_path(tmp_path):
 def test_unknown_format_lists_what_is_accepted(tmp_path):
     (tmp_path / "notes.txt").write_text("not a model")
     for path in (tmp_path, tmp_path / "notes.txt"):
-        with pytest.raises(ValueError) as err:
+        with pytest.raises(InputError) as err:
             load_pretrained(path)
         message = str(err.value)
-        assert str(path) in message
+        assert message.startswith(f"{path}: ")
         assert "Hugging Face directory" in message and ".gguf" in message and "checkpoint" in message
 
 

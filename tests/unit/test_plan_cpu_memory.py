@@ -44,7 +44,7 @@ def measured_peak_mib(nproc: int, args: list[str], cache, tmp_path) -> float:
 
 
 def estimated_peak_mib(overrides: list[str], nproc: int) -> float:
-    cfg = load_config("plan", overrides)
+    cfg = load_config("plan", overrides, check_layout=False)
     layout = Layout.of(cfg, nproc)
     return estimate_memory(Workload.of(cfg), layout, on_gpu=False).total / MIB
 

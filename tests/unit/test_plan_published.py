@@ -16,7 +16,7 @@ TOLERANCE = 0.25
 
 
 def preset(name: str) -> ModelConfig:
-    return load_config("plan", [f"model={name}"]).model
+    return load_config("plan", [f"model={name}"], check_layout=False).model
 
 
 LLAMA2_7B = ModelConfig(name="llama2_7b", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,

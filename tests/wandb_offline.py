@@ -1,13 +1,15 @@
-"""Read back what a W&B offline run wrote (`run-<id>.wandb`), without the W&B service.
+"""Test helper: read back what a W&B offline run wrote (`run-<id>.wandb`), without the W&B service.
 
 Offline runs store protobuf `Record`s in W&B's transaction log, a LevelDB-style log: a 7-byte
 file header (":W&B", magic 0xBEE1, version 0), then 32 KiB blocks of chunks, each with a 7-byte
-header (crc32c, length, type FULL/FIRST/MIDDLE/LAST). Newer wandb releases no longer ship a
-Python reader, so this small one lets tests and users inspect logged config and metrics.
+header (crc32c, length, type FULL/FIRST/MIDDLE/LAST). That format and `wandb.proto` are W&B
+internals, not a public API, so this reader lives with the tests (llmhpc itself only writes runs
+through `wandb.init`/`log`) and the `[dev]` extra pins the wandb releases whose log it reads (measured with 0.31).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import struct
 from pathlib import Path
@@ -16,6 +18,20 @@ HEADER = struct.Struct("<4sHB")
 CHUNK = struct.Struct("<IHB")
 BLOCK = 32 * 1024
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+CHECKED_RELEASES = ((0, 18), (0, 32))
+"""wandb releases [from, to) whose offline log this reader parses; keep in step with pyproject's [dev] pin."""
+
+
+def require_known_wandb() -> None:
+    """Fail with the fix when the installed wandb is outside CHECKED_RELEASES (its private format may differ)."""
+    version = importlib.metadata.version("wandb")
+    installed = tuple(int(p) for p in version.split(".")[:2])
+    low, high = CHECKED_RELEASES
+    if not low <= installed < high:
+        raise RuntimeError(
+            f"tests/wandb_offline.py reads the offline log of wandb {low[0]}.{low[1]} up to (not incl.) "
+            f"{high[0]}.{high[1]}; wandb {version} is installed: pip install -e '.[dev]'"
+        )
 
 
 def iter_record_bytes(path: Path):
@@ -52,6 +68,7 @@ def read_offline_run(run_dir: Path) -> dict:
 
     Returns {"run_id": str, "config": dict, "history": [dict, ...]}.
     """
+    require_known_wandb()
     from wandb.proto import wandb_internal_pb2 as pb
 
     files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))

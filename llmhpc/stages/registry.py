@@ -1,0 +1,102 @@
+"""The table of `llmhpc <command>`s: what each one reads from the config, its defaults and its entry point.
+
+Adding a stage is one entry here plus its recipe module; the CLI dispatches through this table and never
+grows an `if` per command. The table is plain data (entry points are import strings), so that composing
+and checking a config, and `llmhpc <stage> --help`, import nothing heavy.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from llmhpc.config.schema import Config
+
+TRAINING_SECTIONS = ("run", "model", "data", "trainer", "parallel", "precision", "logger")
+"""What every training stage reads: the run, the model and its data, the loop, the layout, precision and logging."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One command of the CLI."""
+
+    name: str
+    """The command, e.g. 'pretrain' (two words for 'data prepare')."""
+    summary: str
+    """One line for `llmhpc --help`."""
+    entry: str
+    """'module:function' called with (cfg, overrides); returns the process exit code."""
+    sections: tuple[str, ...] = TRAINING_SECTIONS
+    """Config sections the command reads; an override of any other section is refused, naming its readers."""
+    defaults: tuple[str, ...] = ()
+    """Overrides applied before the user's (a key the user sets replaces the default of the same key)."""
+    check_layout: bool = True
+    """Check the parallel layout against this process's WORLD_SIZE (False: the command lays out other machines)."""
+    example: str = ""
+    """A typical command line, shown in `llmhpc --help`."""
+
+    def run(self, cfg: Config, overrides: list[str]) -> int:
+        module, function = self.entry.split(":")
+        entry: Callable[[Config, list[str]], int] = getattr(importlib.import_module(module), function)
+        return entry(cfg, overrides)
+
+
+BENCH_DEFAULTS = ("model=smollm2_135m", "trainer.micro_batch_size=4",
+                  "trainer.seq_len=256", "trainer.max_steps=4", "trainer.lr=1e-4", "parallel.compile=true")
+"""What `llmhpc bench` runs unless told otherwise: the SmolLM2-135M shape, batch 4 x 256, compiled. The
+learning rate is pinned (not inherited from the pretraining default): a larger one makes the first steps
+spike and amplifies rounding differences between any two implementations past the equal-loss tolerance."""
+
+STAGES: dict[str, StageSpec] = {
+    spec.name: spec
+    for spec in (
+        StageSpec(
+            "pretrain", "pretrain a model on a token corpus (resumes from run.dir automatically)",
+            "llmhpc.stages.pretrain:main",
+            example="llmhpc pretrain model=tiny trainer.max_steps=50 trainer.lr=3e-4 run.dir=runs/x",
+        ),
+        StageSpec(
+            "data prepare", "tokenize data.source into packed token shards (data.path)",
+            "llmhpc.stages.prepare:main", sections=("run", "data"), check_layout=False,
+            example="llmhpc data prepare data.source=corpus.jsonl data.path=data/corpus",
+        ),
+        StageSpec(
+            "bench", "train-step tokens/s vs transformers eager + compiled (default: SmolLM2-135M, 4x256)",
+            "llmhpc.stages.bench:main", defaults=BENCH_DEFAULTS,
+            example="llmhpc bench precision=bf16      results go to docs/benchmarks.md and run.dir/bench.json",
+        ),
+        StageSpec(
+            "plan", "GPU-free planner: is a layout valid, memory per GPU, step time, tokens/s, MFU (no parallel.dp_*/"
+            "tp/pp given: ranks the fastest layouts that fit)",
+            "llmhpc.stages.plan:main", sections=("model", "trainer", "parallel", "precision", "cluster", "plan"),
+            check_layout=False,
+            example="llmhpc plan model=llama3_70b cluster=h100_8x8 trainer.seq_len=8192 "
+                    "trainer.global_batch_size=128 precision=bf16",
+        ),
+    )
+}
+
+
+def section_readers() -> dict[str, list[str]]:
+    """{config section: the commands that read it}, for the error that refuses a key of another command."""
+    readers: dict[str, list[str]] = {}
+    for spec in STAGES.values():
+        for section in spec.sections:
+            readers.setdefault(section, []).append(spec.name)
+    return readers
+
+
+def with_defaults(spec: StageSpec, overrides: list[str]) -> list[str]:
+    """The stage's defaults, except keys the user set, followed by the user's overrides."""
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    return [d for d in spec.defaults if d.split("=", 1)[0] not in given] + list(overrides)
+
+
+def load_stage_config(name: str, overrides: list[str]) -> Config:
+    """The validated config of command `name` (its defaults, then `overrides`); `ConfigError` in one line."""
+    from llmhpc.config.load import load_config
+
+    spec = STAGES[name]
+    return load_config(name, with_defaults(spec, overrides), sections=spec.sections, owners=section_readers(),
+                       check_layout=spec.check_layout)
