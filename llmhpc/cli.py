@@ -6,6 +6,7 @@ turns the errors a user can fix into `error: <one line>` with a non-zero exit co
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 
@@ -55,6 +56,12 @@ def _command(args: list[str]) -> tuple[str, list[str]] | None:
     return None
 
 
+def _error(exc: BaseException) -> None:
+    """`error: <one line>` on stderr; under torchrun every rank hits the same error, and rank 0 says it once."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {exc}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     from llmhpc.metrics.import_noise import quiet_import_noise
 
@@ -85,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_stage_config(name, overrides)  # a bad config fails here, before any heavy import
         return STAGES[name].run(cfg, overrides)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
     except (FileNotFoundError, InputError, CheckpointError, TrainingAborted) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(exc)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

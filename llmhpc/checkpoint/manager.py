@@ -52,7 +52,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from llmhpc.parallel.process_group import barrier, is_main_process
+from llmhpc.process_group import barrier, is_main_process
 
 FORMAT_VERSION = 2
 STEP_PREFIX = "step_"
@@ -126,11 +126,14 @@ def primary_component(step_dir: Path) -> str:
     return next(iter(_saved_components(read_meta(step_dir))))
 
 
-def load_model_state(step_dir: Path, model: nn.Module, component: str | None = None) -> list[str]:
+def load_model_state(
+    step_dir: Path, model: nn.Module, component: str | None = None, aliases: dict[str, str] | None = None
+) -> list[str]:
     """Load a component's saved weights into `model` (plain, or FSDP / TP / pipeline-pruned), no optimizer.
 
-    `component` defaults to the checkpoint's first one. Returns the frozen parameter names the checkpoint
-    does not hold: those keep the values `model` already has, so load the component's base first.
+    `component` defaults to the checkpoint's first one. `aliases` maps a parameter to the name its values are
+    saved under (a pipeline's tied head copy reads the embedding). Returns the frozen parameter names the
+    checkpoint does not hold: those keep the values `model` already has, so load the component's base first.
     """
     meta = read_meta(step_dir)
     saved = _saved_components(meta)
@@ -139,12 +142,21 @@ def load_model_state(step_dir: Path, model: nn.Module, component: str | None = N
         raise CheckpointError(f"checkpoint {step_dir} has no component '{name}' (it holds: {', '.join(saved)})")
     frozen = set(saved[name].get("frozen", []))
     model_sd = {k: v for k, v in get_model_state_dict(model).items() if k not in frozen}
+    copies = {}  # parameter -> the loaded one it equals (both held by this process)
+    for param, stored in (aliases or {}).items():
+        if param in model_sd:
+            copies[param] = stored
+            if stored not in model_sd:
+                model_sd[stored] = model_sd[param]
+            del model_sd[param]
     state = {"model": model_sd} if meta.get("format_version", 1) == 1 else {name: {"model": model_sd}}
     try:
         with _single_process_ok():
             dcp.load(state, checkpoint_id=str(step_dir))
     except Exception as exc:  # DCP raises several types for unreadable files
         raise CheckpointError(f"checkpoint {step_dir} cannot be read: {str(exc).splitlines()[0]}") from None
+    for param, stored in copies.items():
+        model_sd[param] = model_sd[stored]
     set_model_state_dict(model, model_sd, options=StateDictOptions(strict=False))
     return sorted(frozen)
 
@@ -194,7 +206,7 @@ GetStates = Callable[[nn.Module, torch.optim.Optimizer], tuple[dict, dict]]
 SetStates = Callable[[nn.Module, torch.optim.Optimizer, dict, dict], None]
 
 
-def _set_torch_states(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
+def set_torch_states(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
     # strict=False: frozen parameters are not in a checkpoint (they come from the component's base)
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
                    options=StateDictOptions(strict=False))
@@ -218,7 +230,7 @@ class Component:
     """Where the frozen parameters come from, e.g. {'source': path, 'sha256': ...} or {'source': 'init',
     'seed': 1234}; stored in meta.json and compared on resume, so a run never continues on another base."""
     get_states: GetStates = get_state_dict
-    set_states: SetStates = _set_torch_states
+    set_states: SetStates = set_torch_states
 
     def frozen(self) -> list[str]:
         """Names of the parameters that do not train (not written to checkpoints)."""

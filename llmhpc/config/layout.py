@@ -302,12 +302,7 @@ def _validate_deepspeed(p: ParallelConfig) -> None:
 
 
 def _validate_pipeline(p: ParallelConfig, world_size: int, model: ModelConfig) -> None:
-    """Rules of the stage split: schedule vs stages per rank, tied embeddings, layers per stage."""
-    if model.tie_embeddings:
-        raise LayoutError(
-            "parallel.pp > 1 needs untied embeddings: the embedding lives on the first stage and the output head "
-            "on the last, so they cannot share one matrix; set model.tie_embeddings=false or parallel.pp=1"
-        )
+    """Rules of the stage split: schedule vs stages per rank, layers per stage."""
     if p.pp_stages_per_rank is not None and p.pp_stages_per_rank < 1:
         raise LayoutError(f"parallel.pp_stages_per_rank must be >= 1, got {p.pp_stages_per_rank}")
     per_rank = stages_per_rank(p)

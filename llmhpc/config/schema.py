@@ -81,6 +81,9 @@ class DataConfig:
     """Share of the documents held out for the periodic eval loss."""
     document_masking: bool = False
     """Let attention see only tokens of the same document inside a packed sequence."""
+    sampling: str = "shuffle"
+    """'shuffle': every epoch reads each window once, in a seeded order shared by all ranks; 'random': each
+    data-parallel rank draws windows independently, with replacement, from its own seeded generator."""
 
 
 @dataclass
@@ -166,7 +169,8 @@ class ParallelConfig:
     """Tensor-parallel degree with sequence parallel (must divide the attention and KV head counts)."""
     pp: int = 1
     """Pipeline-parallel ranks (each holds pp_stages_per_rank stages; pp x that must divide model.n_layers
-    unless pp_split_points is set). Needs untied embeddings (model.tie_embeddings=false)."""
+    unless pp_split_points is set). With tied embeddings the last stage holds a copy of the embedding as its
+    head; the two gradients are summed before each step and checkpoints keep one tensor."""
     pp_schedule: str = "1f1b"
     """Pipeline schedule when pp > 1: 'gpipe', '1f1b', 'interleaved_1f1b' or 'zbv'."""
     pp_stages_per_rank: int | None = None

@@ -87,6 +87,7 @@ def validate(cfg: Config) -> None:
         _check(getattr(t, name) >= 0, f"trainer.{name} must be >= 0, got {getattr(t, name)}")
     _check(cfg.data.source != "", "data.source must be set: a file or directory of text, e.g. data.source=corpus.jsonl")
     _check(0 <= cfg.data.val_fraction < 0.5, f"data.val_fraction must be in [0, 0.5), got {cfg.data.val_fraction}")
+    _choice("data.sampling", cfg.data.sampling, ("shuffle", "random"))
     _choice("run.device", cfg.run.device, ("auto", "cpu", "cuda"))
     _choice("logger.wandb.mode", cfg.logger.wandb.mode, ("online", "offline", "disabled"))
     _choice("precision", cfg.precision.name, ("fp32", "bf16", "fp8"))

@@ -144,11 +144,13 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _text_document(path: Path) -> str:
+    """The whole file as one document, newlines translated as `Path.read_text` does (\\r\\n and \\r -> \\n)."""
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise utf8_error(path, e, line=data.count(b"\n", 0, e.start) + 1) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def file_documents(path: Path, text_field: str = "text") -> Iterator[str]:

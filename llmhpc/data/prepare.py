@@ -275,3 +275,27 @@ def prepare_corpus(
         raise
     _replace_dir(tmp, out_dir, fingerprint)
     return out_dir
+
+
+def prepare_on_rank0(data_cfg: DataConfig, seed: int) -> Path:
+    """`prepare_corpus` under torchrun: rank 0 tokenizes once, then every rank finds its shards.
+
+    A bad input on rank 0 is raised on every rank (same type, same one line), so no rank is left waiting
+    at a barrier its peer will never reach, or dies on the broken connection with a traceback.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return prepare_corpus(data_cfg, seed=seed)
+    failure: list[str] | None = None
+    if dist.get_rank() == 0:
+        try:
+            prepare_corpus(data_cfg, seed=seed)
+        except (InputError, FileNotFoundError) as exc:
+            failure = [type(exc).__name__, str(exc)]
+    box = [failure]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        kind, message = box[0]
+        raise (FileNotFoundError if kind == "FileNotFoundError" else InputError)(message)
+    return prepare_corpus(data_cfg, seed=seed)  # finds the shards rank 0 just wrote

@@ -169,6 +169,48 @@ class PretrainLoader:
         self.index = int(state["index"])
 
 
+class RandomWindowLoader:
+    """Each data-parallel rank draws its windows on its own, uniformly with replacement (`data.sampling=random`).
+
+    Unlike `PretrainLoader`'s shared epoch order, no rank knows what the others read: every rank's generator
+    is seeded with (seed, dp rank) and its state is that rank's data position, which checkpoints keep per
+    rank. Useful for very large corpora where epochs are meaningless, and the way RL prompt samplers work.
+    """
+
+    def __init__(
+        self,
+        tokens: PackedTokens,
+        seq_len: int,
+        micro_batch_size: int,
+        seed: int,
+        document_masking: bool = False,
+        dp_rank: int = 0,
+    ) -> None:
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.micro_batch_size = micro_batch_size
+        self.document_masking = document_masking
+        self.n_windows = _require_windows(tokens, seq_len)
+        self.rng = np.random.default_rng([seed, dp_rank])
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        starts = self.rng.integers(0, self.n_windows, self.micro_batch_size)
+        return make_batch(self.tokens.windows(starts, self.seq_len), self.tokens.separator_id, self.document_masking)
+
+    def state_dict(self) -> dict:
+        """This rank's generator state (plain JSON: PCG64's state is two big ints)."""
+        return {"sampling": "random", "seq_len": self.seq_len, "n_windows": self.n_windows,
+                "bit_generator": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("sampling") != "random" or state["n_windows"] != self.n_windows:
+            raise InputError(
+                f"{self.tokens.path}: the checkpoint's data position is not one of data.sampling=random over this "
+                "data; resume with the same data and data.sampling, or start a new run.dir"
+            )
+        self.rng.bit_generator.state = state["bit_generator"]
+
+
 def eval_batches(
     tokens: PackedTokens, seq_len: int, micro_batch_size: int, n_batches: int, document_masking: bool = False
 ) -> list[dict[str, torch.Tensor]]:

@@ -348,14 +348,19 @@ class Llama(nn.Module):
         Also works after the model was split and sharded on the meta device (pipeline stages pruned,
         TP / FSDP2 DTensor weights): each weight's full values are drawn in the order of the whole
         model and every rank keeps its own shard, so any layout starts from exactly the weights of a
-        single-process run, with one full weight in memory at a time instead of the whole model.
+        single-process run, with one full weight in memory at a time instead of the whole model. A tied
+        model that also holds an `output` (the last pipeline stage's copy of the embedding) fills it with
+        the embedding's draw.
         """
         device = self.rope_cos.device
+        tied_copy = self.cfg.tie_embeddings and self.output is not None
         for name, shape, std in _random_weights(self.cfg):
             values = torch.empty(shape, device=device).normal_(0.0, std)
-            param = self._parameter_or_none(name)
-            if param is not None:  # None: another pipeline stage holds it (the draw keeps the RNG in step)
-                _copy_own_shard(param, values)
+            targets = [name, "output.weight"] if tied_copy and name == "tok_embeddings.weight" else [name]
+            for target in targets:
+                param = self._parameter_or_none(target)
+                if param is not None:  # None: another pipeline stage holds it (the draw keeps the RNG in step)
+                    _copy_own_shard(param, values)
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
                 _copy_own_shard(param, torch.ones(param.shape, device=device))
@@ -463,6 +468,17 @@ class Llama(nn.Module):
         """An empty KV cache matching this model's dtype and device."""
         weight = self.tok_embeddings.weight
         return KVCache(self.cfg, batch, max_len, dtype=weight.dtype, device=weight.device)
+
+
+def stored_names(model: nn.Module) -> dict[str, str]:
+    """{parameter: the name its values are stored under in weight files and checkpoints}, where they differ.
+
+    A tied model holds one matrix, stored as the embedding; the last pipeline stage of a tied model also holds
+    a copy of it as its head (`output.weight`), read from and saved as the embedding.
+    """
+    cfg = getattr(model, "cfg", None)
+    tied_copy = getattr(cfg, "tie_embeddings", False) and getattr(model, "output", None) is not None
+    return {"output.weight": "tok_embeddings.weight"} if tied_copy else {}
 
 
 def _random_weights(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...], float]]:

@@ -7,19 +7,14 @@ even then are read with `weights_only=True`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from llmhpc.errors import InputError
 from llmhpc.models.llama import Llama
+from llmhpc.models.sources import locate_weights
 
-ACCEPTED = (
-    "a Hugging Face directory (config.json + model.safetensors), a .gguf file, or an llmhpc checkpoint "
-    "(a checkpoints/step_* directory, a checkpoints/ directory or a run directory containing one)"
-)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -50,34 +45,16 @@ def _load_pickle_file(path: Path, dtype, device, allow_pickle: bool):
     return model, _hf_tokenizer(path.parent)
 
 
-def _checkpoint_step(path: Path) -> Path | None:
-    """The step directory a path designates, or None when it is not an llmhpc checkpoint."""
-    from llmhpc.checkpoint import latest_checkpoint
-
-    if (path / ".metadata").is_file():
-        return path
-    for checkpoints in (path / "checkpoints", path):
-        if checkpoints.is_dir() and any(p.name.startswith("step_") for p in checkpoints.iterdir()):
-            step = latest_checkpoint(checkpoints)
-            if step is None:
-                raise FileNotFoundError(
-                    f"{checkpoints}: no complete checkpoint (step_* with meta.json); "
-                    "point model.init_from at a run or checkpoint that finished saving"
-                )
-            return step
-    return None
-
-
 def _load_checkpoint(step_dir: Path, dtype, device):
-    from llmhpc.checkpoint import load_model_state, read_checkpoint_config
+    """An llmhpc checkpoint's first component, with the frozen base it references rebuilt first (`load_into`)."""
+    from llmhpc.checkpoint import read_checkpoint_config
     from llmhpc.data.tokenizer import load_tokenizer
+    from llmhpc.models.sharded_load import load_into
 
     cfg = read_checkpoint_config(step_dir)
     with torch.device("meta"):
         model = Llama(cfg.model)
-    model.to_empty(device=device)
-    model.init_rope()
-    load_model_state(step_dir, model)
+    load_into(model, step_dir, device=device)
     return model.to(dtype), load_tokenizer(cfg.data.tokenizer)
 
 
@@ -108,41 +85,3 @@ def load_pretrained(
     else:
         model, tokenizer = _load_checkpoint(source.path, dtype, device)
     return model.eval(), tokenizer
-
-
-@dataclass(frozen=True)
-class WeightSource:
-    """What a `model.init_from` path names, recognized from what is on disk (no weights read)."""
-
-    format: str
-    """'hf' (a directory with config.json), 'gguf' (a .gguf file), 'checkpoint' (an llmhpc step directory)
-    or 'pickle' (a .bin/.pt/... file, which needs a config.json next to it)."""
-    path: Path
-    """The HF directory (also for a named .safetensors file), the .gguf or pickle file, or the checkpoint's
-    step directory (the newest complete one of a run or checkpoints/ directory)."""
-
-
-def locate_weights(path: str | Path) -> WeightSource:
-    """Recognize the weight source at `path` as `load_pretrained` does, without reading any weights.
-
-    Raises FileNotFoundError when nothing is there (or a checkpoints/ directory has no complete step),
-    InputError when it is not a model `load_pretrained` accepts.
-    """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: not found; model.init_from must be {ACCEPTED}")
-    if path.is_file():
-        if path.suffix == ".gguf":
-            return WeightSource("gguf", path)
-        if path.suffix in PICKLE_SUFFIXES:
-            return WeightSource("pickle", path)
-        if path.suffix == ".safetensors" and (path.parent / "config.json").is_file():
-            path = path.parent
-        else:
-            raise InputError(f"{path}: unrecognized model file; use {ACCEPTED}")
-    if (path / "config.json").is_file():
-        return WeightSource("hf", path)
-    step = _checkpoint_step(path)
-    if step is not None:
-        return WeightSource("checkpoint", step)
-    raise InputError(f"{path}: not a recognized model directory; use {ACCEPTED}")

@@ -4,11 +4,12 @@
 fp32), so the model is built on the meta device from the source's shape, laid out, materialized, and only
 then filled:
 
-    cfg = model_config_of(path)                       # the source's shape; no weights read
+    cfg = model_config_of(path)                         # the source's shape; no weights read
     model = build_model(cfg, device="meta")
-    parts = parallelize(model, dims, mesh, parallel)  # pipeline pruning, TP / FSDP2 DTensors
-    model.to_empty(device=device)                     # (and every part; see stages.pretrain.initialize_sharded)
-    lineage = load_into(model, path, parts=parts)
+    parts = parallelize(model, dims, mesh, parallel)    # pipeline pruning, TP / FSDP2 DTensors
+    lineage = load_into(model, path, parts=parts, device=device)  # to_empty, then each rank's shards
+
+(`llmhpc.train.builder.initialize_sharded` does the last step for every stage.)
 
 `load_into` reads one tensor at a time and, of it, only the box this rank holds: for a DTensor parameter the
 global indices of its local shard are worked out along each dimension from its placements (Shard, and the
@@ -30,8 +31,8 @@ from torch import nn
 
 from llmhpc.config.schema import ModelConfig
 from llmhpc.errors import InputError
-from llmhpc.models.llama import Llama
-from llmhpc.models.loader import WeightSource, locate_weights
+from llmhpc.models.llama import Llama, stored_names
+from llmhpc.models.sources import WeightSource, locate_weights
 
 ReadBox = Callable[[str, tuple[slice, ...]], torch.Tensor]
 """(llmhpc tensor name, one slice per dimension) -> those values of the source tensor."""
@@ -95,16 +96,21 @@ def load_into(
         from llmhpc.checkpoint import load_model_state, read_meta
 
         _materialize(model, parts, device)
-        frozen = load_model_state(source.path, model)  # DCP reads each rank's shards of the sharded state dict
-        if frozen:
-            raise InputError(f"{source.path}: holds only the trained part of its model ({len(frozen)} frozen "
-                             f"weights, e.g. {frozen[0]}, come from its base); point model.init_from at a full model")
-        lineage["step"] = read_meta(source.path)["step"]
+        meta = read_meta(source.path)
+        component = next(iter(meta.get("components") or {"model": {}}))
+        base = (meta.get("components") or {}).get(component, {})
+        if base.get("frozen"):  # saved without its frozen weights: rebuild them from the base it references first
+            _fill_base(model, base["base"], source.path)
+        # DCP reads each rank's shards of the sharded state dict
+        load_model_state(source.path, model, aliases=stored_names(model))
+        lineage["step"] = meta["step"]
     else:
         with _open_source(source, model.cfg) as (read_box, shapes, files):
             _check_names(source, model.cfg, shapes)
             _materialize(model, parts, device)
-            for name, param in model.named_parameters():
+            stored = stored_names(model)  # a pipeline's tied head copy reads the embedding
+            for param_name, param in model.named_parameters():
+                name = stored.get(param_name, param_name)
                 if tuple(param.shape) != shapes[name]:
                     raise InputError(f"{source.path}: {name} is {list(shapes[name])} there but {list(param.shape)} "
                                      "in the model; build the model from model_config_of(path)")
@@ -115,6 +121,23 @@ def load_into(
         if part is not model:
             part.share_rope_tables(model)
     return lineage
+
+
+def _fill_base(model: Llama, base: dict, checkpoint: Path) -> None:
+    """The frozen weights of a checkpoint that does not hold them: its seeded init, or the weights it started from
+    (checked against the fingerprint the checkpoint recorded, so other weights at that path are refused)."""
+    if base.get("source") == "init":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(base["seed"]))
+            model.init_weights()
+        return
+    from llmhpc.checkpoint.lineage import source_fingerprint
+
+    found = source_fingerprint(base["source"])
+    if found["sha256"] != base.get("sha256"):
+        raise InputError(f"{checkpoint}: its frozen weights come from {base['source']}, which has changed since "
+                         f"(sha256 {found['sha256'][:12]} instead of {str(base.get('sha256'))[:12]}); restore it")
+    load_into(model, base["source"])
 
 
 def _materialize(model: nn.Module, parts: Sequence[nn.Module], device: torch.device | str | None) -> None:

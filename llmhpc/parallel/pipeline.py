@@ -128,12 +128,17 @@ def split_model(model: Llama, pp_rank: int, p: ParallelConfig) -> list[StageModu
     """Prune `model` in place to the blocks of `pp_rank`'s stages and return those stages, in stage order.
 
     The embedding survives only on the rank holding stage 0, the final norm and head only on the rank
-    holding the last stage. Tied embeddings cannot be split across stages (validated earlier).
+    holding the last stage. With tied embeddings the last stage gets its own copy of the embedding matrix
+    as its head (`model.output`, see `TiedHeadSync`), also when one rank holds both ends (ZBV's V).
     """
     per_rank = stages_per_rank(p)
     n_stages = p.pp * per_rank
     ranges = stage_layer_ranges(model.cfg.n_layers, n_stages, list(p.pp_split_points))
     ids = local_stage_ids(pp_rank, p.pp, per_rank, p.pp_schedule)
+    if model.cfg.tie_embeddings and n_stages - 1 in ids:
+        weight = model.tok_embeddings.weight
+        model.output = nn.Linear(model.cfg.dim, model.cfg.vocab_size, bias=False, device=weight.device,
+                                 dtype=weight.dtype)
     stages = [StageModule(model, i, n_stages, ranges[i], sequence_shards=p.tp) for i in ids]
     keep = {str(layer) for i in ids for layer in ranges[i]}
     for name in list(model.layers):
@@ -145,6 +150,100 @@ def split_model(model: Llama, pp_rank: int, p: ParallelConfig) -> list[StageModu
         model.norm = None
         model.output = None
     return stages
+
+
+EMBEDDING, HEAD_COPY = "tok_embeddings.weight", "output.weight"
+
+
+def has_tied_head_copy(model: Llama) -> bool:
+    """This rank's pruned model holds the last stage's copy of a tied embedding."""
+    return model.cfg.tie_embeddings and model.output is not None
+
+
+def checkpoint_name(model: nn.Module, name: str) -> str:
+    """The name a parameter has in checkpoints and configs: a tied head copy is the embedding it copies."""
+    from llmhpc.models.llama import stored_names
+
+    return stored_names(model).get(name, name)
+
+
+class TiedHeadSync:
+    """Tied embeddings under pipeline parallel, as Megatron does them.
+
+    The embedding lives on the first stage and the head on the last, usually on different ranks, so the last
+    stage holds a copy of the matrix (`split_model`), initialized equal (`Llama.init_weights` and the weight
+    loaders fill it from the embedding's values). Before each optimizer step the two gradients are summed
+    across the holders of the first and the last stage, so both copies take the same update and stay equal;
+    the gradient norm counts the matrix once, and checkpoints keep one tensor (`state_converters`).
+    """
+
+    def __init__(self, model: Llama, pp_group: dist.ProcessGroup, holders: list[int]) -> None:
+        self.params = []
+        if model.tok_embeddings is not None:
+            self.params.append(model.tok_embeddings.weight)
+        if has_tied_head_copy(model):
+            self.params.append(model.output.weight)
+        first, last = (dist.get_global_rank(pp_group, holders[i]) for i in (0, -1))
+        self.group = None
+        if first != last and dist.get_rank() in (first, last):
+            self.group = dist.new_group([first, last], use_local_synchronization=True)
+
+    @torch.no_grad()
+    def all_reduce_grads(self) -> None:
+        """Sum the embedding's and the head copy's gradients; both end up with the sum."""
+        grads = [_local(p.grad) for p in self.params if p.grad is not None]
+        if len(grads) == 2:  # one rank holds both ends
+            grads[0].add_(grads[1])
+            grads[1].copy_(grads[0])
+        elif len(grads) == 1 and self.group is not None:
+            dist.all_reduce(grads[0], group=self.group)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _rename_in_groups(optim_sd: dict, old: str, new: str | None) -> None:
+    """Rename (or with new=None drop) a parameter in the FQN lists of an optimizer state dict's param groups."""
+    for group in optim_sd["param_groups"]:
+        params = group["params"]
+        if old in params:
+            params.remove(old)
+            if new is not None:
+                params.append(new)
+
+
+def head_copy_to_checkpoint(model: Llama, model_sd: dict, optim_sd: dict) -> None:
+    """In place: the head copy saved as the embedding (one tensor in checkpoints, resharding-proof)."""
+    if not has_tied_head_copy(model):
+        return
+    keep_copy = model.tok_embeddings is None  # else this rank saves the embedding itself, equal to the copy
+    value, state = model_sd.pop(HEAD_COPY), optim_sd["state"].pop(HEAD_COPY, None)
+    _rename_in_groups(optim_sd, HEAD_COPY, EMBEDDING if keep_copy else None)
+    if keep_copy:
+        model_sd[EMBEDDING] = value
+        if state is not None:
+            optim_sd["state"][EMBEDDING] = state
+
+
+def head_copy_from_checkpoint(model: Llama, model_sd: dict, optim_sd: dict) -> None:
+    """In place, the inverse of `head_copy_to_checkpoint` after loading: the copy takes the embedding's values."""
+    if not has_tied_head_copy(model):
+        return
+    if model.tok_embeddings is None:
+        model_sd[HEAD_COPY] = model_sd.pop(EMBEDDING)
+        if EMBEDDING in optim_sd["state"]:
+            optim_sd["state"][HEAD_COPY] = optim_sd["state"].pop(EMBEDDING)
+        _rename_in_groups(optim_sd, EMBEDDING, HEAD_COPY)
+        return
+    model_sd[HEAD_COPY] = model_sd[EMBEDDING]
+    if EMBEDDING in optim_sd["state"]:
+        optim_sd["state"][HEAD_COPY] = {k: v.clone() for k, v in optim_sd["state"][EMBEDDING].items()}
+    for group in optim_sd["param_groups"]:
+        if EMBEDDING in group["params"]:
+            group["params"].append(HEAD_COPY)
 
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -266,11 +365,17 @@ class PipelineRunner:
         dist.recv(tensor, src, group=self.group)
         return tensor
 
-    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        """Clip this rank's gradients to the global norm over all stages (and shards); returns that norm."""
+    def clip_grad_norm(
+        self, params: list[torch.Tensor], max_norm: float, skip_in_norm: tuple[torch.Tensor, ...] = ()
+    ) -> torch.Tensor:
+        """Clip this rank's gradients to the global norm over all stages (and shards); returns that norm.
+
+        `skip_in_norm`: parameters clipped but not counted (a tied head copy: its matrix counts once).
+        """
         from torch.distributed.tensor import DTensor
 
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        counted = [p.grad for p in params if not any(p is q for q in skip_in_norm)]
+        norm = torch.nn.utils.get_total_norm(counted)
         if isinstance(norm, DTensor):  # FSDP / TP shards: the norm over the whole stage
             norm = norm.full_tensor()
         squared = norm.pow(2)

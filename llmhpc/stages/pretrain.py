@@ -13,11 +13,10 @@ from __future__ import annotations
 import os
 
 from llmhpc.config import Config, ConfigError
-from llmhpc.data.prepare import prepare_corpus
-from llmhpc.data.pretrain import PackedTokens, PretrainLoader, eval_batches
+from llmhpc.data.prepare import prepare_on_rank0
+from llmhpc.data.pretrain import PackedTokens, PretrainLoader, RandomWindowLoader, eval_batches
 from llmhpc.data.tokenizer import load_tokenizer
 from llmhpc.parallel import dp_rank, dp_size
-from llmhpc.parallel.process_group import barrier, is_main_process
 from llmhpc.train.builder import RunContext, build, distributed_run
 from llmhpc.train.objective import NextTokenObjective
 from llmhpc.train.trainer import Trainer, TrainResult
@@ -38,15 +37,14 @@ def _train(cfg: Config, where: RunContext) -> TrainResult:
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens; "
             f"set model.vocab_size={len(tokenizer)}"
         )
-    if not is_main_process():  # rank 0 tokenizes once; the others then find the prepared shards
-        barrier()
-    data_dir = prepare_corpus(cfg.data, seed=cfg.run.seed)
-    if is_main_process():
-        barrier()
-    loader = PretrainLoader(
-        PackedTokens(data_dir, "train"), t.seq_len, t.micro_batch_size, cfg.run.seed, cfg.data.document_masking,
-        dp_rank=dp_rank(where.mesh), dp_size=dp_size(where.mesh),
-    )
+    data_dir = prepare_on_rank0(cfg.data, cfg.run.seed)
+    train = PackedTokens(data_dir, "train")
+    if cfg.data.sampling == "random":
+        loader = RandomWindowLoader(train, t.seq_len, t.micro_batch_size, cfg.run.seed, cfg.data.document_masking,
+                                    dp_rank=dp_rank(where.mesh))
+    else:
+        loader = PretrainLoader(train, t.seq_len, t.micro_batch_size, cfg.run.seed, cfg.data.document_masking,
+                                dp_rank=dp_rank(where.mesh), dp_size=dp_size(where.mesh))
     held_out = []
     if t.eval_every and cfg.data.val_fraction > 0:
         held_out = eval_batches(PackedTokens(data_dir, "val"), t.seq_len, t.micro_batch_size, t.eval_batches)

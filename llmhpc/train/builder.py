@@ -40,7 +40,7 @@ from llmhpc.config import Config, ConfigError
 from llmhpc.config.layout import ParallelDims, resolve_layout, world_size_from_env
 from llmhpc.models import build_model, load_pretrained
 from llmhpc.parallel import dp_mesh, parallelize
-from llmhpc.parallel.process_group import destroy_distributed, init_distributed
+from llmhpc.process_group import destroy_distributed, init_distributed
 from llmhpc.train.engine import DeepSpeedStepEngine, Engine, LocalEngine, PipelineEngine
 from llmhpc.train.optim import build_optimizer
 from llmhpc.train.reduce import DataParallelReducer
@@ -60,10 +60,13 @@ class RunContext:
 
 @contextmanager
 def distributed_run(cfg: Config) -> Iterator[RunContext]:
-    """Join the process group of a torchrun launch (nothing for one process), build the mesh, and leave at the end.
+    """Join the process group of a torchrun launch (nothing for one process), build the mesh, and leave at the end
+    (unless the group was already up when called).
 
     fp8 is refused here, before any process group, data or model exists, on a device without FP8 matmuls.
     """
+    import torch.distributed as dist
+
     from llmhpc.parallel.float8 import require_fp8_device
     from llmhpc.train.trainer import resolve_device
 
@@ -71,12 +74,14 @@ def distributed_run(cfg: Config) -> Iterator[RunContext]:
     device = resolve_device(cfg.run.device)
     if cfg.precision.name == "fp8":
         require_fp8_device(device)
+    joined = not dist.is_initialized()  # a caller that set up the group itself keeps it
     device = init_distributed(device, dims.world_size)
     try:
         yield RunContext(device, dims, dims.build_mesh(device.type))
     finally:
         gc.collect()  # engines (DeepSpeed ZeRO-3) must be gone before their process group, or exit can abort
-        destroy_distributed()
+        if joined:
+            destroy_distributed()
 
 
 @dataclass
@@ -132,19 +137,22 @@ def initialize_sharded(model: nn.Module, parts: list[nn.Module], cfg: Config, de
     return {}
 
 
-def freeze(model: nn.Module, patterns: list[str]) -> list[str]:
+def freeze(model: nn.Module, patterns: list[str], *, whole: bool = True) -> list[str]:
     """Stop gradients for the parameters whose names match any glob pattern; returns their names.
 
-    A pattern that matches nothing is a mistake (a typo would silently train everything): `ConfigError`.
+    On the `whole` model, a pattern that matches nothing is a mistake (a typo would silently train
+    everything): `ConfigError`. (A pipeline rank's pruned model legitimately lacks other stages' parameters.)
     """
-    names = [name for name, _ in model.named_parameters()]
-    for pattern in patterns:
+    from llmhpc.parallel.pipeline import checkpoint_name
+
+    names = [checkpoint_name(model, name) for name, _ in model.named_parameters()]
+    for pattern in patterns if whole else ():
         if not any(fnmatch(name, pattern) for name in names):
             raise ConfigError(
                 f"trainer.freeze pattern {pattern!r} matches no parameter; names look like {', '.join(names[:3])}"
             )
     frozen = []
-    for name, param in model.named_parameters():
+    for name, param in zip(names, model.parameters(), strict=True):
         if any(fnmatch(name, pattern) for pattern in patterns):
             param.requires_grad_(False)
             frozen.append(name)
@@ -152,12 +160,23 @@ def freeze(model: nn.Module, patterns: list[str]) -> list[str]:
 
 
 def _base_of(cfg: Config, frozen: list[str]) -> dict | None:
-    """Where the frozen parameters of this run come from, recorded in (and checked against) checkpoints."""
+    """Where the frozen parameters of this run come from, recorded in (and checked against) checkpoints.
+
+    Collective under torchrun when there are frozen parameters and a source to fingerprint."""
     if not frozen:
         return None
-    if cfg.model.init_from:
-        return {"source": str(cfg.model.init_from), **source_fingerprint(cfg.model.init_from)}
-    return {"source": "init", "seed": cfg.run.seed}
+    if not cfg.model.init_from:
+        return {"source": "init", "seed": cfg.run.seed}
+    import torch.distributed as dist
+
+    from llmhpc.models.sources import locate_weights
+
+    source = locate_weights(cfg.model.init_from).path  # a run directory's newest step, which stays as it is
+    box = [{"source": str(source.resolve()), **source_fingerprint(source)} if not dist.is_initialized()
+           or dist.get_rank() == 0 else None]
+    if dist.is_initialized():  # one rank reads the whole source to hash it
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def build(cfg: Config, run: RunContext) -> Built:
@@ -181,7 +200,7 @@ def build(cfg: Config, run: RunContext) -> Built:
     micro_batches = t.global_batch_size // (t.micro_batch_size * dims.dp_size)
     if torch_engine:
         parts = parallelize(model, dims, mesh, cfg.parallel, precision=cfg.precision.name)
-        freeze(model, list(t.freeze))  # TP's plans re-create parameters (trainable again): freeze them anew
+        freeze(model, list(t.freeze), whole=False)  # TP's plans re-create parameters (trainable): freeze anew
         lineage.update(initialize_sharded(model, parts, cfg, device))
         optimizer, lr_scales = build_optimizer(model, t)
         common = {"after_optimizer_step": after_step}

@@ -170,8 +170,13 @@ class PipelineEngine(Engine):
     """
 
     def __init__(self, *args, runner: PipelineRunner, **kwargs) -> None:
+        from llmhpc.parallel.pipeline import TiedHeadSync, has_tied_head_copy
+
         super().__init__(*args, **kwargs)
         self.runner = runner
+        self.tied = TiedHeadSync(self.model, runner.group, runner.holders) if self.model.cfg.tie_embeddings else None
+        """Tied embeddings: the last stage's head copy and the embedding get the sum of both gradients."""
+        self.head_copy = (self.model.output.weight,) if has_tied_head_copy(self.model) else ()
 
     def _sums_from_last_stage(self, sums: StepSums | None) -> StepSums:
         """The last stage holder's sums, on every rank of the pipeline group."""
@@ -193,6 +198,8 @@ class PipelineEngine(Engine):
 
         with self.autocast():
             self.runner.train_step(objective.model_inputs(whole), score)
+        if self.tied is not None:
+            self.tied.all_reduce_grads()
         sums = None
         if head is not None:
             sums = StepSums()
@@ -212,7 +219,29 @@ class PipelineEngine(Engine):
 
     def grad_norm(self, max_norm: float) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
-        return float(self.runner.clip_grad_norm(params, max_norm))  # global over the pipeline's stages too
+        # global over the pipeline's stages too; a tied head copy's gradient equals the embedding's: count it once
+        return float(self.runner.clip_grad_norm(params, max_norm, skip_in_norm=self.head_copy))
+
+    def checkpoint_converters(self) -> dict:
+        """Torch's state dicts, with a tied head copy saved as (and loaded from) the embedding it copies."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        from llmhpc.checkpoint.manager import set_torch_states
+        from llmhpc.parallel.pipeline import head_copy_from_checkpoint, head_copy_to_checkpoint
+
+        if not self.head_copy:
+            return {}
+
+        def get_states(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            head_copy_to_checkpoint(model, model_sd, optim_sd)
+            return model_sd, optim_sd
+
+        def set_states(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
+            head_copy_from_checkpoint(model, model_sd, optim_sd)
+            set_torch_states(model, optimizer, model_sd, optim_sd)
+
+        return {"get_states": get_states, "set_states": set_states}
 
 
 class DeepSpeedStepEngine(Engine):

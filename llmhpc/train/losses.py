@@ -124,7 +124,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """sum CE(hidden @ weight.T, labels) with both gradients computed chunk by chunk in forward.
 
     The saved gradients are those of the loss sum; backward scales them in place by the incoming
-    scalar and hands them on (no copy of the head-sized gradient), so it can run only once.
+    scalar and hands them on (no copy of the head-sized gradient), so a second backward can only repeat
+    the first (same incoming gradient, same result).
     """
 
     @staticmethod
@@ -153,29 +154,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_w += (d.t() @ h_c).float()
         if need_w and grad_w is None:  # no rows at all: the head's gradient is zero
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        ctx.save_for_backward(
-            grad_h if grad_h is not None else torch.empty(0),
-            grad_w.to(weight.dtype) if grad_w is not None else torch.empty(0),
-        )
+        # Kept as attributes, not saved tensors: they are outputs of this function (no version checks needed),
+        # scaled in place by the first backward and handed out again by a repeated one.
+        ctx.grads = (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
         ctx.need = (need_h, need_w)
-        ctx.done = False
+        ctx.scaled_by = None
         return total
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        if ctx.done:
-            raise RuntimeError(
-                "linear_cross_entropy_sum's backward can run only once (its saved gradients are scaled in "
-                "place); compute the loss again instead of backward(retain_graph=True)"
-            )
-        ctx.done = True
-        grad_h, grad_w = ctx.saved_tensors
+        grad_h, grad_w = ctx.grads
         need_h, need_w = ctx.need
-        return (
-            grad_h.mul_(grad_out.to(grad_h.dtype)) if need_h else None,
-            grad_w.mul_(grad_out.to(grad_w.dtype)) if need_w else None,
-            None, None, None, None, None,
-        )
+        if ctx.scaled_by is None:  # first backward: scale the saved gradients in place (no copy)
+            ctx.scaled_by = grad_out.detach().clone()
+            if need_h:
+                grad_h.mul_(grad_out.to(grad_h.dtype))
+            if need_w:
+                grad_w.mul_(grad_out.to(grad_w.dtype))
+        elif not torch.equal(grad_out, ctx.scaled_by):
+            # A second backward with the same incoming gradient gets the same, already scaled, result (a
+            # zero-bubble pipeline schedule runs backward for the input and then for the weights); another
+            # scale cannot be honoured once the first was applied in place.
+            raise RuntimeError(
+                "linear_cross_entropy_sum's backward ran again with another incoming gradient (its saved "
+                "gradients are scaled in place); compute the loss again instead of backward(retain_graph=True)"
+            )
+        return grad_h if need_h else None, grad_w if need_w else None, None, None, None, None, None
 
 
 def linear_cross_entropy_sum(

@@ -15,6 +15,7 @@ from torch import nn
 
 from llmhpc.config.schema import ParamGroupConfig, TrainerConfig
 from llmhpc.config.validate import ConfigError
+from llmhpc.parallel.pipeline import checkpoint_name
 
 
 def parameter_groups(
@@ -30,6 +31,7 @@ def parameter_groups(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
+        name = checkpoint_name(model, name)  # a pipeline's tied head copy is configured as the embedding
         which = next((i for i, g in enumerate(configured) if any(fnmatch(name, p) for p in g.params)), -1)
         group = configured[which] if which >= 0 else None
         matrix = param.ndim >= 2

@@ -26,7 +26,7 @@ from llmhpc.metrics.console import ConsoleProgress
 from llmhpc.metrics.jsonl import JsonlLogger, truncate_after
 from llmhpc.metrics.mfu import peak_flops
 from llmhpc.metrics.wandb_logger import WandbLogger, new_run_id
-from llmhpc.parallel.process_group import is_main_process
+from llmhpc.process_group import is_main_process
 from llmhpc.train.engine import Engine, StepSums
 from llmhpc.train.objective import Objective, processed_tokens
 from llmhpc.train.schedule import set_lr

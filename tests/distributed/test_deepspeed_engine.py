@@ -4,7 +4,8 @@ For each stage, one `torchrun` launch of this file (the worker at the bottom) tr
 for 6 optimizer steps (global batch 8 = 2 ranks x 2 micro-batches x 2 sequences, a different lr
 each step, labels partly masked so micro-batches hold different token counts) and:
 
-- its per-step losses and gradient norms must equal the plain single-process loop's (1e-5 fp32);
+- its per-step losses and gradient norms must equal the plain single-process loop's (1e-5 fp32), with the
+  loss computed inside the model's forward (`on_hidden`), as `llmhpc.train.engine.DeepSpeedStepEngine` does;
 - its state dicts (`engine_state_dicts`) must hold the initial weights and AdamW's initial state
   before the first step, and after step 3 have `get_state_dict`'s keys, shapes, dtypes, param
   groups and (to rounding) values, and, loaded into a plain model + AdamW, give the DeepSpeed run's
@@ -35,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from llmhpc.config.schema import ModelConfig  # noqa: E402
 from llmhpc.models import build_model  # noqa: E402
 from llmhpc.train.losses import IGNORE_INDEX  # noqa: E402
-from llmhpc.train.objective import causal_lm_loss  # noqa: E402
+from llmhpc.train.objective import LMHead, causal_lm_loss  # noqa: E402
 from llmhpc.train.optim import parameter_groups  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,7 +77,7 @@ def model_and_optimizer(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Ada
     """The tiny Llama and the AdamW that `llmhpc.train.optim.build_optimizer` builds for it."""
     torch.manual_seed(seed)
     model = build_model(MODEL)
-    return model, torch.optim.AdamW(parameter_groups(model, 0.1), lr=lr_at(0), betas=(0.9, 0.95), fused=True)
+    return model, torch.optim.AdamW(parameter_groups(model, 0.1)[0], lr=lr_at(0), betas=(0.9, 0.95), fused=True)
 
 
 def rows(batch: dict[str, torch.Tensor], start: int, count: int) -> dict[str, torch.Tensor]:
@@ -115,10 +116,14 @@ def ds_step(engine, batch, step: int) -> tuple[float, float]:
     local = rows(batch, rank * MICRO * ACCUM, MICRO * ACCUM)
     count = torch.tensor(n_tokens(local))
     dist.all_reduce(count)
-    ds.set_lr(engine, lr_at(step))
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr_at(step)
     total = torch.zeros(())
     for i in range(ACCUM):
-        loss_sum, _ = ds.engine_lm_loss(engine, rows(local, MICRO * i, MICRO))
+        micro = rows(local, MICRO * i, MICRO)
+        # The objective runs inside the model's forward, where ZeRO-3 has the head's weight gathered.
+        loss_sum = engine(micro["input_ids"], on_hidden=lambda h, m=micro: LMHead(engine.module).cross_entropy_sum(
+            h, m["labels"]))
         ds.backward(engine, loss_sum / int(count) * world)
         total += loss_sum.detach()
     norm = ds.step(engine)

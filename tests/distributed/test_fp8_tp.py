@@ -3,18 +3,38 @@
 The CLI refuses fp8 on CPU (`require_fp8_device`), so this drives the functions `llmhpc pretrain` calls, in
 its order: `apply_float8` on the finished model, then `parallelize` (TP with SP; FSDP2 over the dp sub-mesh
 in the 2-D layout), then AdamW steps as the Trainer takes them (its optimizer, bf16 autocast for fp8, the
-float8 scale hook after each step). torchao emulates the float8 matmuls on CPU, deterministically, so the
-TP model must give the one-process float8 model's losses up to reduction order (4 steps, measured):
+float8 scale hook after each step).
 
-- fp32, tensorwise: max |TP - one process| 9.5e-7 (tp=2, and dp_shard=2 x tp=2 with the scale hook also run
-  once before step 1; without it step 1 is 3.4e-4 off, see _scenario) against a float8-vs-fp32
-  gap of 2.2e-3, so TOL_EXACT = 1e-5. DTensor reduces each amax over the shards, so every rank casts with
-  the scale of the whole tensor; a per-shard scale or a linear left in high precision is off by ~1e-4 to 1e-3.
-- bf16 autocast (what the Trainer runs), both recipes: 1.0e-3 (tensorwise) and 6.9e-4 (rowwise). Each rank
-  rounds its row-parallel partial sums to bf16 before the reduce-scatter (the rowwise float8 GEMM returns
-  bf16 even for fp32 inputs), and a value moved by one bf16 ulp can then land in the next float8 bucket.
-  TOL_BF16 = 5e-3 leaves a 5x margin; it exceeds the float8-vs-bf16 gap itself (1.4e-3),
-  so these scenarios check that the production path runs and trains, and the fp32 one checks the numbers.
+What can be compared, and why not the losses of 4 AdamW steps to 1e-5 (measured, torch 2.13, torchao 0.18):
+
+- On a CPU, torchao's Float8Linear calls `torch._scaled_mm`, which runs oneDNN's fp8 kernel only where
+  cpuinfo reports AMX (aten/src/ATen/native/Blas.cpp); on the AVX2 and AVX-512 machines seen so far it
+  emulates: the float8 operands are dequantized and multiplied by an fp32 MKL SGEMM (bitwise equal to
+  `(a.float() * sa) @ (b.float() * sb)`). TP changes the order of fp32 sums (a row-parallel linear adds its
+  partial products after the GEMM: 77% of the outputs of a 64x64x128 GEMM move by one ulp when K is split in
+  two), and which ulp-level differences appear depends on the kernels MKL and ATen pick for the CPU.
+- Float8 rounding is a step function: a value within an ulp of a rounding midpoint moves by a whole e4m3/e5m2
+  step, and AdamW's first updates are about +-lr whatever a gradient's size, so a flipped sign of a small
+  gradient element moves a weight by 2 lr. Nudging every initial weight of the one-process float8 model by one
+  ulp (60 seeds) moved its 4-step losses by more than 1e-5 in 15 runs, up to 4.7e-4 (summing every float8
+  GEMM in two parts, as row-parallel does: 13 of 60, up to 4.7e-4); the fp32 model moved by <= 4.8e-7. The
+  same one-process float8 run with ATen's kernels for ATEN_CPU_CAPABILITY=default instead of AVX2 moved by
+  5.9e-4, and tp=2 under that setting was 5.9e-4 off (1e-5 failed). CI saw 3.9e-4 on an EPYC with avx512_bf16
+  and 9.5e-7 on a Xeon: one draw of that lottery each, not a bug of either CPU.
+- The first step's gradients are taken before any update, so nothing amplifies a flipped element. TOL_GRAD
+  bounds max over parameters of |g_TP - g_one| / |g_one| (whole tensors): ulp-level noise gave <= 7.6e-6
+  (the 120 perturbed runs above; tp=2 on this machine's kernels 5.3e-7, with ATEN_CPU_CAPABILITY=default
+  4.5e-7, with MKL_CBWR=COMPATIBLE 7.5e-6), while the bugs this test is for give ~1e-1: a per-shard amax in
+  every cast 1.1e-1 (tp=2) / 1.0e-1 (dp_shard=2 x tp=2), a Float8Linear running in high precision 1.0e-1 (w2,
+  row-parallel) / 9.5e-2 (wq, column-parallel), dp_shard=2 x tp=2 without the scale hook before step 1 (the
+  float8 all-gather then casts with the amax of the TP shard) 1.1e-1; float8 vs fp32 is 1.1e-1. TOL_GRAD = 1e-3
+  leaves about 100x on each side. The 4 AdamW steps still run, to check that the model learns.
+- bf16 autocast (what the Trainer runs), both recipes: each rank rounds its row-parallel partial sums to bf16
+  before the reduce-scatter (the rowwise float8 GEMM returns bf16 even for fp32 inputs), which moves many
+  values into the next float8 bucket: the first gradients differ from one process's by 1.0e-1 (tensorwise) /
+  4.0e-2 (rowwise), as much as float8 vs bf16 itself, and the losses by 1.0e-3 / 6.9e-4. TOL_BF16 = 5e-3 on the
+  losses exceeds the float8-vs-bf16 gap (1.4e-3), so these scenarios check that the production path runs and
+  trains, and the fp32 ones check the numbers.
 
 One spawn per world size runs its scenarios and records numbers; the tests below only judge them.
 """
@@ -22,6 +42,7 @@ One spawn per world size runs its scenarios and records numbers; the tests below
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from functools import partial
@@ -37,11 +58,12 @@ pytest.importorskip("torchao.float8", reason="torchao is installed with the [dev
 
 STEPS = 4
 BATCH, SEQ = 2, 32
-TOL_EXACT = 1e-5
+TOL_GRAD = 1e-3
+"""fp32: max over parameters of |TP - one process| / |one process| for the first step's gradients (see above)."""
 TOL_BF16 = 5e-3
-MIN_FP8_GAP = 100 * TOL_EXACT
-"""In fp32 the float8 model's losses must differ from the high-precision model's by far more than
-TOL_EXACT, or matching the one-process float8 losses would not show that the TP model computes in float8."""
+MIN_FP8_GAP = 30 * TOL_GRAD
+"""In fp32 the float8 model's first gradients must differ from the high-precision model's by far more than
+TOL_GRAD, or matching the one-process float8 gradients would not show that the TP model computes in float8."""
 
 MODEL = ModelConfig(name="fp8-tp-test", vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
                     max_seq_len=64, tie_embeddings=True)
@@ -88,17 +110,17 @@ def _whole_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return grads
 
 
-def _train(model: torch.nn.Module, bf16: bool, after_step: Callable[[], None] | None,
-           steps: int = STEPS) -> tuple[list[float], dict[str, torch.Tensor]]:
+def _train(model: torch.nn.Module, bf16: bool,
+           after_step: Callable[[], None] | None) -> tuple[list[float], dict[str, torch.Tensor]]:
     """AdamW steps as the Trainer takes them (its optimizer, bf16 autocast for fp8, the scale hook): the
     losses, and the whole gradients of the first step (taken before any update)."""
     from llmhpc.config.schema import TrainerConfig
     from llmhpc.train.objective import causal_lm_loss
     from llmhpc.train.optim import build_optimizer
 
-    optimizer = build_optimizer(model, TrainerConfig(lr=3e-3))
+    optimizer, _ = build_optimizer(model, TrainerConfig(lr=3e-3))
     losses, first_grads = [], {}
-    for batch in _batches()[:steps]:
+    for batch in _batches():
         with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
             loss, n_tokens = causal_lm_loss(model, batch)
         (loss / n_tokens).backward()
@@ -121,16 +143,6 @@ def _grad_distance(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -
     return dist[worst], worst
 
 
-def _nudge_one_ulp(model: torch.nn.Module) -> None:
-    """Move every weight element one float32 ulp up or down (fixed random signs): noise of the size that
-    reduction order leaves in an fp32 result."""
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for param in model.parameters():
-            up = torch.rand(param.shape, generator=gen) < 0.5
-            param.copy_(torch.nextafter(param, torch.where(up, torch.inf, -torch.inf)))
-
-
 def _scenario(world: int, recipe: str, bf16: bool, dp_shard: int) -> dict[str, Any]:
     from torch.distributed.tensor import DTensor
     from torchao.float8.float8_linear import Float8Linear
@@ -145,10 +157,6 @@ def _scenario(world: int, recipe: str, bf16: bool, dp_shard: int) -> dict[str, A
     one_process = copy.deepcopy(initial)
     one_after = apply_float8(one_process, recipe, fsdp=False)
     one_losses, one_grads = _train(one_process, bf16, one_after)
-    nudged = copy.deepcopy(initial)
-    _nudge_one_ulp(nudged)
-    apply_float8(nudged, recipe, fsdp=False)
-    _, nudged_grads = _train(nudged, bf16, None, steps=1)
 
     cfg = ParallelConfig(dp_shard=dp_shard, tp=2)
     dims = resolve_dims(cfg, world)
@@ -168,7 +176,6 @@ def _scenario(world: int, recipe: str, bf16: bool, dp_shard: int) -> dict[str, A
         "high_precision": high_losses,
         "grad_diff": _grad_distance(grads, one_grads),
         "grad_gap": _grad_distance(high_grads, one_grads),
-        "grad_floor": _grad_distance(nudged_grads, one_grads),
         "float8_linears": len(float8),
         "sharded": sum(isinstance(m.weight, DTensor) for m in float8),
         "has_scale_hook": after_step is not None,
@@ -201,24 +208,29 @@ def results_2d(tmp_path_factory) -> dict[str, list[dict[str, Any]]]:
 
 
 def _check(per_rank: list[dict[str, Any]], name: str, recipe: str, bf16: bool, dp_shard: int) -> None:
-    tol = TOL_BF16 if bf16 else TOL_EXACT
     for rank, res in enumerate(per_rank):
         assert "error" not in res, f"rank {rank} failed in {name}:\n{res['error']}"
         assert res["float8_linears"] == res["sharded"] == MODEL.n_layers * 7, res  # every block linear, sharded
         assert res["has_scale_hook"] == (dp_shard > 1 and recipe == "tensorwise"), res
         got, expected, high = res["losses"], res["one_process"], res["high_precision"]
-        assert len(got) == STEPS
-        diff = max(abs(a - b) for a, b in zip(got, expected, strict=True))
-        gap = max(abs(a - b) for a, b in zip(high, expected, strict=True))
-        print(f"{name} rank {rank}: max |TP - one process| {diff:.2e}, float8 vs high precision {gap:.2e}")
-        print(f"  step-1 loss diff {abs(got[0] - expected[0]):.2e} (gap {abs(high[0] - expected[0]):.2e}); "
-              f"step-1 grads: TP {res['grad_diff'][0]:.2e} ({res['grad_diff'][1]}), "
-              f"1-ulp floor {res['grad_floor'][0]:.2e} ({res['grad_floor'][1]}), "
-              f"high precision {res['grad_gap'][0]:.2e} ({res['grad_gap'][1]})")
-        assert diff < tol, (diff, got, expected)
-        if not bf16:  # the exact comparison means something only if float8 moves the losses far beyond it
-            assert gap > MIN_FP8_GAP, f"float8 changes the losses by only {gap:.2e}: is it still converted?"
-        assert got[-1] < got[0], "the model must learn"
+        assert len(got) == STEPS and all(math.isfinite(x) for x in got), got
+        loss_diff = max(abs(a - b) for a, b in zip(got, expected, strict=True))
+        loss_gap = max(abs(a - b) for a, b in zip(high, expected, strict=True))
+        (grad_diff, where), (grad_gap, gap_where) = res["grad_diff"], res["grad_gap"]
+        print(f"{name} rank {rank}: step-1 gradients |TP - one process| {grad_diff:.2e} ({where}), float8 vs high "
+              f"precision {grad_gap:.2e} ({gap_where}); losses of {STEPS} AdamW steps |TP - one process| "
+              f"{loss_diff:.2e}, float8 vs high precision {loss_gap:.2e}")
+        if bf16:
+            assert loss_diff < TOL_BF16, (loss_diff, got, expected)
+        else:
+            assert grad_diff < TOL_GRAD, (
+                f"the TP model's first gradient of {where} is {grad_diff:.2e} (relative) away from the one-process "
+                f"float8 model's: more than reduction order explains (<= 7.6e-6 measured); a per-shard scale or a "
+                f"linear left in high precision gives ~1e-1"
+            )
+            # matching the one-process float8 gradients means something only if float8 moves them far beyond it
+            assert grad_gap > MIN_FP8_GAP, f"float8 changes the gradients by only {grad_gap:.2e}: still converted?"
+        assert got[-1] < got[0], f"the model must learn: {got}"
 
 
 @pytest.mark.parametrize(("name", "recipe", "bf16", "dp_shard"), SCENARIOS_TP2, ids=[s[0] for s in SCENARIOS_TP2])

@@ -82,7 +82,7 @@ def test_fused_loss_under_bf16_autocast_is_close_to_plain():
     torch.testing.assert_close(g_fused, g_plain, rtol=5e-2, atol=5e-2)
 
 
-def test_fused_loss_keeps_one_cpu_logits_buffer_and_runs_backward_once():
+def test_fused_loss_keeps_one_cpu_logits_buffer_and_repeats_only_the_same_backward():
     torch.manual_seed(4)
     hidden = torch.randn(30, 16, requires_grad=True)
     weight = torch.randn(50, 16, requires_grad=True)
@@ -94,8 +94,42 @@ def test_fused_loss_keeps_one_cpu_logits_buffer_and_runs_backward_once():
     assert again.data_ptr() == buffer.data_ptr() and again.shape == (8, 50)  # reused, not page-faulted anew
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     second.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="only once"):  # the saved gradients were scaled in place
-        second.backward()
+    once = hidden.grad.clone()
+    # A zero-bubble pipeline schedule runs backward twice (input, then weights) with the same incoming gradient:
+    # the second gets the same result; another incoming gradient cannot (the saved ones were scaled in place).
+    second.backward(retain_graph=True)
+    torch.testing.assert_close(hidden.grad, 2 * once, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="another incoming gradient"):
+        (3 * second).backward()
+
+
+def test_fused_loss_compiles_or_says_once_why_not(monkeypatch):
+    """Eager only where inductor cannot build (a warning, once); a failure while compiling is raised, not hidden."""
+    torch.manual_seed(5)
+    hidden, weight, labels = torch.randn(12, 8), torch.randn(20, 8), _labels(12, 20)
+    expected = torch.nn.functional.cross_entropy(hidden @ weight.t(), labels, ignore_index=IGNORE_INDEX,
+                                                 reduction="sum")
+    monkeypatch.setattr(losses, "_compiled_chunk", None)
+    monkeypatch.setattr(losses, "_compile_blocker", lambda device: "no C++ compiler (test)")
+    with pytest.warns(UserWarning, match="runs eager.*no C\\+\\+ compiler"):
+        first = linear_cross_entropy_sum(hidden.requires_grad_(), weight, labels)[0]
+    torch.testing.assert_close(first, expected)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: the second call is silent
+        linear_cross_entropy_sum(hidden, weight, labels)
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("inductor bug (test)")
+        return run
+
+    monkeypatch.setattr(losses, "_compiled_chunk", None)
+    monkeypatch.setattr(losses, "_compile_blocker", lambda device: None)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.raises(RuntimeError, match="inductor bug"):
+        linear_cross_entropy_sum(hidden, weight, labels)
 
 
 def test_causal_lm_loss_of_llama_equals_loss_of_its_logits():

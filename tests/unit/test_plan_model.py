@@ -14,7 +14,8 @@ from llmhpc.plan.schedule import bubble_micro_batches, in_flight, rank_blocks
 
 
 def workload(model: str = "llama3_8b", seq: int = 8192, gbs: int = 64, precision: str = "bf16") -> Workload:
-    return Workload(ModelShape.of(load_config("plan", [f"model={model}"], check_layout=False).model), seq, gbs, precision)
+    shape = ModelShape.of(load_config("plan", [f"model={model}"], check_layout=False).model)
+    return Workload(shape, seq, gbs, precision)
 
 
 def test_shape_counts_match_the_real_model():

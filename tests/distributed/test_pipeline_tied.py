@@ -1,0 +1,83 @@
+"""Pipeline parallel with tied embeddings (the tiny model and SmolLM2 tie them), Megatron's way.
+
+The last stage holds a copy of the embedding matrix as its head; the embedding's and the copy's gradients
+are summed across the first and last stage before each step, the gradient norm counts the matrix once, and
+checkpoints keep one tensor. So pp=2 must give one process's per-step losses (fp32, 1e-5), under 1f1b
+(embedding and copy on different ranks) and zbv (rank 0 holds both ends of the V), and a pp=2 checkpoint
+must continue with the uninterrupted losses in one process and under tp=2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmhpc.checkpoint import load_model_state, read_checkpoint_config
+from llmhpc.checkpoint.manager import step_dir_name
+from llmhpc.models import Llama
+from tests.conftest import SMALL_RUN, run_cli
+from tests.distributed.launch import copy_run_stopped_at, run_torchrun, step_losses
+
+STEPS = 6
+TOL = 1e-5
+COMMON = [*SMALL_RUN, "model.n_layers=4", "model.tie_embeddings=true", f"trainer.max_steps={STEPS}",
+          "trainer.global_batch_size=8", "trainer.micro_batch_size=2", "trainer.ckpt_every=3", "trainer.keep_last=5",
+          "trainer.grad_clip=0.5"]
+"""grad_clip 0.5 clips in every step here, so a norm that counted the tied matrix twice would show."""
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, llmhpc_cache) -> Path:
+    run_dir = tmp_path_factory.mktemp("single")
+    run_cli(["pretrain", *COMMON, f"run.dir={run_dir}"], llmhpc_cache)
+    return run_dir
+
+
+def _worst(got: dict[int, float], expected: dict[int, float], steps) -> float:
+    return max(abs(got[s] - expected[s]) for s in steps)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zbv"])
+def test_tied_pipeline_matches_one_process(schedule, reference, tmp_path, llmhpc_cache):
+    run_torchrun(2, ["pretrain", *COMMON, "parallel.pp=2", f"parallel.pp_schedule={schedule}",
+                     f"run.dir={tmp_path}"], llmhpc_cache)
+    got = step_losses(tmp_path)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    worst = _worst(got, step_losses(reference), range(1, STEPS + 1))
+    print(f"tied pp=2 {schedule}: max |loss - one process| = {worst:.2e}")
+    assert worst < TOL, worst
+    # One tensor for the tied matrix in the checkpoint, equal to the one process's within AdamW's rounding.
+    step_dir = tmp_path / "checkpoints" / step_dir_name(STEPS)
+    model = Llama(read_checkpoint_config(step_dir).model)
+    load_model_state(step_dir, model)
+    assert "output.weight" not in model.state_dict()
+    expected = Llama(read_checkpoint_config(step_dir).model)
+    load_model_state(reference / "checkpoints" / step_dir_name(STEPS), expected)
+    diff = (model.tok_embeddings.weight - expected.tok_embeddings.weight).abs().max()
+    assert diff < 1e-3, diff
+
+
+@pytest.mark.parametrize(("nproc", "layout"), [(1, []), (2, ["parallel.tp=2"])], ids=["one_process", "tp2"])
+def test_tied_pipeline_checkpoint_continues_elsewhere(nproc, layout, reference, tmp_path, llmhpc_cache):
+    run_torchrun(2, ["pretrain", *COMMON, "parallel.pp=2", "trainer.max_steps=3", f"run.dir={tmp_path}"],
+                 llmhpc_cache)
+    if nproc == 1:
+        proc = run_cli(["pretrain", *COMMON, f"run.dir={tmp_path}"], llmhpc_cache)
+    else:
+        proc = run_torchrun(nproc, ["pretrain", *COMMON, *layout, f"run.dir={tmp_path}"], llmhpc_cache)
+    assert "resumed from" in proc.stdout and "(step 3)" in proc.stdout
+    worst = _worst(step_losses(tmp_path), step_losses(reference), range(4, STEPS + 1))
+    print(f"tied pp=2 step 3 -> {layout or 'one process'}: max |loss - uninterrupted| = {worst:.2e}")
+    assert worst < TOL, worst
+
+
+def test_tied_one_process_checkpoint_resumes_under_pp(reference, tmp_path, llmhpc_cache):
+    """The other way: a one-process tied checkpoint fills both the embedding and the last stage's copy."""
+    copy_run_stopped_at(reference, tmp_path, 3)
+    proc = run_torchrun(2, ["pretrain", *COMMON, "parallel.pp=2", f"run.dir={tmp_path}"], llmhpc_cache)
+    assert "resumed from" in proc.stdout
+    worst = _worst(step_losses(tmp_path), step_losses(reference), range(4, STEPS + 1))
+    assert worst < TOL, worst
+    assert torch.isfinite(torch.tensor(list(step_losses(tmp_path).values()))).all()
