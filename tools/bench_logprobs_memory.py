@@ -11,14 +11,16 @@ by default: hidden [batch, seq, dim] and weight [vocab, dim], both requiring gra
 
 A path's peak is VmHWM after the computation minus the process's baseline just before it (inputs
 built, torch warmed up on a small problem, the high-water mark reset through /proc/self/clear_refs
-where the kernel allows it). Printed: each peak in MiB, peak ratios to the full path, and the ratios
-of wall and CPU time (same machine, same run; quote only ratios, the CPU may be shared).
+where the kernel allows it), over the first of `--repeat` runs. Printed: each peak in MiB, peak ratios to
+the full path, and the ratios of median wall and CPU time (same machine, same run; quote only ratios,
+the CPU may be shared: under contention, CPU time with OMP_NUM_THREADS=1 is the steadier measure).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -40,7 +42,7 @@ def _reset_peak() -> None:
         pass
 
 
-def _worker(path: str, batch: int, seq: int, dim: int, vocab: int, chunk: int) -> dict:
+def _worker(path: str, batch: int, seq: int, dim: int, vocab: int, chunk: int, repeat: int) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -70,21 +72,27 @@ def _worker(path: str, batch: int, seq: int, dim: int, vocab: int, chunk: int) -
     hidden, weight, targets, coeff = inputs(batch, seq)
     _reset_peak()
     base = _status_kib("VmHWM")
-    wall, cpu = time.perf_counter(), time.process_time()
-    (fn(hidden, weight, targets) * coeff).sum().backward()
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    peak = _status_kib("VmHWM")
-    assert hidden.grad is not None and weight.grad is not None
-    return {"path": path, "peak_mib": (peak - base) / 1024, "baseline_mib": base / 1024, "wall_s": wall, "cpu_s": cpu}
+    walls, cpus = [], []
+    for _ in range(repeat):
+        wall, cpu = time.perf_counter(), time.process_time()
+        (fn(hidden, weight, targets) * coeff).sum().backward()
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+        if len(walls) == 1:
+            peak = _status_kib("VmHWM")  # the first run's peak: the later ones free their gradients first
+        assert hidden.grad is not None and weight.grad is not None
+        hidden.grad = weight.grad = None
+    return {"path": path, "peak_mib": (peak - base) / 1024, "baseline_mib": base / 1024,
+            "wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus)}
 
 
-def measure(batch: int, seq: int, dim: int, vocab: int, chunk: int, paths=PATHS) -> dict:
+def measure(batch: int, seq: int, dim: int, vocab: int, chunk: int, paths=PATHS, repeat: int = 1) -> dict:
     """Run every path in its own fresh process; {path: its numbers} plus the ratios to the full path."""
     out: dict = {"shape": {"batch": batch, "seq": seq, "dim": dim, "vocab": vocab, "chunk_tokens": chunk}}
     repo = Path(__file__).resolve().parent.parent
     for path in paths:
         cmd = [sys.executable, __file__, "--worker", path, "--batch", str(batch), "--seq", str(seq),
-               "--dim", str(dim), "--vocab", str(vocab), "--chunk", str(chunk)]
+               "--dim", str(dim), "--vocab", str(vocab), "--chunk", str(chunk), "--repeat", str(repeat)]
         proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=1800)
         if proc.returncode != 0:
             raise RuntimeError(f"{path} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -106,14 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=576)
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--chunk", type=int, default=1024)
+    parser.add_argument("--repeat", type=int, default=1, help="timed runs per process (median time)")
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ",".join(PATHS))
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(_worker(args.worker, args.batch, args.seq, args.dim, args.vocab, args.chunk)))
+        print(json.dumps(_worker(args.worker, args.batch, args.seq, args.dim, args.vocab, args.chunk, args.repeat)))
         return 0
-    result = measure(args.batch, args.seq, args.dim, args.vocab, args.chunk, tuple(args.paths.split(",")))
+    result = measure(args.batch, args.seq, args.dim, args.vocab, args.chunk, tuple(args.paths.split(",")), args.repeat)
     if args.json:
         print(json.dumps(result))
         return 0

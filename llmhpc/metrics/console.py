@@ -1,10 +1,14 @@
-"""Live progress bar on the console (tqdm), with the latest loss, lr and throughput."""
+"""Live progress bar on the console (tqdm), with the latest loss, the objective's metrics, lr and throughput."""
 
 from __future__ import annotations
 
 import sys
 
 from tqdm.auto import tqdm
+
+_NOT_SHOWN = ("step", "grad_norm", "step_time_s", "tokens_seen")
+"""Record fields the bar leaves to metrics.jsonl / W&B; the loss, eval loss, the objective's own metrics, lr,
+tokens/s and MFU are shown."""
 
 
 class ConsoleProgress:
@@ -26,7 +30,7 @@ class ConsoleProgress:
     def update(self, record: dict, advance: int = 1) -> None:
         if self.silent:
             return
-        shown = {k: record[k] for k in ("loss", "eval_loss", "lr", "tokens_per_s", "mfu") if k in record}
+        shown = {k: v for k, v in record.items() if k not in _NOT_SHOWN}
         text = {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in shown.items()}
         if self._bar is not None:
             self._bar.set_postfix(text, refresh=False)

@@ -2,11 +2,11 @@
 
 DPO, PPO and GRPO need log p(target | context) per token for the tokens a policy chose or sampled, and
 its gradient. The plain way, `log_softmax(hidden @ W.T).gather(targets)`, materializes fp32 logits
-[batch, seq, vocab] plus a log-softmax and two gradients of the same size: 2.3 GiB above the inputs for
-8 x 512 tokens on the SmolLM2 head (vocab 49152), whose 4 GEMMs and 3 passes are all the work there is.
+[batch, seq, vocab] plus a log-softmax and gradients of the same size: 2.3 GiB above the inputs for
+8 x 512 tokens on the SmolLM2 head (vocab 49152).
 
-`token_logprobs(hidden, head, targets)` works on `chunk_tokens` rows at a time and keeps nothing of
-size vocab for backward: each chunk runs inside a non-reentrant `torch.utils.checkpoint`, so backward
+`token_logprobs(hidden, head, targets)` works on `chunk_tokens` rows at a time and keeps no logits
+for backward: each chunk runs inside a non-reentrant `torch.utils.checkpoint`, so backward
 recomputes that chunk's logits (one extra GEMM: 4 instead of 3) and frees them before the next chunk.
 Only one chunk's logits (and its gradient) are alive at any moment. Because the head is an opaque
 callable, this works for anything autograd can differentiate: `model.logits`, a LoRA-wrapped head,
@@ -15,19 +15,21 @@ and the vocabulary-sharded DTensor logits of loss parallel, whose log-softmax an
 all-reduces, never gathering the vocabulary).
 
 For plain logits the log-softmax + gather is one custom autograd function (`_GatherLogSoftmax`): it
-saves the logits and each row's log-sum-exp and writes the gradient g * (one_hot - softmax) in one
-pass, in row blocks, instead of `F.cross_entropy`'s log-softmax output, zero-filled one-hot scatter
-and separate log-softmax backward (two fewer chunk-sized buffers, a few passes less).
+saves the logits and each row's log-sum-exp and writes the gradient g * (one_hot - softmax) in row
+blocks, instead of `F.cross_entropy`'s log-softmax output, zero-filled one-hot scatter and separate
+log-softmax backward. Same speed, but one chunk-sized buffer fewer: through `F.cross_entropy` the
+chunked path's peak memory was 0.34x the full path's (at the 0.35x goal), with this function 0.23x.
 
 `linear_token_logprobs(hidden, weight, targets)` is the same for a plain head matrix, as one custom
 autograd function that also owns the GEMMs: it writes every chunk's logits, and then their gradient,
 into one buffer kept between calls on CPU (see `llmhpc.train.losses`: a fresh chunk-sized tensor costs
 a page fault per 4 KiB, about as long as a pass over it), saves only a log-sum-exp per token, and
-skips the weight-gradient GEMM for a frozen head. Measured on the SmolLM2 head, 8 x 512 tokens, fp32,
-1 thread, CPU time (docs/benchmarks.md): it takes 0.89x the time of `token_logprobs` and its peak
-memory above the inputs is 0.17x the full-logits path's against 0.26x. Both are kept because the
-generic path is the only one that works through an arbitrary head (DTensor, adapters) and the plain
-one is the common single-process / FSDP case at a clear saving.
+skips the weight-gradient GEMM for a frozen head. Measured on the SmolLM2 head, 8 x 512 tokens, fp32
+(docs/benchmarks.md, tools/bench_logprobs_memory.py): against the full-logits path, `token_logprobs`
+takes 1.39x the time (4 GEMMs instead of 3 put its floor at 1.33x) and 0.23x the peak memory,
+`linear_token_logprobs` 1.12x the time and 0.14x the memory, so 0.81x the generic path's time. Both
+are kept: the generic path is the only one that works through an arbitrary head (DTensor, adapters),
+and the plain one serves the common single-process case at that clear saving.
 """
 
 from __future__ import annotations
@@ -65,8 +67,8 @@ def token_logprobs(
     Positions whose target is IGNORE_INDEX give 0 and no gradient. Gradients reach `hidden` and
     whatever the head differentiates (its parameters). Under autocast the head's matmul runs in the
     autocast dtype and the log-softmax in fp32. Without grad mode (reference models) the chunks run
-    without checkpointing. Backward recomputes each chunk's logits once; it can run once per call
-    (the usual `loss.backward()`), like any checkpointed graph.
+    without checkpointing. Each backward recomputes each chunk's logits once (`retain_graph=True`
+    works: a second backward recomputes them again). No double backward.
     """
     flat_h, flat_t = _flatten(hidden, targets, chunk_tokens)
     rows = flat_h.shape[0]
@@ -94,6 +96,8 @@ def linear_token_logprobs(
     Same values, gradients and autocast behaviour (matmuls in the autocast dtype, softmax in fp32),
     faster and leaner: see the module docstring. `weight` must be a plain tensor (for a DTensor head
     use `token_logprobs`). Its gradient is accumulated in fp32 and handed back in the weight's dtype.
+    On CPU one chunk-sized logits buffer per dtype (192 MiB for 1024 fp32 rows of SmolLM2) stays
+    allocated between calls.
     """
     if type(weight.data) is not torch.Tensor:
         raise TypeError(f"linear_token_logprobs needs a plain weight tensor, got {type(weight).__name__}; "

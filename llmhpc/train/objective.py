@@ -63,9 +63,13 @@ class LMHead:
 
     def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p(target) at every position (0 where the target is IGNORE_INDEX), fp32, with gradient;
-        computed chunk by chunk so the full logits never exist at once."""
-        from llmhpc.train.logprobs import token_logprobs
+        computed chunk by chunk so the full logits never exist at once. A plain head matrix takes the fused
+        path (its own matmuls, one kept logits buffer); a sharded or wrapped head goes through its logits."""
+        from llmhpc.train.logprobs import linear_token_logprobs, token_logprobs
 
+        weight = self.weight()
+        if type(weight.data) is torch.Tensor:
+            return linear_token_logprobs(hidden, weight, targets)
         return token_logprobs(hidden, self.logits, targets)
 
 

@@ -35,21 +35,31 @@ def reference(tmp_path_factory, llmhpc_cache) -> Path:
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def pipelined(tmp_path_factory, llmhpc_cache) -> dict[str, Path]:
+    """{schedule: run dir} of the tied pp=2 runs (checkpoints at steps 3 and 6), one launch per schedule."""
+    runs = {}
+    for schedule in ("1f1b", "zbv"):
+        runs[schedule] = tmp_path_factory.mktemp(schedule)
+        run_torchrun(2, ["pretrain", *COMMON, "parallel.pp=2", f"parallel.pp_schedule={schedule}",
+                         f"run.dir={runs[schedule]}"], llmhpc_cache)
+    return runs
+
+
 def _worst(got: dict[int, float], expected: dict[int, float], steps) -> float:
     return max(abs(got[s] - expected[s]) for s in steps)
 
 
 @pytest.mark.parametrize("schedule", ["1f1b", "zbv"])
-def test_tied_pipeline_matches_one_process(schedule, reference, tmp_path, llmhpc_cache):
-    run_torchrun(2, ["pretrain", *COMMON, "parallel.pp=2", f"parallel.pp_schedule={schedule}",
-                     f"run.dir={tmp_path}"], llmhpc_cache)
-    got = step_losses(tmp_path)
+def test_tied_pipeline_matches_one_process(schedule, reference, pipelined):
+    run_dir = pipelined[schedule]
+    got = step_losses(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
     worst = _worst(got, step_losses(reference), range(1, STEPS + 1))
     print(f"tied pp=2 {schedule}: max |loss - one process| = {worst:.2e}")
     assert worst < TOL, worst
     # One tensor for the tied matrix in the checkpoint, equal to the one process's within AdamW's rounding.
-    step_dir = tmp_path / "checkpoints" / step_dir_name(STEPS)
+    step_dir = run_dir / "checkpoints" / step_dir_name(STEPS)
     model = Llama(read_checkpoint_config(step_dir).model)
     load_model_state(step_dir, model)
     assert "output.weight" not in model.state_dict()
@@ -60,9 +70,8 @@ def test_tied_pipeline_matches_one_process(schedule, reference, tmp_path, llmhpc
 
 
 @pytest.mark.parametrize(("nproc", "layout"), [(1, []), (2, ["parallel.tp=2"])], ids=["one_process", "tp2"])
-def test_tied_pipeline_checkpoint_continues_elsewhere(nproc, layout, reference, tmp_path, llmhpc_cache):
-    run_torchrun(2, ["pretrain", *COMMON, "parallel.pp=2", "trainer.max_steps=3", f"run.dir={tmp_path}"],
-                 llmhpc_cache)
+def test_tied_pipeline_checkpoint_continues_elsewhere(nproc, layout, reference, pipelined, tmp_path, llmhpc_cache):
+    copy_run_stopped_at(pipelined["1f1b"], tmp_path, 3)
     if nproc == 1:
         proc = run_cli(["pretrain", *COMMON, f"run.dir={tmp_path}"], llmhpc_cache)
     else:

@@ -36,7 +36,7 @@ def _check_layout(world: int, extra: list[str]) -> dict[str, object]:
     from llmhpc.parallel import parallelize
     from llmhpc.parallel.dims import validate_layout
     from llmhpc.parallel.float8 import apply_float8
-    from llmhpc.stages.pretrain import build_model_for, initialize_sharded
+    from llmhpc.train.builder import build_model_for, initialize_sharded
 
     cfg = load_config("pretrain", [*OVERRIDES, *extra])  # pretrain's order below; fp8's device check is skipped
     reference_model = build_model_for(cfg, torch.device("cpu"))[0]

@@ -88,3 +88,41 @@ def test_help_lists_every_key_with_its_doc():
     assert proc.returncode == 0
     assert "trainer.global_batch_size" in proc.stdout and "gradient accumulation" in proc.stdout
     assert "llama3_405b" in proc.stdout
+
+
+def test_a_key_of_another_command_is_refused_naming_that_command():
+    from llmhpc.stages.registry import load_stage_config
+
+    with pytest.raises(ConfigError) as info:
+        load_stage_config("pretrain", ["plan.top=3"])
+    message = str(info.value)
+    assert "'plan.top' is not a key of llmhpc pretrain" in message and "belongs to llmhpc plan" in message
+    with pytest.raises(ConfigError, match="'cluster' is not a key of llmhpc pretrain.*llmhpc plan"):
+        load_stage_config("pretrain", ["cluster=h100_8x8"])
+    with pytest.raises(ConfigError, match="'data.source' is not a key of llmhpc plan.*llmhpc pretrain"):
+        load_stage_config("plan", ["data.source=x.txt"])
+    with pytest.raises(ConfigError, match="unknown config key 'trainer.mx_steps'.*trainer.max_steps"):
+        load_stage_config("plan", ["trainer.mx_steps=3"])
+
+
+def test_stage_help_lists_only_the_keys_that_stage_reads():
+    proc = subprocess.run([sys.executable, "-m", "llmhpc", "plan", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0
+    assert "cluster.gpus_per_node" in proc.stdout and "plan.top" in proc.stdout
+    assert "data.source" not in proc.stdout and "logger.wandb.mode" not in proc.stdout
+    pretrain = subprocess.run([sys.executable, "-m", "llmhpc", "pretrain", "--help"], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+    assert "plan.top" not in pretrain.stdout and "trainer.freeze" in pretrain.stdout
+
+
+def test_the_micro_batch_follows_from_the_global_batch_and_the_layout(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert load_config("pretrain", ["parallel.dp_shard=2", "trainer.global_batch_size=8"]).trainer.micro_batch_size == 4
+    # pipeline: the largest micro-batch that still gives every stage work (a multiple of pp micro-batches)
+    pp = load_config("pretrain", ["parallel.pp=2", "parallel.dp_shard=1", "trainer.global_batch_size=8"])
+    assert pp.trainer.micro_batch_size == 4
+    given = load_config("pretrain", ["parallel.dp_shard=2", "trainer.micro_batch_size=1"])
+    assert given.trainer.micro_batch_size == 1
+    with pytest.raises(ConfigError, match="cannot be split evenly over 2"):
+        load_config("pretrain", ["parallel.dp_shard=2", "trainer.global_batch_size=7"])

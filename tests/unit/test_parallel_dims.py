@@ -34,7 +34,6 @@ def test_dp_shard_fills_the_world():
         (4, {"dp_replicate": 3}, r"dp_replicate\*tp\*pp = 3 does not divide the world size 4"),
         (2, {"tp": 2}, r"parallel\.tp=2 does not divide model\.n_heads=9; valid tp for this model: 1"),
         (3, {"tp": 3}, r"parallel\.tp=3 does not divide model\.ffn_dim=704; valid tp for this model: 1$"),
-        (2, {"pp": 2}, r"parallel\.pp > 1 needs untied embeddings.*set model\.tie_embeddings=false"),
         (8, {}, r"global_batch_size=8 is not a multiple of trainer\.micro_batch_size\*dp = 2\*8 = 16"),
         (1, {"ac": "some"}, r"parallel\.ac='some' is not one of: none, selective, full"),
         (1, {"cpu_offload": True}, r"cpu_offload=true needs FSDP"),
