@@ -226,16 +226,22 @@ def read_hf_config(config_file: Path, name: str = "hf") -> ModelConfig:
         raise InputError(f"{config_file}: a value has the wrong type ({e}); a Llama config.json is needed") from None
 
 
+def _index_weight_map(index: Path) -> dict[str, str]:
+    """{tensor name: shard file name} of a sharded checkpoint's model.safetensors.index.json."""
+    index_json = _read_json(index)
+    weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
+    if not isinstance(weight_map, dict):
+        raise InputError(f"{index}: no 'weight_map' object; fix or re-download the file")
+    return weight_map
+
+
 def _read_safetensors(directory: Path) -> dict[str, torch.Tensor] | None:
     single = directory / "model.safetensors"
     if single.is_file():
         return _load_safetensors_file(single)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        index_json = _read_json(index)
-        weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
-        if not isinstance(weight_map, dict):
-            raise InputError(f"{index}: no 'weight_map' object; fix or re-download the file")
+        weight_map = _index_weight_map(index)
         state: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
             state.update(_load_safetensors_file(directory / shard))
@@ -328,10 +334,6 @@ def safetensors_weight_map(directory: Path) -> dict[str, Path]:
             ) from None
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        index_json = _read_json(index)
-        weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
-        if not isinstance(weight_map, dict):
-            raise InputError(f"{index}: no 'weight_map' object; fix or re-download the file")
-        return {name: directory / shard for name, shard in weight_map.items()}
+        return {name: directory / shard for name, shard in _index_weight_map(index).items()}
     read_hf_weights(directory, allow_pickle=False)  # no safetensors: raises (pickle refused, or no weights at all)
     raise AssertionError(f"{directory}: read_hf_weights found no weights and did not raise")
