@@ -122,29 +122,26 @@ def block_activation_bytes(w: Workload, tp: int, mixed: bool = False) -> float:
 def logits_bytes(w: Workload, layout: Layout) -> float:
     """Loss working set on the last stage, at its peak (the cross entropy's backward).
 
-    Without TP or PP, llmhpc's fused loss keeps one chunk of logits in the compute dtype (overwritten in place by
-    their gradient), an fp32 accumulator for the head's gradient (under bf16 also the bf16 product and its fp32 copy
-    that are added to it) and the hidden states' gradient (in the residual dtype). Under TP (replicated logits) and
-    on the last pipeline stage (whose output the schedule's loss function takes) the logits are materialized, and
-    the eager loss peaks
-    in log-softmax's backward with three fp32 logits-sized tensors alive: the saved log-softmax, the gradient
-    coming from the NLL and the one going out. Under PP the schedule also holds the stage output (the logits, in
-    the compute dtype) until the stage's backward; under TP the logits and their fp32 copy are freed once the loss
-    is formed (both measured with torch.profiler on CPU, docs/planner.md). With loss parallel each TP rank holds
-    only its vocabulary shard of all of them.
+    With a plain head matrix (no TP: one process, FSDP2 — whose root keeps the head gathered after forward —,
+    the last pipeline stage, DeepSpeed) llmhpc's fused loss keeps one chunk of logits in the compute dtype
+    (overwritten in place by their gradient), an fp32 accumulator for the head's gradient (under bf16 also the
+    bf16 product and its fp32 copy that are added to it) and the hidden states' gradient (in the residual dtype).
+    Under TP (a sharded head) the logits are materialized, and the eager loss peaks in log-softmax's backward with
+    three fp32 logits-sized tensors alive: the saved log-softmax, the gradient coming from the NLL and the one going
+    out; the logits and their fp32 copy are freed once the loss is formed (both measured with torch.profiler on
+    CPU, docs/planner.md). With loss parallel each TP rank holds only its vocabulary shard of all of them. A
+    pipeline's last stage hands the objective its hidden states, not logits, so the schedule holds nothing
+    vocabulary-sized between forward and backward.
     """
     s = w.shape
     tokens = layout.micro_batch * w.seq_len
-    if layout.tp == 1 and layout.pp == 1:
+    if layout.tp == 1:
         chunk = min(LOSS_CHUNK_TOKENS, tokens)
         # bf16: the accumulator, the chunk's bf16 product and (after the first chunk) that product's fp32 copy
         head_grad = s.vocab * s.dim * (4 if w.precision == "fp32" else 4 + 2 + (4 if tokens > chunk else 0))
         return chunk * s.vocab * w.low_bytes + head_grad + tokens * s.dim * residual_bytes(w, layout)
-    per_element = 3 * 4
-    if layout.pp > 1:
-        per_element += w.low_bytes
     shards = layout.tp if layout.loss_parallel else 1
-    return tokens * s.vocab * per_element / shards
+    return tokens * s.vocab * 3 * 4 / shards
 
 
 def last_stage_rank(layout: Layout) -> int:

@@ -26,10 +26,24 @@ Theirs = enum.Enum("Theirs", "A", module="torchao.quantization.quantize_.common"
 
 
 def _shown(caplog, logger: str, msg: str, *args) -> bool:
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        logging.getLogger(logger).warning(msg, *args)
-    return any(r.name == logger for r in caplog.records)
+    """Whether a record logged on `logger` gets past its filters (seen by a handler on that very logger).
+
+    A handler of its own, not pytest's caplog: torch's logging set-up (after a torch.compile elsewhere in the
+    session) can stop `torch.*` loggers from propagating to the root, where caplog listens.
+    """
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    log = logging.getLogger(logger)
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING)
+    try:
+        log.warning(msg, *args)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    return bool(seen)
 
 
 @pytest.fixture
