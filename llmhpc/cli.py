@@ -30,16 +30,19 @@ def _print_keys(name: str) -> None:
 
     spec = STAGES[name]
     print(f"llmhpc {name}: {spec.summary}\n")
-    print("config groups (group=preset):")
-    for group in GROUPS:
-        if group in spec.sections:
-            print(f"  {group:<10} {', '.join(group_options(group))}")
+    groups = [group for group in GROUPS if group in spec.sections]
+    if groups:
+        print("config groups (group=preset):")
+    for group in groups:
+        print(f"  {group:<10} {', '.join(group_options(group))}")
     if spec.defaults:
         print(f"\ndefaults of llmhpc {name} (before your overrides): {' '.join(spec.defaults)}")
     print("\nconfig keys (key=value):")
     for key, annotation, doc in key_docs():
         if key.split(".", 1)[0] not in spec.sections:
             continue
+        if spec.shorthand and key.startswith(spec.shorthand + "."):
+            key = key[len(spec.shorthand) + 1 :]
         print(f"  {key}  [{annotation}]")
         if doc:
             print(textwrap.indent(textwrap.fill(doc, 96), "      "))

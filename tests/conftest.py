@@ -75,3 +75,20 @@ def peak_rss_mib(nproc: int, args: list[str], cache: Path, out_dir: Path, thread
     peaks = [int(f.read_text()) for f in out_dir.iterdir()]
     assert len(peaks) == nproc, proc.stdout
     return max(peaks) / 1024
+
+
+@pytest.fixture(scope="session")
+def tp2_pp2_checkpoint(tmp_path_factory, llmhpc_cache) -> Path:
+    """A run trained 2 steps under tp=2 x pp=2 (4 gloo processes): its checkpoint is sharded both ways.
+
+    The SMALL_RUN model: tied embeddings, grouped-query attention (4 heads, 2 KV heads), 2 blocks (one per stage).
+    """
+    run_dir = tmp_path_factory.mktemp("tp2_pp2_run")
+    env = cli_env(llmhpc_cache)
+    env["OMP_NUM_THREADS"] = "1"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m", "llmhpc",
+               "pretrain", *SMALL_RUN, "parallel.tp=2", "parallel.pp=2", "trainer.max_steps=2",
+               f"run.dir={run_dir}"]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return run_dir

@@ -60,7 +60,7 @@ TMP_PREFIX = ".tmp-"
 
 
 @contextlib.contextmanager
-def _single_process_ok():
+def single_process_ok():
     """DCP warns on every single-process save/load; that is a supported mode here, not a mistake."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -151,7 +151,7 @@ def load_model_state(
             del model_sd[param]
     state = {"model": model_sd} if meta.get("format_version", 1) == 1 else {name: {"model": model_sd}}
     try:
-        with _single_process_ok():
+        with single_process_ok():
             dcp.load(state, checkpoint_id=str(step_dir))
     except Exception as exc:  # DCP raises several types for unreadable files
         raise CheckpointError(f"checkpoint {step_dir} cannot be read: {str(exc).splitlines()[0]}") from None
@@ -295,7 +295,7 @@ class CheckpointManager:
             model_sd, optim_sd = component.trained_states()
             state[component.name] = {"model": model_sd, "optim": optim_sd}
         ranks = _gather_rank_states({**(rank_state or {}), "rng": _encode_rng()})
-        with _single_process_ok():
+        with single_process_ok():
             dcp.save(state, checkpoint_id=str(tmp))
         if dist.is_initialized():
             _fsync_files(tmp, f"__{dist.get_rank()}_")  # this rank's shards; rank 0 syncs the rest below
@@ -351,7 +351,7 @@ class CheckpointManager:
         if meta.get("format_version", 1) == 1:
             states = states[next(iter(states))]  # one component, saved under 'model' / 'optim'
         try:
-            with _single_process_ok():
+            with single_process_ok():
                 dcp.load(states, checkpoint_id=str(step_dir))
         except Exception as exc:  # DCP raises several types for unreadable files
             raise CheckpointError(f"checkpoint {step_dir} cannot be read: {str(exc).splitlines()[0]}") from None

@@ -284,6 +284,43 @@ class PlanConfig:
 
 
 @dataclass
+class ConvertConfig:
+    """Options of `llmhpc convert` (written without the `convert.` prefix: `llmhpc convert src=... to=hf dst=...`)."""
+
+    src: str = ""
+    """What to convert: an llmhpc run directory or checkpoint (of any parallel layout), a Hugging Face directory or
+    a .gguf file."""
+    to: str = "hf"
+    """Output format: 'hf' (config.json + safetensors + tokenizer), 'trtllm' (a TensorRT-LLM checkpoint, and with
+    build_engine=true its engine) or 'gguf' (llama.cpp / Ollama)."""
+    dst: str = ""
+    """Output directory (hf, trtllm) or .gguf file; refused when it exists unless overwrite=true."""
+    dtype: str = "auto"
+    """Weight dtype: 'auto' (the source's: bfloat16 for hf/trtllm/gguf exports of a bf16 model, else float32),
+    'float32', 'float16' or 'bfloat16'."""
+    quant: str = "none"
+    """Weight quantization: 'none'; trtllm: 'int8_wo' / 'int4_wo' (weight-only, per-channel scales) or 'fp8'
+    (per-tensor scales); gguf: 'q8_0', 'q4_0' or 'q4_k'."""
+    tp: int = 1
+    """trtllm: tensor-parallel ranks the checkpoint is split for (must divide the attention and KV heads)."""
+    pp: int = 1
+    """trtllm: pipeline-parallel ranks the checkpoint is split for (must divide the layers)."""
+    overwrite: bool = False
+    """Replace an existing dst (it is replaced only once the new output is complete)."""
+    shard_size_gb: float = 5.0
+    """hf: the largest model-*.safetensors file; bigger models are sharded with a model.safetensors.index.json."""
+    build_engine: bool = False
+    """trtllm: also build the TensorRT-LLM engine with trtllm-build (needs tensorrt_llm and a GPU; otherwise the
+    exact command to run on a GPU machine is printed)."""
+    max_batch_size: int = 8
+    """trtllm engine: largest batch the engine serves."""
+    max_input_len: int = 1024
+    """trtllm engine: longest prompt."""
+    max_seq_len: int = 2048
+    """trtllm engine: longest prompt + answer."""
+
+
+@dataclass
 class Config:
     """Root of every llmhpc config."""
 
@@ -298,3 +335,4 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)

@@ -55,6 +55,20 @@ def validate_model(model, prefix: str = "model") -> None:
         )
 
 
+CONVERT_QUANT = {"hf": ("none",), "trtllm": ("none", "int8_wo", "int4_wo", "fp8"),
+                 "gguf": ("none", "q8_0", "q4_0", "q4_k")}
+"""The quantizations each `llmhpc convert to=...` format writes."""
+
+
+def validate_convert(c) -> None:
+    """Values of `llmhpc convert`'s options (src / dst are checked when the command runs)."""
+    _choice("to", c.to, tuple(CONVERT_QUANT))
+    _choice("dtype", c.dtype, ("auto", "float32", "float16", "bfloat16"))
+    _check(c.quant in CONVERT_QUANT[c.to],
+           f"quant={c.quant!r} is not written for to={c.to}; choose one of: {', '.join(CONVERT_QUANT[c.to])}")
+    _positive(c, "convert", ("tp", "pp", "shard_size_gb", "max_batch_size", "max_input_len", "max_seq_len"))
+
+
 def validate(cfg: Config) -> None:
     """Raise `ConfigError` on the first rule the config's values break.
 
@@ -92,6 +106,7 @@ def validate(cfg: Config) -> None:
     _choice("logger.wandb.mode", cfg.logger.wandb.mode, ("online", "offline", "disabled"))
     _choice("precision", cfg.precision.name, ("fp32", "bf16", "fp8"))
     _choice("precision.fp8_recipe", cfg.precision.fp8_recipe, ("tensorwise", "rowwise"))
+    validate_convert(cfg.convert)
     _check(
         cfg.precision.name != "fp8" or cfg.parallel.engine == "torch",
         "precision=fp8 is not supported with parallel.engine=deepspeed; use parallel.engine=torch (FSDP2)",

@@ -18,7 +18,8 @@ from llmhpc.models.sources import locate_weights
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def _hf_tokenizer(directory: Path):
+def hf_tokenizer(directory: Path):
+    """The tokenizer saved in an HF model directory, or None when it holds no tokenizer files."""
     from llmhpc.data.tokenizer import load_tokenizer
 
     if any((directory / name).is_file() for name in _TOKENIZER_FILES):
@@ -30,7 +31,7 @@ def _load_hf_dir(directory: Path, dtype, device, allow_pickle: bool):
     from llmhpc.models.hf import load_hf
 
     model = load_hf(directory, dtype=dtype, device=device, allow_pickle=allow_pickle)
-    return model, _hf_tokenizer(directory)
+    return model, hf_tokenizer(directory)
 
 
 def _load_pickle_file(path: Path, dtype, device, allow_pickle: bool):
@@ -42,7 +43,7 @@ def _load_pickle_file(path: Path, dtype, device, allow_pickle: bool):
         raise InputError(f"{path}: a pickle weight file needs a Hugging Face config.json next to it; add one")
     cfg = read_hf_config(config, name=path.parent.name)
     model = model_from_hf_state(path, cfg, hf_state, dtype=dtype, device=device)
-    return model, _hf_tokenizer(path.parent)
+    return model, hf_tokenizer(path.parent)
 
 
 def _load_checkpoint(step_dir: Path, dtype, device):

@@ -33,6 +33,8 @@ class StageSpec:
     """Overrides applied before the user's (a key the user sets replaces the default of the same key)."""
     check_layout: bool = True
     """Check the parallel layout against this process's WORLD_SIZE (False: the command lays out other machines)."""
+    shorthand: str | None = None
+    """A section whose keys the command takes without its prefix (`llmhpc convert src=...` is `convert.src=...`)."""
     example: str = ""
     """A typical command line, shown in `llmhpc --help`."""
 
@@ -67,6 +69,11 @@ STAGES: dict[str, StageSpec] = {
             example="llmhpc bench precision=bf16      results go to docs/benchmarks.md and run.dir/bench.json",
         ),
         StageSpec(
+            "convert", "export a run, checkpoint (any layout), HF dir or .gguf to hf | trtllm (+ engine) | gguf",
+            "llmhpc.stages.convert:main", sections=("convert",), check_layout=False, shorthand="convert",
+            example="llmhpc convert src=runs/x to=gguf quant=q8_0 dst=exports/x-q8_0.gguf",
+        ),
+        StageSpec(
             "plan", "GPU-free planner: is a layout valid, memory per GPU, step time, tokens/s, MFU (no parallel.dp_*/"
             "tp/pp given: ranks the fastest layouts that fit)",
             "llmhpc.stages.plan:main", sections=("model", "trainer", "parallel", "precision", "cluster", "plan"),
@@ -88,9 +95,18 @@ def section_readers() -> dict[str, list[str]]:
 
 
 def with_defaults(spec: StageSpec, overrides: list[str]) -> list[str]:
-    """The stage's defaults, except keys the user set, followed by the user's overrides."""
+    """The stage's defaults, except keys the user set, followed by the user's overrides (shorthands expanded)."""
+    overrides = [_expand(spec, o) for o in overrides]
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     return [d for d in spec.defaults if d.split("=", 1)[0] not in given] + list(overrides)
+
+
+def _expand(spec: StageSpec, override: str) -> str:
+    """`key=value` → `<shorthand section>.key=value` for the command's own undotted keys."""
+    key = override.split("=", 1)[0]
+    if spec.shorthand and "=" in override and "." not in key and not key.startswith(("+", "~")):
+        return f"{spec.shorthand}.{override}"
+    return override
 
 
 def load_stage_config(name: str, overrides: list[str]) -> Config:

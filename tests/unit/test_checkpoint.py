@@ -186,13 +186,13 @@ def test_format_1_checkpoints_still_load(tmp_path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from llmhpc.checkpoint.manager import _encode_rng, _single_process_ok
+    from llmhpc.checkpoint.manager import _encode_rng, single_process_ok
 
     model, optimizer = make_model_and_optimizer(0)
     train_steps(model, optimizer, 2)
     step_dir = tmp_path / "checkpoints" / "step_0000002"
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with _single_process_ok():
+    with single_process_ok():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(step_dir))
     (step_dir / "config.yaml").write_text("stage: test\n")
     meta = {"format_version": 1, "step": 2, "saved_at": 0.0, "rng": _encode_rng(), "data": {"index": 9}}

@@ -126,3 +126,16 @@ def test_the_micro_batch_follows_from_the_global_batch_and_the_layout(monkeypatc
     assert given.trainer.micro_batch_size == 1
     with pytest.raises(ConfigError, match="cannot be split evenly over 2"):
         load_config("pretrain", ["parallel.dp_shard=2", "trainer.global_batch_size=7"])
+
+
+def test_convert_takes_its_keys_without_prefix_and_checks_them():
+    from llmhpc.stages.registry import load_stage_config
+
+    cfg = load_stage_config("convert", ["src=runs/x", "to=gguf", "quant=q4_k", "dst=out.gguf"])
+    assert (cfg.convert.src, cfg.convert.to, cfg.convert.quant, cfg.convert.dst) == ("runs/x", "gguf", "q4_k", "out.gguf")
+    with pytest.raises(ConfigError, match="quant='q4_k' is not written for to=trtllm; choose one of: none, int8_wo"):
+        load_stage_config("convert", ["to=trtllm", "quant=q4_k"])
+    with pytest.raises(ConfigError, match="to='onnx' is not one of: hf, trtllm, gguf"):
+        load_stage_config("convert", ["to=onnx"])
+    with pytest.raises(ConfigError, match="'trainer.max_steps' is not a key of llmhpc convert"):
+        load_stage_config("convert", ["trainer.max_steps=3"])

@@ -1,0 +1,190 @@
+"""Read any weight source tensor by tensor, for the converters: llmhpc checkpoints, HF directories, GGUF files.
+
+Converters never hold more than the tensor they are writing (plus what their format needs to group, e.g. the
+fused QKV of one layer): `ExportSource.tensor(name)` reads one full tensor on demand, in llmhpc names and
+fp32. An llmhpc checkpoint of any parallel layout (FSDP2 / TP / PP shards, DeepSpeed) is read through DCP one
+key at a time, so each stored shard is read once, straight into the full tensor, and nothing is gathered
+through processes. Frozen weights a checkpoint does not hold come from the base it references.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import llmhpc
+from llmhpc.config.schema import ModelConfig
+from llmhpc.errors import InputError
+from llmhpc.models.llama import Llama
+from llmhpc.models.sources import locate_weights
+
+
+@dataclass
+class ExportSource:
+    """One model to export: its shape, its tensors (read on demand), tokenizer and lineage."""
+
+    path: Path
+    """The file or directory read (a run directory resolves to its newest complete checkpoint)."""
+    format: str
+    """'checkpoint', 'hf' or 'gguf'."""
+    config: ModelConfig
+    reader: Any = field(repr=False)
+    """name -> full fp32 tensor (llmhpc names)."""
+    tokenizer: Any = field(default=None, repr=False)
+    """The model's tokenizer (transformers), or None when the source names none."""
+    lineage: dict = field(default_factory=dict)
+    """Where the weights come from: source path and format, checkpoint step, config hash, llmhpc version."""
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None) if self.tokenizer is not None else None
+
+    def names(self) -> list[str]:
+        """Every weight of the model in its order (a tied model has no output.weight)."""
+        with torch.device("meta"):
+            return list(Llama(self.config).state_dict())
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The full weight `name`, fp32 on CPU."""
+        return self.reader(name).to(torch.float32)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.names():
+            yield name, self.tensor(name)
+
+
+def config_hash(cfg: ModelConfig) -> str:
+    """A short hash of a model config (its shape), for lineage records."""
+    import dataclasses
+
+    return hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def open_source(path: str | Path, *, need_tokenizer: bool = False) -> ExportSource:
+    """The model at `path`, ready to be read tensor by tensor.
+
+    `need_tokenizer`: raise InputError when the source names no tokenizer (formats that embed it need one).
+    """
+    located = locate_weights(path)
+    if located.format == "pickle":
+        raise InputError(f"{located.path}: a pickle file; convert it to safetensors first (pickle can run code)")
+    opener = {"checkpoint": _checkpoint_source, "hf": _hf_source, "gguf": _gguf_source}[located.format]
+    source = opener(located.path)
+    source.lineage.update({"source": str(located.path.resolve()), "format": located.format,
+                           "config_hash": config_hash(source.config), "llmhpc_version": llmhpc.__version__})
+    if need_tokenizer and source.tokenizer is None:
+        raise InputError(f"{located.path}: no tokenizer found next to the weights (tokenizer.json); add the "
+                         "model's tokenizer files, or convert from a source that has one")
+    return source
+
+
+def _hf_source(directory: Path) -> ExportSource:
+    from safetensors import safe_open
+
+    from llmhpc.models.hf import hf_tensor_name, read_hf_config, safetensors_weight_map
+    from llmhpc.models.loader import hf_tokenizer
+
+    cfg = read_hf_config(directory / "config.json", name=directory.name)
+    weight_map = safetensors_weight_map(directory)
+
+    def read(name: str) -> torch.Tensor:
+        hf_name = hf_tensor_name(name)
+        if hf_name not in weight_map:
+            raise InputError(f"{directory}: no tensor {hf_name} in its safetensors files; the export is incomplete")
+        with safe_open(str(weight_map[hf_name]), framework="pt") as f:
+            return f.get_tensor(hf_name)
+
+    return ExportSource(directory, "hf", cfg, read, hf_tokenizer(directory))
+
+
+def _gguf_source(path: Path) -> ExportSource:
+    import numpy as np
+
+    from llmhpc.data.tokenizer import load_tokenizer
+    from llmhpc.models.gguf import gguf_tensor_index, open_gguf_config, read_gguf_box
+
+    _, cfg = open_gguf_config(path)
+    index = gguf_tensor_index(path)
+    file_map = np.memmap(path, mode="r")
+
+    def read(name: str) -> torch.Tensor:
+        info = index[name]
+        return read_gguf_box(file_map, info, name, cfg, tuple(slice(0, n) for n in info.shape))
+
+    return ExportSource(path, "gguf", cfg, read, load_tokenizer(str(path)))
+
+
+def _checkpoint_source(step_dir: Path) -> ExportSource:
+    import torch.distributed.checkpoint as dcp
+
+    from llmhpc.checkpoint import read_checkpoint_config, read_meta
+    from llmhpc.checkpoint.manager import single_process_ok
+    from llmhpc.data.tokenizer import load_tokenizer
+
+    run_cfg = read_checkpoint_config(step_dir)
+    meta = read_meta(step_dir)
+    components = meta.get("components") or {"model": {}}
+    component = next(iter(components))
+    prefix = ["model"] if meta.get("format_version", 1) == 1 else [component, "model"]
+    shapes = _stored_shapes(step_dir, ".".join(prefix) + ".")
+    frozen = set(components[component].get("frozen", []))
+    base = _base_reader(run_cfg.model, components[component].get("base"), step_dir) if frozen else None
+
+    def read(name: str) -> torch.Tensor:
+        if name in frozen:
+            return base(name)
+        if name not in shapes:
+            raise InputError(f"{step_dir}: the checkpoint holds no weight {name}; it is not a full model checkpoint")
+        value = torch.empty(shapes[name], dtype=torch.float32)
+        state: dict = {name: value}
+        for key in reversed(prefix):
+            state = {key: state}
+        try:
+            with single_process_ok():
+                dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
+        except Exception as exc:  # DCP raises several types for unreadable files
+            raise InputError(f"{step_dir}: cannot read {name} ({str(exc).splitlines()[0]})") from None
+        return value
+
+    tokenizer = None
+    with contextlib.suppress(FileNotFoundError, InputError):
+        tokenizer = load_tokenizer(run_cfg.data.tokenizer)
+    source = ExportSource(step_dir, "checkpoint", run_cfg.model, read, tokenizer)
+    source.lineage.update({"step": meta["step"], "run_lineage": meta.get("lineage")})
+    return source
+
+
+def _stored_shapes(step_dir: Path, prefix: str) -> dict[str, torch.Size]:
+    """{weight name: global shape} of the tensors a checkpoint stores under `prefix` (from DCP's index only)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = dcp.FileSystemReader(str(step_dir)).read_metadata()
+    return {key[len(prefix):]: item.size for key, item in metadata.state_dict_metadata.items()
+            if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)}
+
+
+def _base_reader(cfg: ModelConfig, base: dict | None, step_dir: Path):
+    """How to read the frozen weights a checkpoint references: its seeded init, or the source it started from."""
+    if base is None:
+        raise InputError(f"{step_dir}: frozen weights are missing and no base is recorded; export the full model")
+    if base.get("source") == "init":
+        from llmhpc.models import build_model
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(base["seed"]))
+            weights = build_model(cfg).state_dict()
+        return weights.__getitem__
+    from llmhpc.checkpoint.lineage import source_fingerprint
+
+    if source_fingerprint(base["source"]).get("sha256") != base.get("sha256"):
+        raise InputError(f"{step_dir}: its frozen weights come from {base['source']}, which has changed since; "
+                         "restore that file")
+    return open_source(base["source"]).tensor
