@@ -132,7 +132,8 @@ def test_convert_takes_its_keys_without_prefix_and_checks_them():
     from llmhpc.stages.registry import load_stage_config
 
     cfg = load_stage_config("convert", ["src=runs/x", "to=gguf", "quant=q4_k", "dst=out.gguf"])
-    assert (cfg.convert.src, cfg.convert.to, cfg.convert.quant, cfg.convert.dst) == ("runs/x", "gguf", "q4_k", "out.gguf")
+    c = cfg.convert
+    assert (c.src, c.to, c.quant, c.dst) == ("runs/x", "gguf", "q4_k", "out.gguf")
     with pytest.raises(ConfigError, match="quant='q4_k' is not written for to=trtllm; choose one of: none, int8_wo"):
         load_stage_config("convert", ["to=trtllm", "quant=q4_k"])
     with pytest.raises(ConfigError, match="to='onnx' is not one of: hf, trtllm, gguf"):
