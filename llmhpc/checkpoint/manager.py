@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -81,7 +82,7 @@ def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
 
 
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
@@ -153,7 +154,7 @@ def load_model_state(
     try:
         with single_process_ok():
             dcp.load(state, checkpoint_id=str(step_dir))
-    except Exception as exc:  # DCP raises several types for unreadable files
+    except (Exception, CheckpointException) as exc:  # DCP: several types, some BaseException
         raise CheckpointError(f"checkpoint {step_dir} cannot be read: {str(exc).splitlines()[0]}") from None
     for param, stored in copies.items():
         model_sd[param] = model_sd[stored]
@@ -208,8 +209,9 @@ SetStates = Callable[[nn.Module, torch.optim.Optimizer, dict, dict], None]
 
 def set_torch_states(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
     # strict=False: frozen parameters are not in a checkpoint (they come from the component's base)
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   options=StateDictOptions(strict=False))
+    set_state_dict(
+        model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=StateDictOptions(strict=False)
+    )
 
 
 @dataclass
@@ -262,8 +264,10 @@ def _this_rank_state(meta: dict, warn: Callable[[str], None]) -> dict:
     if len(ranks) == world:
         return ranks[rank]
     if rank == 0:
-        warn(f"checkpoint step {meta['step']} was saved by {len(ranks)} ranks and resumes on {world}: every rank "
-             "continues from rank 0's data position and RNG state")
+        warn(
+            f"checkpoint step {meta['step']} was saved by {len(ranks)} ranks and resumes on {world}: every rank "
+            "continues from rank 0's data position and RNG state"
+        )
     return ranks[0]
 
 
@@ -337,8 +341,9 @@ class CheckpointManager:
         states = {}
         for component in components:
             if component.name not in saved:
-                raise CheckpointError(f"checkpoint {step_dir} has no component '{component.name}' "
-                                      f"(it holds: {', '.join(saved)})")
+                raise CheckpointError(
+                    f"checkpoint {step_dir} has no component '{component.name}' (it holds: {', '.join(saved)})"
+                )
             base = saved[component.name].get("base")
             if base is not None and component.base is not None and base != component.base:
                 raise CheckpointError(
@@ -353,7 +358,7 @@ class CheckpointManager:
         try:
             with single_process_ok():
                 dcp.load(states, checkpoint_id=str(step_dir))
-        except Exception as exc:  # DCP raises several types for unreadable files
+        except (Exception, CheckpointException) as exc:  # DCP: several types, some BaseException
             raise CheckpointError(f"checkpoint {step_dir} cannot be read: {str(exc).splitlines()[0]}") from None
         for component in components:
             state = states if meta.get("format_version", 1) == 1 else states[component.name]

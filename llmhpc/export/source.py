@@ -77,11 +77,19 @@ def open_source(path: str | Path, *, need_tokenizer: bool = False) -> ExportSour
         raise InputError(f"{located.path}: a pickle file; convert it to safetensors first (pickle can run code)")
     opener = {"checkpoint": _checkpoint_source, "hf": _hf_source, "gguf": _gguf_source}[located.format]
     source = opener(located.path)
-    source.lineage.update({"source": str(located.path.resolve()), "format": located.format,
-                           "config_hash": config_hash(source.config), "llmhpc_version": llmhpc.__version__})
+    source.lineage.update(
+        {
+            "source": str(located.path.resolve()),
+            "format": located.format,
+            "config_hash": config_hash(source.config),
+            "llmhpc_version": llmhpc.__version__,
+        }
+    )
     if need_tokenizer and source.tokenizer is None:
-        raise InputError(f"{located.path}: no tokenizer found next to the weights (tokenizer.json); add the "
-                         "model's tokenizer files, or convert from a source that has one")
+        raise InputError(
+            f"{located.path}: no tokenizer found next to the weights (tokenizer.json); add the "
+            "model's tokenizer files, or convert from a source that has one"
+        )
     return source
 
 
@@ -110,7 +118,7 @@ def _gguf_source(path: Path) -> ExportSource:
     from llmhpc.data.tokenizer import load_tokenizer
     from llmhpc.models.gguf import gguf_tensor_index, open_gguf_config, read_gguf_box
 
-    _, cfg = open_gguf_config(path)
+    cfg = open_gguf_config(path)[1]  # drop the parsed reader now: two alive at once cost ~150 MB more
     index = gguf_tensor_index(path)
     file_map = np.memmap(path, mode="r")
 
@@ -123,6 +131,7 @@ def _gguf_source(path: Path) -> ExportSource:
 
 def _checkpoint_source(step_dir: Path) -> ExportSource:
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from llmhpc.checkpoint import read_checkpoint_config, read_meta
     from llmhpc.checkpoint.manager import single_process_ok
@@ -149,8 +158,9 @@ def _checkpoint_source(step_dir: Path) -> ExportSource:
         try:
             with single_process_ok():
                 dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
-        except Exception as exc:  # DCP raises several types for unreadable files
-            raise InputError(f"{step_dir}: cannot read {name} ({str(exc).splitlines()[0]})") from None
+        # DCP raises several types for unreadable files; its CheckpointException is a BaseException
+        except (Exception, CheckpointException) as exc:
+            raise InputError(f"{step_dir}: cannot read {name} ({_dcp_reason(exc)})") from None
         return value
 
     tokenizer = None
@@ -161,14 +171,25 @@ def _checkpoint_source(step_dir: Path) -> ExportSource:
     return source
 
 
+def _dcp_reason(exc: BaseException) -> str:
+    """The first line of what went wrong in a DCP read (a CheckpointException wraps each rank's error)."""
+    failures = getattr(exc, "failures", None)
+    if failures:
+        exc = next(iter(failures.values()))[0]
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def _stored_shapes(step_dir: Path, prefix: str) -> dict[str, torch.Size]:
     """{weight name: global shape} of the tensors a checkpoint stores under `prefix` (from DCP's index only)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     metadata = dcp.FileSystemReader(str(step_dir)).read_metadata()
-    return {key[len(prefix):]: item.size for key, item in metadata.state_dict_metadata.items()
-            if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)}
+    return {
+        key[len(prefix) :]: item.size
+        for key, item in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)
+    }
 
 
 def _base_reader(cfg: ModelConfig, base: dict | None, step_dir: Path):
@@ -185,6 +206,7 @@ def _base_reader(cfg: ModelConfig, base: dict | None, step_dir: Path):
     from llmhpc.checkpoint.lineage import source_fingerprint
 
     if source_fingerprint(base["source"]).get("sha256") != base.get("sha256"):
-        raise InputError(f"{step_dir}: its frozen weights come from {base['source']}, which has changed since; "
-                         "restore that file")
+        raise InputError(
+            f"{step_dir}: its frozen weights come from {base['source']}, which has changed since; restore that file"
+        )
     return open_source(base["source"]).tensor

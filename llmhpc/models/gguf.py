@@ -13,26 +13,41 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGML_QUANT_SIZES, MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 
-from llmhpc.config.schema import ModelConfig
+from llmhpc.config.schema import ModelConfig, RopeScalingConfig
 from llmhpc.errors import InputError
 from llmhpc.models.llama import Llama
 
+
+def _short(tensor: MODEL_TENSOR) -> str:
+    """llama.cpp's name of a tensor kind without the block prefix: 'attn_q', 'token_embd', ..."""
+    return TENSOR_NAMES[tensor].removeprefix("blk.{bid}.")
+
+
+# llama.cpp's tensor names (gguf-py's constants, what llama.cpp itself reads) <-> llmhpc's; shared by the
+# reader here and the writer in llmhpc.export.gguf, so one is the exact inverse of the other.
 _LAYER_NAMES = {
-    "attn_q": "attention.wq",
-    "attn_k": "attention.wk",
-    "attn_v": "attention.wv",
-    "attn_output": "attention.wo",
-    "ffn_gate": "feed_forward.w1",
-    "ffn_down": "feed_forward.w2",
-    "ffn_up": "feed_forward.w3",
-    "attn_norm": "attention_norm",
-    "ffn_norm": "ffn_norm",
+    _short(MODEL_TENSOR.ATTN_Q): "attention.wq",
+    _short(MODEL_TENSOR.ATTN_K): "attention.wk",
+    _short(MODEL_TENSOR.ATTN_V): "attention.wv",
+    _short(MODEL_TENSOR.ATTN_OUT): "attention.wo",
+    _short(MODEL_TENSOR.FFN_GATE): "feed_forward.w1",
+    _short(MODEL_TENSOR.FFN_DOWN): "feed_forward.w2",
+    _short(MODEL_TENSOR.FFN_UP): "feed_forward.w3",
+    _short(MODEL_TENSOR.ATTN_NORM): "attention_norm",
+    _short(MODEL_TENSOR.FFN_NORM): "ffn_norm",
 }
-_TOP_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
+_TOP_NAMES = {
+    _short(MODEL_TENSOR.TOKEN_EMBD): "tok_embeddings",
+    _short(MODEL_TENSOR.OUTPUT_NORM): "norm",
+    _short(MODEL_TENSOR.OUTPUT): "output",
+}
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+_OUR_BLOCK = re.compile(r"layers\.(\d+)\.(.+)\.weight")
+ROPE_FREQS = TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS] + ".weight"
+"""llama.cpp's per-frequency RoPE divisors [head_dim / 2] (how a GGUF file carries Llama 3 RoPE scaling)."""
 
 
 def _field(reader: GGUFReader, key: str, default=None):
@@ -55,7 +70,13 @@ def config_from_gguf(reader: GGUFReader, name: str = "gguf") -> ModelConfig:
     vocab = _field(reader, "tokenizer.ggml.tokens") or _field(reader, "llama.vocab_size")
     if _field(reader, "llama.rope.scaling.type", "none") not in ("none",):
         raise InputError("GGUF RoPE scaling other than none is not supported; use a GGUF file without RoPE scaling")
-    tensor_names = {t.name for t in reader.tensors}
+    tensors = {t.name: t for t in reader.tensors}
+    head_dim = None if head_dim is None or int(head_dim) * n_heads == dim else int(head_dim)
+    theta = _f32(_field(reader, "llama.rope.freq_base", 10000.0))
+    scaling = RopeScalingConfig()
+    if ROPE_FREQS in tensors:
+        factors = dequantize(tensors[ROPE_FREQS].data, tensors[ROPE_FREQS].tensor_type).reshape(-1)
+        scaling = rope_scaling_from_factors(factors, head_dim or dim // n_heads, theta)
     return ModelConfig(
         name=name,
         vocab_size=int(vocab),
@@ -63,13 +84,83 @@ def config_from_gguf(reader: GGUFReader, name: str = "gguf") -> ModelConfig:
         n_layers=int(_field(reader, "llama.block_count")),
         n_heads=n_heads,
         n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
-        head_dim=None if head_dim is None or int(head_dim) * n_heads == dim else int(head_dim),
+        head_dim=head_dim,
         ffn_dim=int(_field(reader, "llama.feed_forward_length")),
-        norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        norm_eps=_f32(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=theta,
+        rope_scaling=scaling,
         max_seq_len=int(_field(reader, "llama.context_length", 2048)),
-        tie_embeddings="output.weight" not in tensor_names,
+        tie_embeddings="output.weight" not in tensors,
     )
+
+
+def _f32(value) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-05, not 9.999999747378752e-06): the
+    shortest decimal that rounds to the same float32, so a config survives a write and read unchanged."""
+    return float(str(np.float32(value)))
+
+
+def llama3_rope_factors(head_dim: int, theta: float, scaling: RopeScalingConfig) -> np.ndarray:
+    """llama.cpp's `rope_freqs` for Llama 3 RoPE scaling: one divisor per RoPE frequency (float32).
+
+    llama.cpp rotates pair i by position * theta**(-2i/head_dim) / factor_i. Frequencies whose wavelength is
+    shorter than original_ctx / high_freq_factor keep factor 1, longer than original_ctx / low_freq_factor get
+    `factor`, and in between the blend that `llmhpc.models.llama.rope_inv_freq` applies (its inverse)."""
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    ctx, low, high = scaling.original_max_position_embeddings, scaling.low_freq_factor, scaling.high_freq_factor
+    smooth = (ctx / wavelen - low) / (high - low)
+    blended = 1 / ((1 - smooth) / scaling.factor + smooth)
+    factors = np.where(wavelen < ctx / high, 1.0, np.where(wavelen > ctx / low, scaling.factor, blended))
+    return factors.astype(np.float32)
+
+
+def rope_scaling_from_factors(factors: np.ndarray, head_dim: int, theta: float) -> RopeScalingConfig:
+    """The Llama 3 RoPE scaling whose `llama3_rope_factors` are `factors` (a GGUF file's rope_freqs).
+
+    Only the wavelength thresholds (original_ctx / high_freq_factor, original_ctx / low_freq_factor) and
+    `factor` shape the divisors, so low_freq_factor is taken as 1 (as in every Llama 3.x release) and the
+    context and high_freq_factor are fitted to the blended divisors. The result is checked by recomputing the
+    divisors from it; factors that no Llama 3 scaling reproduces are refused rather than approximated."""
+    factors = np.asarray(factors, dtype=np.float64).reshape(-1)
+    if factors.shape != (head_dim // 2,):
+        raise InputError(f"rope_freqs has {factors.size} values; a head of {head_dim} needs {head_dim // 2}")
+    if np.all(np.abs(factors - 1) <= 1e-6):
+        return RopeScalingConfig()
+    factor = float(factors.max())
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    kind = np.where(np.abs(factors - 1) <= 1e-6, 0, np.where(np.abs(factors - factor) <= 1e-6 * factor, 2, 1))
+    mid = kind == 1
+    refuse = InputError(
+        "rope_freqs does not describe Llama 3 RoPE scaling (llama.cpp's only use of it for llama); "
+        "use the Hugging Face directory of this model instead"
+    )
+    if np.any(np.diff(kind) < 0) or factor <= 1:  # divisors must grow with the wavelength: 1 ... blend ... factor
+        raise refuse
+    last_short = wavelen[kind < 2].max() if np.any(kind < 2) else 0.0
+    first_long = wavelen[kind == 2].min() if np.any(kind == 2) else np.inf
+    smooth = (1 / factors - 1 / factor) / (1 - 1 / factor)  # the blend weight of each frequency
+    if mid.sum() >= 2:  # smooth = ctx / (high - 1) / wavelen - 1 / (high - 1): a line in 1 / wavelen
+        slope, intercept = np.polyfit(1 / wavelen[mid], smooth[mid], 1)
+        ctx = round(-slope / intercept) if intercept < 0 else 0
+        high = float(f"{1 + ctx / slope:.6g}") if slope > 0 else 0.0  # 4.0000003 (fit noise) -> 4
+    else:  # one blended frequency or none: any context between the last short and first long wavelength fits
+        ctx = int(np.floor(last_short)) + 1
+        below = wavelen[kind == 0].max() if np.any(kind == 0) else 0.0
+        high = 1 + (ctx / wavelen[mid][0] - 1) / smooth[mid][0] if mid.any() else ctx / (below + (ctx - below) / 2)
+    if not (ctx >= 1 and high > 1 and ctx < first_long):
+        raise refuse
+    scaling = RopeScalingConfig(
+        type="llama3",
+        factor=_f32(factor),
+        low_freq_factor=1.0,
+        high_freq_factor=float(high),
+        original_max_position_embeddings=int(ctx),
+    )
+    if not np.allclose(llama3_rope_factors(head_dim, theta, scaling), factors, rtol=1e-5, atol=0):
+        raise refuse
+    return scaling
 
 
 def unpermute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -81,6 +172,28 @@ def unpermute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     rows, cols = weight.shape
     head_dim = rows // n_heads
     return weight.reshape(n_heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def permute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp's row order of a Q or K projection [heads*hd, in] from HF's: the inverse of `unpermute_qk`
+    (what llama.cpp's convert_hf_to_gguf.py applies to q_proj / k_proj, with the KV head count for K)."""
+    rows, cols = weight.shape
+    head_dim = rows // n_heads
+    return weight.reshape(n_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def gguf_tensor_name(our_name: str) -> str:
+    """llama.cpp's name of an llmhpc weight (the inverse of `_our_name`): 'layers.3.attention.wq.weight' ->
+    'blk.3.attn_q.weight'."""
+    m = _OUR_BLOCK.fullmatch(our_name)
+    layer = {v: k for k, v in _LAYER_NAMES.items()}
+    if m and m.group(2) in layer:
+        return f"blk.{m.group(1)}.{layer[m.group(2)]}.weight"
+    top = {v: k for k, v in _TOP_NAMES.items()}
+    base = our_name.removesuffix(".weight")
+    if our_name.endswith(".weight") and base in top:
+        return f"{top[base]}.weight"
+    raise InputError(f"{our_name!r} is not a Llama weight; only plain Llama weights convert to GGUF")
 
 
 def _our_name(gguf_name: str) -> str:
@@ -97,11 +210,8 @@ def state_dict_from_gguf(reader: GGUFReader, cfg: ModelConfig) -> dict[str, torc
     """Every tensor dequantized to fp32 under its llmhpc name, Q/K rows in HF order."""
     state = {}
     for tensor in reader.tensors:
-        if tensor.name == "rope_freqs.weight":
-            raise InputError(
-                "GGUF files with rope_freqs (llama3 RoPE scaling) are not supported; "
-                "use the Hugging Face directory of this model instead"
-            )
+        if tensor.name == ROPE_FREQS:  # not a weight: config_from_gguf turned it into cfg.rope_scaling
+            continue
         name = _our_name(tensor.name)
         values = dequantize(tensor.data, tensor.tensor_type)
         # GGUF lists dimensions fastest-first; numpy (and torch) want them slowest-first.
@@ -118,9 +228,7 @@ def state_dict_from_gguf(reader: GGUFReader, cfg: ModelConfig) -> dict[str, torc
     return state
 
 
-def load_gguf(
-    path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
-) -> Llama:
+def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Llama:
     """Llama with the dequantized weights of a llama-architecture GGUF file."""
     reader, cfg = open_gguf_config(path)
     try:
@@ -183,16 +291,16 @@ def gguf_tensor_index(path: str | Path) -> dict[str, GGUFTensorInfo]:
     reader, _ = open_gguf_config(path)
     index = {}
     for tensor in reader.tensors:
-        if tensor.name == "rope_freqs.weight":
-            raise InputError(f"{path}: GGUF files with rope_freqs (llama3 RoPE scaling) are not supported; "
-                             "use the Hugging Face directory of this model instead")
+        if tensor.name == ROPE_FREQS:  # not a weight: open_gguf_config turned it into cfg.rope_scaling
+            continue
         try:
             name = _our_name(tensor.name)
         except InputError as e:
             raise InputError(f"{path}: {e}") from None
         shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dimensions fastest-first
-        index[name] = GGUFTensorInfo(GGMLQuantizationType(int(tensor.tensor_type)), shape, int(tensor.data_offset),
-                                     int(tensor.n_bytes))
+        index[name] = GGUFTensorInfo(
+            GGMLQuantizationType(int(tensor.tensor_type)), shape, int(tensor.data_offset), int(tensor.n_bytes)
+        )
     return index
 
 

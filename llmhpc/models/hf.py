@@ -8,11 +8,15 @@ caller opts in to pickle files, which are then loaded with `weights_only=True`.
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
+import struct
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from llmhpc.config.schema import ModelConfig, RopeScalingConfig
 from llmhpc.errors import InputError
@@ -171,20 +175,159 @@ def state_dict_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_hf(model: Llama, out_dir: str | Path, tokenizer=None, dtype: torch.dtype | None = None) -> Path:
-    """Write model.safetensors + config.json (+ tokenizer files) that transformers loads as-is."""
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_WRITE_CHUNK = 2**22
+"""Elements converted and written at a time."""
+
+
+def hf_shard_plan(
+    shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, max_shard_bytes: int | None = None
+) -> list[list[str]]:
+    """The tensors of each safetensors file, in order: at most `max_shard_bytes` each (one bigger tensor alone)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        if shards[-1] and max_shard_bytes is not None and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def write_safetensors(
+    path: Path, entries: list[tuple[str, tuple[int, ...]]], tensors: Iterable[torch.Tensor], dtype: torch.dtype
+) -> None:
+    """One safetensors file, streamed: the header comes from `entries` (name, shape), then each tensor of
+    `tensors` (in entry order, converted to `dtype`) is written as it arrives, so one tensor is in memory."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in entries:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the tensor data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        written = 0
+        for (name, shape), tensor in zip(entries, tensors, strict=True):
+            if tuple(tensor.shape) != tuple(shape):
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)}, the header says {tuple(shape)}")
+            written += _write_tensor(f, tensor, dtype)
+            del tensor  # before the next one is read
+        if written != offset:
+            raise AssertionError(f"{path}: wrote {written} tensor bytes, the header says {offset}")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_tensor(f, tensor: torch.Tensor, dtype: torch.dtype) -> int:
+    """Append `tensor`'s values as `dtype` to a file; a dtype cast copies a chunk at a time, not the tensor."""
+    flat = tensor.detach().reshape(-1)
+    for start in range(0, flat.numel(), _WRITE_CHUNK):
+        f.write(flat[start : start + _WRITE_CHUNK].to("cpu", dtype).contiguous().view(torch.uint8).numpy().data)
+    return flat.numel() * dtype.itemsize
+
+
+def write_hf_weights(
+    out: Path,
+    shapes: dict[str, tuple[int, ...]],
+    read: Callable[[str], torch.Tensor],
+    dtype: torch.dtype,
+    max_shard_bytes: int | None = None,
+    on_tensor: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Write the weights `shapes` names (llmhpc names, in order) under HF names, reading each with `read` only
+    when it is written: `model.safetensors`, or above `max_shard_bytes` `model-0000N-of-0000M.safetensors` +
+    `model.safetensors.index.json`. Returns the weight files written (older ones of another split are removed)."""
+    out = Path(out)
+    plan = hf_shard_plan(shapes, dtype, max_shard_bytes)
+    files = (
+        [SINGLE_FILE]
+        if len(plan) == 1
+        else [f"model-{i:05d}-of-{len(plan):05d}.safetensors" for i in range(1, len(plan) + 1)]
+    )
+
+    def stream(names: list[str]) -> Iterator[torch.Tensor]:
+        for name in names:
+            yield read(name)
+            if on_tensor is not None:
+                on_tensor(name)
+
+    weight_map: dict[str, str] = {}
+    for file, names in zip(files, plan, strict=True):
+        entries = [(hf_tensor_name(name), tuple(shapes[name])) for name in names]
+        write_safetensors(out / file, entries, stream(names), dtype)
+        weight_map.update(dict.fromkeys((hf_name for hf_name, _ in entries), file))
+    if len(files) > 1:
+        total = sum(math.prod(shape) for shape in shapes.values()) * dtype.itemsize
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        files.append(INDEX_FILE)
+    for stale in out.iterdir():  # weights of an earlier save with another split would confuse loaders
+        if stale.name not in files and (stale.name in (SINGLE_FILE, INDEX_FILE) or _SHARD_FILE.fullmatch(stale.name)):
+            stale.unlink()
+    return files
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """bos / eos / pad token ids a tokenizer defines (for config.json and generation_config.json)."""
+    ids = {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, key, None) if tokenizer is not None else None
+        if value is not None:
+            ids[key] = int(value)
+    return ids
+
+
+def save_hf_tokenizer(tokenizer, out: Path) -> None:
+    """Tokenizer files with the chat template inside tokenizer_config.json, as transformers 4 and 5, vLLM, SGLang
+    and llama.cpp's converter all read it (transformers 5 would put it in chat_template.jinja only)."""
+    tokenizer.save_pretrained(str(out), save_jinja_files=False)
+    config_file = Path(out) / "tokenizer_config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        if config.get("tokenizer_class") == "TokenizersBackend":  # transformers 5's name; 4.x knows the alias
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_hf_config(out: Path, cfg: ModelConfig, dtype: torch.dtype, tokenizer=None) -> None:
+    """config.json, generation_config.json (bos / eos / pad ids of the tokenizer) and the tokenizer files."""
+    ids = special_token_ids(tokenizer)
+    (Path(out) / "config.json").write_text(json.dumps({**config_to_hf(cfg, dtype), **ids}, indent=2) + "\n")
+    (Path(out) / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
+    if tokenizer is not None:
+        save_hf_tokenizer(tokenizer, Path(out))
+
+
+def save_hf(
+    model: Llama,
+    out_dir: str | Path,
+    tokenizer=None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write model.safetensors (or shards above `max_shard_bytes`) + config.json + generation_config.json
+    (+ tokenizer files) that transformers loads as-is. `dtype` defaults to the model's."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = dtype or model.tok_embeddings.weight.dtype
-    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
-    save_file(state_dict_to_hf(tensors), str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = config_to_hf(model.cfg, dtype)
-    if tokenizer is not None:
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if getattr(tokenizer, key, None) is not None:
-                config[key] = getattr(tokenizer, key)
-        tokenizer.save_pretrained(str(out))
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    state = model.state_dict()
+    write_hf_weights(
+        out, {name: tuple(t.shape) for name, t in state.items()}, state.__getitem__, dtype, max_shard_bytes
+    )
+    write_hf_config(out, model.cfg, dtype, tokenizer)
     return out
 
 

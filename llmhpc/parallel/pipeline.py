@@ -137,8 +137,9 @@ def split_model(model: Llama, pp_rank: int, p: ParallelConfig) -> list[StageModu
     ids = local_stage_ids(pp_rank, p.pp, per_rank, p.pp_schedule)
     if model.cfg.tie_embeddings and n_stages - 1 in ids:
         weight = model.tok_embeddings.weight
-        model.output = nn.Linear(model.cfg.dim, model.cfg.vocab_size, bias=False, device=weight.device,
-                                 dtype=weight.dtype)
+        model.output = nn.Linear(
+            model.cfg.dim, model.cfg.vocab_size, bias=False, device=weight.device, dtype=weight.dtype
+        )
     stages = [StageModule(model, i, n_stages, ranges[i], sequence_shards=p.tp) for i in ids]
     keep = {str(layer) for i in ids for layer in ranges[i]}
     for name in list(model.layers):
@@ -177,20 +178,35 @@ class TiedHeadSync:
     the gradient norm counts the matrix once, and checkpoints keep one tensor (`state_converters`).
     """
 
-    def __init__(self, model: Llama, pp_group: dist.ProcessGroup, holders: list[int]) -> None:
+    def __init__(self, model: Llama, mesh: DeviceMesh, holders: list[int]) -> None:
         self.params = []
         if model.tok_embeddings is not None:
             self.params.append(model.tok_embeddings.weight)
         if has_tied_head_copy(model):
             self.params.append(model.output.weight)
-        first, last = (dist.get_global_rank(pp_group, holders[i]) for i in (0, -1))
         self.group = None
-        if first != last and dist.get_rank() in (first, last):
-            self.group = dist.new_group([first, last], use_local_synchronization=True)
+        if holders[0] == holders[-1]:  # one rank holds both ends (ZBV's V): the sum is local
+            return
+        # One 2-rank group per pipeline (one per data / tensor parallel coordinate), created by every rank in the
+        # same order, as process groups must be: rows of the mesh with the pp dimension last are the pipelines.
+        names = list(mesh.mesh_dim_names)
+        pipelines = mesh.mesh.movedim(names.index("pp"), -1).reshape(-1, mesh.mesh.shape[names.index("pp")])
+        for pipeline in pipelines.tolist():
+            pair = [pipeline[holders[0]], pipeline[holders[-1]]]
+            group = dist.new_group(pair)
+            if dist.get_rank() in pair:
+                self.group = group
 
     @torch.no_grad()
     def all_reduce_grads(self) -> None:
         """Sum the embedding's and the head copy's gradients; both end up with the sum."""
+        from torch.distributed.tensor import DTensor
+
+        for p in self.params:
+            # Under TP the embedding's gradient can come back with other placements than its weight (partial
+            # sums over the tensor-parallel ranks): lay it out like the weight, so both ends hold the same slice.
+            if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
+                p.grad = p.grad.redistribute(p.grad.device_mesh, p.placements)
         grads = [_local(p.grad) for p in self.params if p.grad is not None]
         if len(grads) == 2:  # one rank holds both ends
             grads[0].add_(grads[1])

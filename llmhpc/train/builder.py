@@ -172,8 +172,11 @@ def _base_of(cfg: Config, frozen: list[str]) -> dict | None:
     from llmhpc.models.sources import locate_weights
 
     source = locate_weights(cfg.model.init_from).path  # a run directory's newest step, which stays as it is
-    box = [{"source": str(source.resolve()), **source_fingerprint(source)} if not dist.is_initialized()
-           or dist.get_rank() == 0 else None]
+    box = [
+        {"source": str(source.resolve()), **source_fingerprint(source)}
+        if not dist.is_initialized() or dist.get_rank() == 0
+        else None
+    ]
     if dist.is_initialized():  # one rank reads the whole source to hash it
         dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -208,7 +211,7 @@ def build(cfg: Config, run: RunContext) -> Built:
             from llmhpc.parallel.pipeline import PipelineRunner
 
             runner = PipelineRunner(parts, mesh["pp"], cfg.parallel.pp_schedule, micro_batches, device)
-            engine: Engine = PipelineEngine(model, optimizer, dp, autocast, runner=runner, **common)
+            engine: Engine = PipelineEngine(model, optimizer, dp, autocast, runner=runner, mesh=mesh, **common)
         else:
             loss_context = nullcontext
             if cfg.parallel.loss_parallel:

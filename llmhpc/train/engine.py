@@ -34,6 +34,7 @@ from llmhpc.train.reduce import DataParallelReducer
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
+    from torch.distributed.device_mesh import DeviceMesh
 
     from llmhpc.parallel.pipeline import PipelineRunner
 
@@ -55,8 +56,10 @@ class StepSums:
         value = DataParallelReducer.full(loss).detach().float()
         self.loss = value if self.loss is None else self.loss + value
         for name, (total, count) in metrics.items():
-            pair = [DataParallelReducer.full(torch.as_tensor(v, device=value.device)).detach().float()
-                    for v in (total, count)]
+            pair = [
+                DataParallelReducer.full(torch.as_tensor(v, device=value.device)).detach().float()
+                for v in (total, count)
+            ]
             old = self.metrics.get(name)
             self.metrics[name] = pair if old is None else [a + b for a, b in zip(old, pair, strict=True)]
 
@@ -169,12 +172,12 @@ class PipelineEngine(Engine):
     so every rank logs, guards and checkpoints alike.
     """
 
-    def __init__(self, *args, runner: PipelineRunner, **kwargs) -> None:
+    def __init__(self, *args, runner: PipelineRunner, mesh: DeviceMesh, **kwargs) -> None:
         from llmhpc.parallel.pipeline import TiedHeadSync, has_tied_head_copy
 
         super().__init__(*args, **kwargs)
         self.runner = runner
-        self.tied = TiedHeadSync(self.model, runner.group, runner.holders) if self.model.cfg.tie_embeddings else None
+        self.tied = TiedHeadSync(self.model, mesh, runner.holders) if self.model.cfg.tie_embeddings else None
         """Tied embeddings: the last stage's head copy and the embedding get the sum of both gradients."""
         self.head_copy = (self.model.output.weight,) if has_tied_head_copy(self.model) else ()
 
@@ -204,7 +207,7 @@ class PipelineEngine(Engine):
         if head is not None:
             sums = StepSums()
             # The schedule's first step also scores a shape-inference pass (on uninitialized data): keep the real ones.
-            for loss, metrics in seen[-len(micro):]:
+            for loss, metrics in seen[-len(micro) :]:
                 sums.add(loss, metrics)
         return self._sums_from_last_stage(sums)
 
@@ -260,8 +263,9 @@ class DeepSpeedStepEngine(Engine):
     def _run(self, batch: Batch, objective: Objective) -> tuple[torch.Tensor, dict[str, Metric]]:
         head = LMHead(self.model)
         with self.autocast():
-            return self.ds_engine(**objective.model_inputs(batch),
-                                  on_hidden=lambda hidden: objective.loss(head, hidden, batch))
+            return self.ds_engine(
+                **objective.model_inputs(batch), on_hidden=lambda hidden: objective.loss(head, hidden, batch)
+            )
 
     def forward_backward(self, micro: list[Batch], objective: Objective, normalizer: int) -> StepSums:
         from llmhpc.parallel import deepspeed as ds

@@ -3,7 +3,7 @@
 The last stage holds a copy of the embedding matrix as its head; the embedding's and the copy's gradients
 are summed across the first and last stage before each step, the gradient norm counts the matrix once, and
 checkpoints keep one tensor. So pp=2 must give one process's per-step losses (fp32, 1e-5), under 1f1b
-(embedding and copy on different ranks) and zbv (rank 0 holds both ends of the V), and a pp=2 checkpoint
+(embedding and copy on different ranks), zbv (rank 0 holds both ends of the V) and tp=2 x pp=2, and a pp=2 checkpoint
 must continue with the uninterrupted losses in one process and under tp=2.
 """
 
@@ -22,9 +22,17 @@ from tests.distributed.launch import copy_run_stopped_at, run_torchrun, step_los
 
 STEPS = 6
 TOL = 1e-5
-COMMON = [*SMALL_RUN, "model.n_layers=4", "model.tie_embeddings=true", f"trainer.max_steps={STEPS}",
-          "trainer.global_batch_size=8", "trainer.micro_batch_size=2", "trainer.ckpt_every=3", "trainer.keep_last=5",
-          "trainer.grad_clip=0.5"]
+COMMON = [
+    *SMALL_RUN,
+    "model.n_layers=4",
+    "model.tie_embeddings=true",
+    f"trainer.max_steps={STEPS}",
+    "trainer.global_batch_size=8",
+    "trainer.micro_batch_size=2",
+    "trainer.ckpt_every=3",
+    "trainer.keep_last=5",
+    "trainer.grad_clip=0.5",
+]
 """grad_clip 0.5 clips in every step here, so a norm that counted the tied matrix twice would show."""
 
 
@@ -35,14 +43,27 @@ def reference(tmp_path_factory, llmhpc_cache) -> Path:
     return run_dir
 
 
+LAYOUTS = {  # name: (processes, overrides on top of pp=2)
+    "1f1b": (2, ["parallel.pp_schedule=1f1b"]),
+    "zbv": (2, ["parallel.pp_schedule=zbv"]),
+    # TP hands the embedding's gradient back as partial sums over the TP ranks: it must be laid out like the
+    # weight before the sum with the head copy (a mismatch here once hung the run)
+    "tp2_1f1b": (4, ["parallel.pp_schedule=1f1b", "parallel.tp=2"]),
+}
+
+
 @pytest.fixture(scope="module")
 def pipelined(tmp_path_factory, llmhpc_cache) -> dict[str, Path]:
-    """{schedule: run dir} of the tied pp=2 runs (checkpoints at steps 3 and 6), one launch per schedule."""
+    """{layout: run dir} of the tied pp=2 runs (checkpoints at steps 3 and 6), one launch per layout."""
     runs = {}
-    for schedule in ("1f1b", "zbv"):
-        runs[schedule] = tmp_path_factory.mktemp(schedule)
-        run_torchrun(2, ["pretrain", *COMMON, "parallel.pp=2", f"parallel.pp_schedule={schedule}",
-                         f"run.dir={runs[schedule]}"], llmhpc_cache)
+    for name, (nproc, overrides) in LAYOUTS.items():
+        runs[name] = tmp_path_factory.mktemp(name)
+        run_torchrun(
+            nproc,
+            ["pretrain", *COMMON, "parallel.pp=2", *overrides, f"run.dir={runs[name]}"],
+            llmhpc_cache,
+            timeout=600,
+        )
     return runs
 
 
@@ -50,13 +71,13 @@ def _worst(got: dict[int, float], expected: dict[int, float], steps) -> float:
     return max(abs(got[s] - expected[s]) for s in steps)
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "zbv"])
-def test_tied_pipeline_matches_one_process(schedule, reference, pipelined):
-    run_dir = pipelined[schedule]
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_tied_pipeline_matches_one_process(layout, reference, pipelined):
+    run_dir = pipelined[layout]
     got = step_losses(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
     worst = _worst(got, step_losses(reference), range(1, STEPS + 1))
-    print(f"tied pp=2 {schedule}: max |loss - one process| = {worst:.2e}")
+    print(f"tied pp=2 {layout}: max |loss - one process| = {worst:.2e}")
     assert worst < TOL, worst
     # One tensor for the tied matrix in the checkpoint, equal to the one process's within AdamW's rounding.
     step_dir = run_dir / "checkpoints" / step_dir_name(STEPS)
