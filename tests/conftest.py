@@ -60,6 +60,17 @@ def run_cli(args: list[str], cache: Path, timeout: float = 600, check: bool = Tr
     return proc
 
 
+def one_line_error(capsys, argv: list[str], *mentions: str) -> None:
+    """The real CLI entry point refuses `argv`: exit code != 0, one `error:` line naming each of `mentions`."""
+    from llmhpc.cli import main
+
+    assert main(argv) != 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "tensor/s" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for text in mentions:
+        assert text in lines[0], lines
+
+
 def peak_rss_mib(nproc: int, args: list[str], cache: Path, out_dir: Path, threads: int | None = None) -> float:
     """Run `llmhpc ARGS` on `nproc` processes (torchrun when > 1); the largest peak RSS of its ranks, in MiB."""
     out_dir.mkdir(parents=True)

@@ -36,7 +36,7 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,19 +122,37 @@ def read_checkpoint_config(step_dir: Path):
     return from_yaml(path.read_text(encoding="utf-8"))
 
 
+def stored_shapes(step_dir: Path, component: str | None = None) -> dict[str, torch.Size]:
+    """{parameter name: global shape} of the model weights a checkpoint's component holds (DCP's index only;
+    frozen weights it references are not among them). `component` defaults to the first one."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = read_meta(step_dir)
+    name = component or next(iter(_saved_components(meta)))
+    prefix = "model." if meta.get("format_version", 1) == 1 else f"{name}.model."
+    metadata = dcp.FileSystemReader(str(step_dir)).read_metadata()
+    return {
+        key[len(prefix) :]: item.size
+        for key, item in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)
+    }
+
+
 def primary_component(step_dir: Path) -> str:
     """Name of a checkpoint's first component (the model `load_pretrained` returns)."""
     return next(iter(_saved_components(read_meta(step_dir))))
 
 
 def load_model_state(
-    step_dir: Path, model: nn.Module, component: str | None = None, aliases: dict[str, str] | None = None
+    step_dir: Path, model: nn.Module, component: str | None = None, aliases: dict[str, str] | None = None,
+    skip: Collection[str] = (),
 ) -> list[str]:
     """Load a component's saved weights into `model` (plain, or FSDP / TP / pipeline-pruned), no optimizer.
 
     `component` defaults to the checkpoint's first one. `aliases` maps a parameter to the name its values are
-    saved under (a pipeline's tied head copy reads the embedding). Returns the frozen parameter names the
-    checkpoint does not hold: those keep the values `model` already has, so load the component's base first.
+    saved under (a pipeline's tied head copy reads the embedding). `skip`: parameters of `model` the checkpoint
+    does not have and the caller fills (adapters added on top of a saved base). Returns the frozen parameter
+    names the checkpoint does not hold: those keep the values `model` already has, so load the base first.
     """
     meta = read_meta(step_dir)
     saved = _saved_components(meta)
@@ -142,7 +160,7 @@ def load_model_state(
     if name not in saved:
         raise CheckpointError(f"checkpoint {step_dir} has no component '{name}' (it holds: {', '.join(saved)})")
     frozen = set(saved[name].get("frozen", []))
-    model_sd = {k: v for k, v in get_model_state_dict(model).items() if k not in frozen}
+    model_sd = {k: v for k, v in get_model_state_dict(model).items() if k not in frozen and k not in skip}
     copies = {}  # parameter -> the loaded one it equals (both held by this process)
     for param, stored in (aliases or {}).items():
         if param in model_sd:

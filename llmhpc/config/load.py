@@ -64,7 +64,7 @@ def _nearest(word: str, choices: list[str]) -> str:
     return ", ".join(close)
 
 
-GROUPS = ("model", "data", "precision", "parallel", "logger", "cluster")
+GROUPS = ("model", "data", "precision", "parallel", "logger", "cluster", "peft")
 """Config groups: `group=preset` picks conf/<group>/<preset>.yaml."""
 
 

@@ -84,6 +84,17 @@ class DataConfig:
     sampling: str = "shuffle"
     """'shuffle': every epoch reads each window once, in a seeded order shared by all ranks; 'random': each
     data-parallel rank draws windows independently, with replacement, from its own seeded generator."""
+    chat_template: str | None = None
+    """SFT: Jinja chat template (a string, a file, or 'chatml') to render chat rows with; None uses the model
+    tokenizer's own (an error names this key when the tokenizer has none)."""
+    on_error: str = "skip"
+    """SFT: what a malformed row (bad JSON, missing role, empty assistant turn, longer than trainer.seq_len) does:
+    'skip' leaves it out (each is reported with file and line, and counted in the log); 'fail' stops at the first."""
+    last_turn_only: bool = False
+    """SFT: learn only the last assistant turn of each conversation (earlier ones become context, like the user's)."""
+    pack: bool = True
+    """SFT: pack several conversations into each sequence (positions restart and attention stays inside each
+    conversation, so every one gets the loss it has alone); false pads each conversation to trainer.seq_len."""
 
 
 @dataclass
@@ -296,8 +307,10 @@ class ConvertConfig:
     dst: str = ""
     """Output directory (hf, trtllm) or .gguf file; refused when it exists unless overwrite=true."""
     dtype: str = "auto"
-    """Weight dtype: 'auto' (the source's: bfloat16 for hf/trtllm/gguf exports of a bf16 model, else float32),
-    'float32', 'float16' or 'bfloat16'."""
+    """Weight dtype: 'float32', 'float16', 'bfloat16' or 'auto'. hf / trtllm: 'auto' is the source's own 16-bit
+    dtype when it is an HF directory saved in float16 / bfloat16, else float32 (llmhpc checkpoints hold fp32
+    master weights; quantized trtllm exports use float16). gguf: 'auto' is float16 (llama.cpp's default); with
+    quant=q8_0|q4_0|q4_k it is the type of the matrices that cannot be quantized (norms are always float32)."""
     quant: str = "none"
     """Weight quantization: 'none'; trtllm: 'int8_wo' / 'int4_wo' (weight-only, per-channel scales) or 'fp8'
     (per-tensor scales); gguf: 'q8_0', 'q4_0' or 'q4_k'."""
@@ -321,6 +334,54 @@ class ConvertConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Options of `llmhpc eval` (written without the `eval.` prefix: `llmhpc eval task=perplexity ...`); the model
+    is model.init_from."""
+
+    task: str = "perplexity"
+    """What to measure, several joined by commas: 'perplexity' (on the held-out documents of data.source, the
+    split pretraining holds out), 'arithmetic' (greedy exact-answer accuracy on the package's held-out word
+    problems) or a .jsonl file of rows with 'prompt' (or 'messages') and 'answer'."""
+    baseline: str | None = None
+    """Another model (HF dir, .gguf, llmhpc checkpoint) measured the same way and reported beside model.init_from,
+    e.g. the unquantized export next to a quantized one."""
+    seq_len: int = 512
+    """perplexity: tokens per window (windows do not overlap; each token is predicted once)."""
+    max_windows: int = 16
+    """perplexity: at most this many windows (0: every window of the held-out split)."""
+    problems: int = 100
+    """arithmetic / .jsonl: how many held-out problems are asked (0: all of a .jsonl file)."""
+    max_new_tokens: int = 128
+    """arithmetic / .jsonl: longest answer generated; an answer cut off before its number counts as wrong."""
+    batch_size: int = 8
+    """Windows per forward (perplexity) and prompts decoded together (accuracy)."""
+    output: str | None = None
+    """Also write the results as JSON to this file."""
+
+
+@dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning (`peft=none|lora`): adapters that train on a frozen base."""
+
+    name: str = "none"
+    """'none' (every parameter trains), 'lora' (low-rank adapters on the projections; the base is frozen, the
+    optimizer and checkpoints hold only the adapters, and the run ends with a peft-format adapter in run.dir) or
+    'qlora' (lora on a base stored as 4-bit NF4 with double-quantized scales; one process for now)."""
+    rank: int = 16
+    """LoRA rank r of each update B A."""
+    alpha: float = 32.0
+    """LoRA alpha: the update is scaled by alpha / rank (alpha / sqrt(rank) with rslora)."""
+    dropout: float = 0.05
+    """Dropout on the adapters' input while training."""
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    """Projections that get adapters: any of q, k, v, o, gate, up, down."""
+    rslora: bool = False
+    """Rank-stabilized scaling alpha / sqrt(rank)."""
+    dora: bool = False
+    """DoRA: a trained magnitude per output feature times the direction of W + s B A."""
+
+
+@dataclass
 class Config:
     """Root of every llmhpc config."""
 
@@ -336,3 +397,5 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     convert: ConvertConfig = field(default_factory=ConvertConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)

@@ -69,6 +69,21 @@ def validate_convert(c) -> None:
     _positive(c, "convert", ("tp", "pp", "shard_size_gb", "max_batch_size", "max_input_len", "max_seq_len"))
 
 
+EVAL_TASKS = ("perplexity", "arithmetic")
+"""The built-in tasks of `llmhpc eval`; a .jsonl path of prompt / answer rows is a task too."""
+
+
+def validate_eval(e) -> None:
+    """Values of `llmhpc eval`'s options (model and file paths are checked when the command runs)."""
+    for task in e.task.split(","):
+        _check(task.strip() in EVAL_TASKS or task.strip().endswith(".jsonl"),
+               f"task={task.strip()!r} is not a task: choose {', '.join(EVAL_TASKS)} or a .jsonl file of prompt / "
+               "answer rows (several joined by commas)")
+    _positive(e, "eval", ("seq_len", "max_new_tokens", "batch_size"))
+    for name in ("max_windows", "problems"):
+        _check(getattr(e, name) >= 0, f"{name} must be >= 0 (0: all), got {getattr(e, name)}")
+
+
 def validate(cfg: Config) -> None:
     """Raise `ConfigError` on the first rule the config's values break.
 
@@ -102,11 +117,19 @@ def validate(cfg: Config) -> None:
     _check(cfg.data.source != "", "data.source must be set: a file or directory of text, e.g. data.source=corpus.jsonl")
     _check(0 <= cfg.data.val_fraction < 0.5, f"data.val_fraction must be in [0, 0.5), got {cfg.data.val_fraction}")
     _choice("data.sampling", cfg.data.sampling, ("shuffle", "random"))
+    _choice("data.on_error", cfg.data.on_error, ("skip", "fail"))
     _choice("run.device", cfg.run.device, ("auto", "cpu", "cuda"))
     _choice("logger.wandb.mode", cfg.logger.wandb.mode, ("online", "offline", "disabled"))
     _choice("precision", cfg.precision.name, ("fp32", "bf16", "fp8"))
     _choice("precision.fp8_recipe", cfg.precision.fp8_recipe, ("tensorwise", "rowwise"))
     validate_convert(cfg.convert)
+    validate_eval(cfg.eval)
+    _choice("peft", cfg.peft.name, ("none", "lora", "qlora"))
+    _positive(cfg.peft, "peft", ("rank", "alpha"))
+    _check(0 <= cfg.peft.dropout < 1, f"peft.dropout must be in [0, 1), got {cfg.peft.dropout}")
+    bad = [t for t in cfg.peft.targets if t not in ("q", "k", "v", "o", "gate", "up", "down")]
+    _check(not bad and bool(cfg.peft.targets),
+           f"peft.targets {bad or '[]'} not understood; choose from q, k, v, o, gate, up, down")
     _check(
         cfg.precision.name != "fp8" or cfg.parallel.engine == "torch",
         "precision=fp8 is not supported with parallel.engine=deepspeed; use parallel.engine=torch (FSDP2)",

@@ -1,22 +1,30 @@
-"""Data pipeline: raw corpora → prepared token files → packed, resumable training batches."""
+"""Data pipeline: raw corpora → prepared token files → packed, resumable training batches; chat and task data.
 
-from llmhpc.data.corpus import SUPPORTED_SUFFIXES, file_documents, iter_documents, source_files
-from llmhpc.data.prepare import corpus_fingerprint, prepare_corpus, read_meta
-from llmhpc.data.pretrain import PackedTokens, PretrainLoader, eval_batches, make_batch
-from llmhpc.data.tokenizer import document_separator_id, load_tokenizer
+The names below load on first use, so `llmhpc.data.arithmetic` (standard library only) imports without torch.
+"""
 
-__all__ = [
-    "SUPPORTED_SUFFIXES",
-    "PackedTokens",
-    "PretrainLoader",
-    "corpus_fingerprint",
-    "document_separator_id",
-    "eval_batches",
-    "file_documents",
-    "iter_documents",
-    "load_tokenizer",
-    "make_batch",
-    "prepare_corpus",
-    "read_meta",
-    "source_files",
-]
+from importlib import import_module
+
+_WHERE = {
+    "SUPPORTED_SUFFIXES": "corpus",
+    "file_documents": "corpus",
+    "iter_documents": "corpus",
+    "source_files": "corpus",
+    "corpus_fingerprint": "prepare",
+    "prepare_corpus": "prepare",
+    "read_meta": "prepare",
+    "PackedTokens": "pretrain",
+    "PretrainLoader": "pretrain",
+    "eval_batches": "pretrain",
+    "make_batch": "pretrain",
+    "document_separator_id": "tokenizer",
+    "load_tokenizer": "tokenizer",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(import_module(f"llmhpc.data.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'llmhpc.data' has no attribute {name!r}")

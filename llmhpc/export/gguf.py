@@ -27,9 +27,13 @@ are a multiple of the type's block, with llama.cpp's choices:
 - q8_0: every matrix Q8_0 (convert_hf_to_gguf.py --outtype q8_0, token_embd and output included);
 - q4_0 / q4_k: Q4_0 / Q4_K (llama-quantize Q4_0 / Q4_K_S), except the output projection (the token
   embedding when tied: it is the output projection too), which llama-quantize raises to Q6_K; gguf-py cannot
-  write Q6_K, so it is Q8_0 here (more precise than Q6_K, 6% larger model at SmolLM2's size);
+  write Q6_K, so it is Q8_0 here (more precise than Q6_K, 6% larger model at SmolLM2's size). llama-quantize
+  Q4_K_S also raises attn_v of the first 4 blocks and ffn_down of the first n_layers/8 to Q5_K; those stay
+  Q4_K here. Every other tensor is byte for byte what llama-quantize writes from the same float16 file
+  (tests/integration/test_convert_gguf.py checks it against llama.cpp's own quantizer);
 - a matrix whose rows do not fit the block falls back as llama-quantize does: Q4_K -> Q5_0 (blocks of 32),
-  then the float type of dtype (llama.cpp: float16, the 'auto' default).
+  then the float type of dtype (llama.cpp: float16, the 'auto' default). For Q8_0 and Q4_0 llama-quantize
+  refuses such a file; convert_hf_to_gguf.py --outtype q8_0 falls back to float16, as here.
 
 Q8_0, Q4_0, Q5_0 and BF16 come from gguf-py's `gguf.quants.quantize`; Q4_K from `llmhpc.export.gguf_quants`.
 The file is streamed: tensor infos first (shapes and types are known from the config), then each tensor is

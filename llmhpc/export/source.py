@@ -134,7 +134,7 @@ def _checkpoint_source(step_dir: Path) -> ExportSource:
     from torch.distributed.checkpoint.api import CheckpointException
 
     from llmhpc.checkpoint import read_checkpoint_config, read_meta
-    from llmhpc.checkpoint.manager import single_process_ok
+    from llmhpc.checkpoint.manager import single_process_ok, stored_shapes
     from llmhpc.data.tokenizer import load_tokenizer
 
     run_cfg = read_checkpoint_config(step_dir)
@@ -142,13 +142,21 @@ def _checkpoint_source(step_dir: Path) -> ExportSource:
     components = meta.get("components") or {"model": {}}
     component = next(iter(components))
     prefix = ["model"] if meta.get("format_version", 1) == 1 else [component, "model"]
-    shapes = _stored_shapes(step_dir, ".".join(prefix) + ".")
+    shapes = stored_shapes(step_dir, component)
     frozen = set(components[component].get("frozen", []))
     base = _base_reader(run_cfg.model, components[component].get("base"), step_dir) if frozen else None
+    fold = _adapter_folder(run_cfg)
 
     def read(name: str) -> torch.Tensor:
-        if name in frozen:
-            return base(name)
+        weight = base(name) if name in frozen else read_stored(name)
+        module = name.removesuffix(".weight")
+        if fold is not None and f"{module}.lora_A" in shapes:  # LoRA runs are exported merged
+            dora = f"{module}.lora_magnitude" in shapes
+            weight = fold(weight, read_stored(f"{module}.lora_A"), read_stored(f"{module}.lora_B"),
+                          read_stored(f"{module}.lora_magnitude") if dora else None)
+        return weight
+
+    def read_stored(name: str) -> torch.Tensor:
         if name not in shapes:
             raise InputError(f"{step_dir}: the checkpoint holds no weight {name}; it is not a full model checkpoint")
         value = torch.empty(shapes[name], dtype=torch.float32)
@@ -179,17 +187,15 @@ def _dcp_reason(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def _stored_shapes(step_dir: Path, prefix: str) -> dict[str, torch.Size]:
-    """{weight name: global shape} of the tensors a checkpoint stores under `prefix` (from DCP's index only)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+def _adapter_folder(run_cfg):
+    """For a run trained with peft=lora / qlora: fold(weight, A, B, magnitude) -> the merged weight; else None."""
+    if run_cfg.peft.name == "none":
+        return None
+    from llmhpc.models.adapters import fold_adapter, lora_scaling, nf4_values
 
-    metadata = dcp.FileSystemReader(str(step_dir)).read_metadata()
-    return {
-        key[len(prefix) :]: item.size
-        for key, item in metadata.state_dict_metadata.items()
-        if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)
-    }
+    scaling = lora_scaling(run_cfg.peft.rank, run_cfg.peft.alpha, run_cfg.peft.rslora)
+    nf4 = run_cfg.peft.name == "qlora"  # its adapters were trained on the NF4 values of the base
+    return lambda weight, a, b, magnitude: fold_adapter(nf4_values(weight) if nf4 else weight, a, b, scaling, magnitude)
 
 
 def _base_reader(cfg: ModelConfig, base: dict | None, step_dir: Path):

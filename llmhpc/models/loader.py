@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from llmhpc.errors import InputError
+from llmhpc.models.adapters import ADAPTER_PARAMETERS, fold_adapter, lora_scaling, nf4_values
 from llmhpc.models.llama import Llama
 from llmhpc.models.sources import locate_weights
 
@@ -56,7 +57,49 @@ def _load_checkpoint(step_dir: Path, dtype, device):
     with torch.device("meta"):
         model = Llama(cfg.model)
     load_into(model, step_dir, device=device)
+    if cfg.peft.name != "none":  # the adapters it trained, folded into the frozen base they were trained on
+        _fold_stored_adapters(model, step_dir, lora_scaling(cfg.peft.rank, cfg.peft.alpha, cfg.peft.rslora),
+                              nf4_base=cfg.peft.name == "qlora")
     return model.to(dtype), load_tokenizer(cfg.data.tokenizer)
+
+
+@torch.no_grad()
+def _fold_stored_adapters(model: Llama, step_dir: Path, scaling: float, nf4_base: bool) -> None:
+    """Fold each adapter a checkpoint holds (`<module>.lora_A` / `lora_B` [/ `lora_magnitude`]) into the module's
+    weight, which holds the base (first rounded to NF4 when the adapters were trained on an NF4 base)."""
+    import torch.distributed.checkpoint as dcp
+
+    from llmhpc.checkpoint.manager import primary_component, read_meta, single_process_ok, stored_shapes
+
+    component = primary_component(step_dir)
+    shapes = stored_shapes(step_dir, component)
+    adapters = {k: torch.empty(v) for k, v in shapes.items() if k.rsplit(".", 1)[-1] in ADAPTER_PARAMETERS}
+    nested = {"model": adapters} if read_meta(step_dir).get("format_version", 1) == 1 else {
+        component: {"model": adapters}}
+    with single_process_ok():
+        dcp.load(nested, checkpoint_id=str(step_dir), no_dist=True)
+    for key in adapters:
+        if key.endswith(".lora_A"):
+            module = key.removesuffix(".lora_A")
+            weight = model.get_parameter(f"{module}.weight")
+            base = nf4_values(weight) if nf4_base else weight
+            weight.copy_(fold_adapter(base, adapters[key], adapters[f"{module}.lora_B"], scaling,
+                                      adapters.get(f"{module}.lora_magnitude")))
+
+
+def tokenizer_spec(path: str | Path) -> str | None:
+    """What `llmhpc.data.tokenizer.load_tokenizer` takes for the tokenizer of the model at `path` (a .gguf file,
+    an HF directory with tokenizer files, or the tokenizer an llmhpc checkpoint was trained with); None if the
+    source has none."""
+    source = locate_weights(path)
+    if source.format == "gguf":
+        return str(source.path)
+    if source.format in ("hf", "pickle"):
+        directory = source.path if source.path.is_dir() else source.path.parent
+        return str(directory) if any((directory / name).is_file() for name in _TOKENIZER_FILES) else None
+    from llmhpc.checkpoint import read_checkpoint_config
+
+    return read_checkpoint_config(source.path).data.tokenizer
 
 
 def load_pretrained(

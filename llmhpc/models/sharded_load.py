@@ -31,6 +31,7 @@ from torch import nn
 
 from llmhpc.config.schema import ModelConfig
 from llmhpc.errors import InputError
+from llmhpc.models.adapters import adapter_names
 from llmhpc.models.llama import Llama, stored_names
 from llmhpc.models.sources import WeightSource, locate_weights
 
@@ -102,14 +103,20 @@ def load_into(
         if base.get("frozen"):  # saved without its frozen weights: rebuild them from the base it references first
             _fill_base(model, base["base"], source.path)
         # DCP reads each rank's shards of the sharded state dict
-        load_model_state(source.path, model, aliases=stored_names(model))
+        from llmhpc.checkpoint.manager import stored_shapes
+
+        missing_adapters = adapter_names(model) - set(stored_shapes(source.path, component))  # added on top
+        load_model_state(source.path, model, aliases=stored_names(model), skip=missing_adapters)
         lineage["step"] = meta["step"]
     else:
         with _open_source(source, model.cfg) as (read_box, shapes, files):
             _check_names(source, model.cfg, shapes)
             _materialize(model, parts, device)
             stored = stored_names(model)  # a pipeline's tied head copy reads the embedding
+            adapters = adapter_names(model)
             for param_name, param in model.named_parameters():
+                if param_name in adapters:
+                    continue
                 name = stored.get(param_name, param_name)
                 if tuple(param.shape) != shapes[name]:
                     raise InputError(f"{source.path}: {name} is {list(shapes[name])} there but {list(param.shape)} "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from llmhpc.config.schema import Config
 
@@ -50,6 +50,12 @@ BENCH_DEFAULTS = ("model=smollm2_135m", "trainer.micro_batch_size=4",
 learning rate is pinned (not inherited from the pretraining default): a larger one makes the first steps
 spike and amplifies rounding differences between any two implementations past the equal-loss tolerance."""
 
+SFT_DEFAULTS = ("data.source=arithmetic", "trainer.lr=2e-5", "trainer.weight_decay=0.0", "trainer.warmup_steps=10",
+                "trainer.max_steps=200", "trainer.seq_len=512", "trainer.global_batch_size=16",
+                "data.val_fraction=0.05")
+"""What `llmhpc sft` runs unless told otherwise: the package's arithmetic problems, a fine-tuning learning rate
+(2e-5, no weight decay, as TRL's SFTTrainer; with peft=lora raise it to ~2e-4) and 512-token packed rows."""
+
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in (
@@ -57,6 +63,12 @@ STAGES: dict[str, StageSpec] = {
             "pretrain", "pretrain a model on a token corpus (resumes from run.dir automatically)",
             "llmhpc.stages.pretrain:main",
             example="llmhpc pretrain model=tiny trainer.max_steps=50 trainer.lr=3e-4 run.dir=runs/x",
+        ),
+        StageSpec(
+            "sft", "supervised fine-tuning on chat data (messages or prompt/completion), full or peft=lora",
+            "llmhpc.stages.sft:main", sections=(*TRAINING_SECTIONS, "peft"), defaults=SFT_DEFAULTS,
+            example="llmhpc sft model.init_from=model.gguf data.source=chats.jsonl peft=lora trainer.lr=2e-4 "
+                    "run.dir=runs/sft",
         ),
         StageSpec(
             "data prepare", "tokenize data.source into packed token shards (data.path)",
@@ -72,6 +84,13 @@ STAGES: dict[str, StageSpec] = {
             "convert", "export a run, checkpoint (any layout), HF dir or .gguf to hf | trtllm (+ engine) | gguf",
             "llmhpc.stages.convert:main", sections=("convert",), check_layout=False, shorthand="convert",
             example="llmhpc convert src=runs/x to=gguf quant=q8_0 dst=exports/x-q8_0.gguf",
+        ),
+        StageSpec(
+            "eval", "perplexity on held-out text and greedy answer accuracy of a model (optionally beside a baseline)",
+            "llmhpc.stages.eval:main", sections=("run", "model", "data", "precision", "eval"), check_layout=False,
+            shorthand="eval",
+            example="llmhpc eval model.init_from=exports/x-q4_k.gguf baseline=exports/x-f16.gguf "
+                    "task=perplexity,arithmetic",
         ),
         StageSpec(
             "plan", "GPU-free planner: is a layout valid, memory per GPU, step time, tokens/s, MFU (no parallel.dp_*/"
@@ -102,11 +121,22 @@ def with_defaults(spec: StageSpec, overrides: list[str]) -> list[str]:
 
 
 def _expand(spec: StageSpec, override: str) -> str:
-    """`key=value` → `<shorthand section>.key=value` for the command's own undotted keys."""
-    key = override.split("=", 1)[0]
+    """`key=value` → `<shorthand section>.key=value` for the command's own undotted keys.
+
+    A preset choice (`precision=bf16`, `model=smollm2_135m`) stays as it is: a top-level key of the config is
+    never a shorthand (an unknown undotted key is expanded, so its error lists the command's own keys). A value
+    with commas (`task=perplexity,arithmetic`) is quoted, so Hydra reads one string, not a sweep.
+    """
+    key, _, value = override.partition("=")
     if spec.shorthand and "=" in override and "." not in key and not key.startswith(("+", "~")):
-        return f"{spec.shorthand}.{override}"
+        if key not in _TOP_LEVEL:
+            if "," in value and value[:1] not in ("'", '"', "[", "{") and "'" not in value:
+                value = f"'{value}'"
+            return f"{spec.shorthand}.{key}={value}"
     return override
+
+
+_TOP_LEVEL = frozenset(f.name for f in fields(Config))
 
 
 def load_stage_config(name: str, overrides: list[str]) -> Config:

@@ -159,6 +159,40 @@ def freeze(model: nn.Module, patterns: list[str], *, whole: bool = True) -> list
     return frozen
 
 
+def _apply_lora(model: nn.Module, cfg: Config, dims: ParallelDims) -> bool:
+    """With peft=lora, wrap the target projections in adapters and freeze the base (on the meta-device model,
+    before any layout is applied). Returns whether adapters were added."""
+    if cfg.peft.name == "none":
+        return False
+    if dims.tp > 1 or dims.pp > 1:
+        raise ConfigError(f"peft={cfg.peft.name} runs on one process, FSDP2 / DDP / HSDP or DeepSpeed; parallel.tp "
+                          "and parallel.pp must be 1 (an adapted model is small enough for data parallelism alone)")
+    if cfg.peft.name == "qlora" and (dims.world_size > 1 or cfg.parallel.engine != "torch"):
+        raise ConfigError("peft=qlora runs on one process for now (the NF4 base is not sharded yet); use peft=lora "
+                          "with parallel.dp_shard to spread a run over processes")
+    if cfg.precision.name == "fp8":
+        raise ConfigError(f"peft={cfg.peft.name} with precision=fp8 is not supported; use precision=bf16")
+    from llmhpc.peft.lora import apply_lora, lora_settings
+
+    apply_lora(model, lora_settings(cfg.peft))
+    return True
+
+
+def _init_adapters(model: nn.Module, cfg: Config, lora: bool) -> None:
+    """Draw the adapters from the run's seed, after the base holds its final weights (DoRA's magnitude is the
+    norm of the base rows), stored as NF4 first for peft=qlora. A resumed run overwrites them with the
+    checkpoint's."""
+    if lora:
+        from llmhpc.peft.lora import reset_lora_parameters
+
+        if cfg.peft.name == "qlora":
+            from llmhpc.peft.nf4 import quantize_base_nf4
+
+            quantize_base_nf4(model)
+        torch.manual_seed(cfg.run.seed)
+        reset_lora_parameters(model)
+
+
 def _base_of(cfg: Config, frozen: list[str]) -> dict | None:
     """Where the frozen parameters of this run come from, recorded in (and checked against) checkpoints.
 
@@ -197,6 +231,9 @@ def build(cfg: Config, run: RunContext) -> Built:
 
         after_step = apply_float8(model, cfg.precision.fp8_recipe, fsdp=dims.fsdp, tp=dims.tp)
     frozen = freeze(model, list(t.freeze))
+    lora = _apply_lora(model, cfg, dims)
+    if lora:  # the whole base (no pipeline stages here, so parameter names are checkpoint names)
+        frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     dp = DataParallelReducer(dp_mesh(mesh), device)
     bf16 = cfg.precision.name in ("bf16", "fp8")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
@@ -205,6 +242,7 @@ def build(cfg: Config, run: RunContext) -> Built:
         parts = parallelize(model, dims, mesh, cfg.parallel, precision=cfg.precision.name)
         freeze(model, list(t.freeze), whole=False)  # TP's plans re-create parameters (trainable): freeze anew
         lineage.update(initialize_sharded(model, parts, cfg, device))
+        _init_adapters(model, cfg, lora)
         optimizer, lr_scales = build_optimizer(model, t)
         common = {"after_optimizer_step": after_step}
         if dims.pp > 1:
@@ -220,6 +258,7 @@ def build(cfg: Config, run: RunContext) -> Built:
     else:  # DeepSpeed shards and reduces itself: none of our wrappers
         from llmhpc.parallel import deepspeed as ds
 
+        _init_adapters(model, cfg, lora)
         optimizer, lr_scales = build_optimizer(model, t)
         ds_config = ds.deepspeed_config(cfg.parallel.zero_stage, t.micro_batch_size, micro_batches, t.grad_clip, bf16)
         ds_engine = ds.wrap_with_deepspeed(model, optimizer, ds_config)

@@ -12,11 +12,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
+from torch import nn
 
 from llmhpc.checkpoint import CheckpointManager, Component
 from llmhpc.checkpoint.manager import step_dir_name
@@ -92,6 +94,7 @@ class Trainer:
         flops_per_token: float | None = None,
         lineage: dict | None = None,
         lr_scales: list[float] | None = None,
+        evaluators: Sequence[Callable[[nn.Module], dict[str, float]]] = (),
     ):
         self.cfg = cfg
         self.engine = engine
@@ -104,6 +107,9 @@ class Trainer:
         """What checkpoints hold; the default is the engine's model and optimizer as component 'model'."""
         self.eval_set = eval_batches or []
         """Held-out batches, the same on every rank."""
+        self.evaluators = list(evaluators)
+        """Run on the model (in eval mode, on every rank) at each eval: {'eval_<name>': value} to log, e.g. greedy
+        answer accuracy on held-out problems."""
         self.flops_per_token = flops_per_token
         self.lineage = lineage or {}
         self.lr_scales = lr_scales
@@ -148,18 +154,23 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """{'eval_loss': mean over the held-out batches' units, 'eval_<metric>': ...}; empty without them."""
-        if not self.eval_set:
+        if not self.eval_set and not self.evaluators:
             return {}
         self.model.eval()
-        total, count = StepSums(), 0
-        for batch in self.eval_set:
-            batch = self._to_device(batch)
-            sums = self.engine.forward(batch, self.objective)
-            total.add(sums.loss, {name: tuple(pair) for name, pair in sums.metrics.items()})
-            count += self.objective.normalizer(batch)
+        record: dict[str, float] = {}
+        if self.eval_set:
+            total, count = StepSums(), 0
+            for batch in self.eval_set:
+                batch = self._to_device(batch)
+                sums = self.engine.forward(batch, self.objective)
+                total.add(sums.loss, {name: tuple(pair) for name, pair in sums.metrics.items()})
+                count += self.objective.normalizer(batch)
+            loss, metrics = _means(total, count)
+            record = {"eval_loss": loss, **{f"eval_{name}": value for name, value in metrics.items()}}
+        for evaluator in self.evaluators:
+            record.update({f"eval_{name}": value for name, value in evaluator(self.model).items()})
         self.model.train()
-        loss, metrics = _means(total, count)
-        return {"eval_loss": loss, **{f"eval_{name}": value for name, value in metrics.items()}}
+        return record
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> TrainResult:

@@ -20,7 +20,7 @@ from llmhpc.config import load_config
 from llmhpc.config.load import to_yaml
 from llmhpc.models import build_model, load_pretrained
 from llmhpc.models.hf import state_dict_to_hf
-from tests.conftest import run_cli
+from tests.conftest import one_line_error, run_cli
 
 TOL = 1e-4
 # init_std 0.15: logits O(1-10), so a layout error cannot hide
@@ -74,14 +74,6 @@ def _same_weights(ours, theirs: LlamaForCausalLM) -> None:
     for name, value in state_dict_to_hf(ours.state_dict()).items():
         assert torch.equal(reference[name], value), name
 
-
-def _one_line_error(capsys, argv: list[str], *mentions: str) -> None:
-    """The real CLI entry point refuses `argv`: exit code != 0, one `error:` line naming what is wrong."""
-    assert main(argv) != 0
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "tensor/s" not in line]
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    for text in mentions:
-        assert text in lines[0], lines
 
 
 def _siblings(path) -> list[str]:
@@ -168,10 +160,10 @@ def test_bad_inputs_fail_in_one_line_and_leave_nothing(tmp_path, llmhpc_cache, c
     before = {p.name: p.read_bytes() for p in dst.iterdir()}
 
     # An existing dst is refused without overwrite, and left as it was.
-    _one_line_error(capsys, ["convert", f"src={run_dir}", f"dst={dst}"], str(dst), "overwrite=true")
+    one_line_error(capsys, ["convert", f"src={run_dir}", f"dst={dst}"], str(dst), "overwrite=true")
     assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
     # A missing source: nothing is created.
-    _one_line_error(capsys, ["convert", f"src={tmp_path / 'nope'}", f"dst={tmp_path / 'new'}"], str(tmp_path / "nope"))
+    one_line_error(capsys, ["convert", f"src={tmp_path / 'nope'}", f"dst={tmp_path / 'new'}"], str(tmp_path / "nope"))
     assert not (tmp_path / "new").exists()
 
     # overwrite=true replaces dst (here with bf16 weights).
@@ -190,11 +182,11 @@ def test_bad_inputs_fail_in_one_line_and_leave_nothing(tmp_path, llmhpc_cache, c
     meta = json.loads((step_dir / "meta.json").read_text())
     meta["files"][shard.name] = shard.stat().st_size
     (step_dir / "meta.json").write_text(json.dumps(meta))
-    _one_line_error(capsys, ["convert", f"src={run_dir}", f"dst={dst}", "overwrite=true"], str(step_dir))
+    one_line_error(capsys, ["convert", f"src={run_dir}", f"dst={dst}", "overwrite=true"], str(step_dir))
     assert {p.name: p.read_bytes() for p in dst.iterdir()} == replaced and _siblings(dst) == []
     # A truncated shard that meta.json's sizes catch fails before anything is written.
     meta["files"][shard.name] += 1
     (step_dir / "meta.json").write_text(json.dumps(meta))
-    _one_line_error(capsys, ["convert", f"src={run_dir}", f"dst={tmp_path / 'fresh'}"], str(step_dir), "corrupt")
+    one_line_error(capsys, ["convert", f"src={run_dir}", f"dst={tmp_path / 'fresh'}"], str(step_dir), "corrupt")
     assert not (tmp_path / "fresh").exists() and _siblings(tmp_path / "fresh") == []
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tmp-", ".old-"))]

@@ -140,3 +140,18 @@ def test_convert_takes_its_keys_without_prefix_and_checks_them():
         load_stage_config("convert", ["to=onnx"])
     with pytest.raises(ConfigError, match="'trainer.max_steps' is not a key of llmhpc convert"):
         load_stage_config("convert", ["trainer.max_steps=3"])
+
+
+def test_eval_takes_its_keys_without_prefix_beside_preset_choices():
+    from llmhpc.stages.registry import load_stage_config
+
+    cfg = load_stage_config("eval", ["model.init_from=x.gguf", "task=perplexity,arithmetic", "precision=bf16",
+                                     "baseline=y.gguf", "max_windows=0"])
+    assert (cfg.eval.task, cfg.eval.baseline, cfg.eval.max_windows) == ("perplexity,arithmetic", "y.gguf", 0)
+    assert cfg.precision.name == "bf16"  # a preset choice is not read as eval.precision
+    with pytest.raises(ConfigError, match="task='mmlu' is not a task: choose perplexity, arithmetic or a .jsonl"):
+        load_stage_config("eval", ["task=perplexity,mmlu"])
+    with pytest.raises(ConfigError, match="unknown config key 'eval.tsk'; nearest valid keys: eval.task"):
+        load_stage_config("eval", ["tsk=perplexity"])
+    with pytest.raises(ConfigError, match="'trainer.lr' is not a key of llmhpc eval"):
+        load_stage_config("eval", ["trainer.lr=1"])

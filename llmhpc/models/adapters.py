@@ -1,0 +1,86 @@
+"""Adapter weights as plain tensors: their names, and folding them into the weights they adapt.
+
+`llmhpc.peft` adds LoRA / DoRA adapters to a model and trains them; a checkpoint of such a run holds the
+adapters next to a frozen base it references. Everything that reads weights without training them (loading a
+run, exporting it) only needs to recognize the adapter tensors and fold each into its base weight, which is
+tensor arithmetic: it lives here, below `llmhpc.peft`, so the loaders need no training code. So does the NF4
+rounding of a QLoRA base: a QLoRA run's adapters were trained against the NF4 values of the base, so a reader
+folds them into those values, not into the original weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+ADAPTER_PARAMETERS = ("lora_A", "lora_B", "lora_magnitude")
+"""Parameter names (last part) of the adapters `llmhpc.peft` adds: no weight source holds them; whoever added
+them initializes them after the base is loaded."""
+
+
+def adapter_names(model: nn.Module) -> set[str]:
+    """The model's adapter parameters (see ADAPTER_PARAMETERS)."""
+    return {name for name, _ in model.named_parameters() if name.rsplit(".", 1)[-1] in ADAPTER_PARAMETERS}
+
+
+def lora_scaling(rank: int, alpha: float, rslora: bool) -> float:
+    """Factor on B A x: alpha / rank, or alpha / sqrt(rank) with rsLoRA (peft's formula)."""
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
+@torch.no_grad()
+def fold_adapter(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W + s B A, or for DoRA m / ||W + s B A|| * (W + s B A) per output row (peft's merge), in W's dtype.
+
+    A pure function of tensors, so a converter that streams one weight at a time can fold adapters without
+    building the model. Computed in fp32 whatever the dtype, so merging a bf16 base rounds once, at the end.
+    """
+    merged = weight.float() + (lora_B.float() @ lora_A.float()) * scaling
+    if magnitude is not None:
+        merged = (magnitude.float() / torch.linalg.norm(merged, dim=1)).view(-1, 1) * merged
+    return merged.to(weight.dtype)
+
+
+NF4_BLOCK = 64
+"""NF4 block: 64 weights share one absmax scale (QLoRA's choice)."""
+NF4_SCALER_BLOCK = 256
+"""Double quantization: the absmax scales are themselves quantized to 8 bits in blocks of 256 (QLoRA's choice);
+a smaller power of two where the number of scales is not a multiple of 256 (SmolLM2's k / v: 1728 scales)."""
+
+
+def _scaler_block(numel: int) -> int | None:
+    if numel % NF4_BLOCK:
+        return None
+    scalers, block = numel // NF4_BLOCK, NF4_SCALER_BLOCK
+    while scalers % block:
+        block //= 2
+    return block if block >= 2 else None
+
+
+def to_nf4(weight: torch.Tensor):
+    """`weight` as torchao's NF4Tensor (4-bit NormalFloat, double-quantized scales), or None when its size is
+    not a multiple of the 64-weight block (such a weight stays in full precision)."""
+    block = _scaler_block(weight.numel())
+    if block is None:
+        return None
+    from llmhpc.metrics.import_noise import quiet_import_noise
+
+    quiet_import_noise()  # torchao's import-time notices about CUDA-only kernels are not the user's business
+    from torchao.quantization import to_nf4 as torchao_to_nf4
+
+    return torchao_to_nf4(weight.detach(), NF4_BLOCK, block)
+
+
+def nf4_values(weight: torch.Tensor) -> torch.Tensor:
+    """What `weight` computes with as a QLoRA base: its NF4 values in weight's dtype (itself where NF4 does not
+    apply, see `to_nf4`)."""
+    quantized = to_nf4(weight)
+    return weight if quantized is None else quantized.get_original_weight().to(weight.dtype)

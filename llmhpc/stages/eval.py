@@ -1,0 +1,95 @@
+"""Recipe: measure a model, optionally beside a baseline measured the same way.
+
+    llmhpc eval model.init_from=exports/x-q4_k.gguf baseline=exports/x-f16.gguf task=perplexity,arithmetic
+
+Perplexity is on the held-out documents of data.source (tokenized with data.tokenizer, which must be the
+model's); accuracy is greedy exact-answer accuracy on held-out questions (`llmhpc.scoring`). The results are
+printed as one table, a column per model, and written as JSON with output=FILE.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from llmhpc.config import Config, ConfigError
+from llmhpc.errors import InputError
+from llmhpc.scoring.answers import Question, accuracy, question_from_row, read_questions
+from llmhpc.scoring.perplexity import held_out_windows, perplexity
+
+
+def _tasks(cfg: Config) -> list[str]:
+    return [t.strip() for t in cfg.eval.task.split(",") if t.strip()]
+
+
+def _questions(cfg: Config, task: str) -> list[Question]:
+    e = cfg.eval
+    if task == "arithmetic":
+        from llmhpc.data.arithmetic import HELD_OUT, held_out_problems
+
+        if e.problems > HELD_OUT:
+            raise ConfigError(f"problems={e.problems}: the arithmetic task holds out {HELD_OUT}; ask at most that")
+        return [question_from_row(p.to_row()) for p in held_out_problems(e.problems or HELD_OUT, cfg.run.seed)]
+    return read_questions(task, e.problems)
+
+
+def _dtype(cfg: Config) -> torch.dtype:
+    if cfg.precision.name == "fp8":
+        raise ConfigError("precision=fp8 is for training; evaluate with precision=fp32 or precision=bf16")
+    return torch.bfloat16 if cfg.precision.name == "bf16" else torch.float32
+
+
+def evaluate(cfg: Config) -> dict[str, dict[str, dict[str, float]]]:
+    """{model path: {task: its numbers}} for model.init_from and, when given, the baseline."""
+    from llmhpc.data.tokenizer import load_tokenizer
+    from llmhpc.models import load_pretrained
+
+    if not cfg.model.init_from:
+        raise ConfigError("model.init_from is not set: name the model to evaluate (HF dir, .gguf or llmhpc run)")
+    e, tasks = cfg.eval, _tasks(cfg)
+    windows = held_out_windows(cfg.data, cfg.run.seed, e.seq_len, e.max_windows) if "perplexity" in tasks else None
+    questions = {t: _questions(cfg, t) for t in tasks if t != "perplexity"}
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for path in [cfg.model.init_from, *([e.baseline] if e.baseline else [])]:
+        model, tokenizer = load_pretrained(path, dtype=_dtype(cfg))
+        numbers = results.setdefault(path, {})
+        if windows is not None:
+            if tokenizer is not None and tokenizer.get_vocab() != load_tokenizer(cfg.data.tokenizer).get_vocab():
+                raise InputError(f"{path}: its tokenizer is not data.tokenizer={cfg.data.tokenizer}, so perplexities "
+                                 "would not compare; set data.tokenizer to the model's (its .gguf or HF directory)")
+            numbers["perplexity"] = perplexity(model, windows, e.batch_size)
+        for task, asked in questions.items():
+            if tokenizer is None:
+                raise InputError(f"{path}: has no tokenizer files, so questions cannot be asked; add them")
+            numbers[task] = accuracy(model, tokenizer, asked, max_new_tokens=e.max_new_tokens,
+                                     batch_size=e.batch_size)
+        del model
+    return results
+
+
+def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """A markdown table: a row per measured number, a column per model."""
+    paths = list(results)
+    rows = [f"| | {' | '.join(paths)} |", "|---|" + "---:|" * len(paths)]
+    first = results[paths[0]]
+    for task, numbers in first.items():
+        for name in numbers:
+            label = name if task == "perplexity" else f"{task} {name}"
+            cells = [f"{results[p][task][name]:.4g}" for p in paths]
+            rows.append(f"| {label} | {' | '.join(cells)} |")
+    return "\n".join(rows)
+
+
+def main(cfg: Config, overrides: list[str]) -> int:
+    """`llmhpc eval`: measure, print the table, write JSON when asked."""
+    results = evaluate(cfg)
+    print(table(results))
+    if cfg.eval.output:
+        out = Path(cfg.eval.output).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        tmp.replace(out)
+    return 0

@@ -1,0 +1,150 @@
+"""`llmhpc sft`: the loss it trains is transformers' cross-entropy on the assistant tokens; LoRA runs checkpoint
+only the adapters, resume bitwise, and leave an adapter `peft` loads onto the base with the merged run's logits.
+
+The base is the tiny model trained two steps under tp=2 x pp=2 (the session's `tp2_pp2_checkpoint`): its
+tokenizer is SmolLM2's, chat template included. The data are the package's arithmetic problems.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from llmhpc.checkpoint import latest_checkpoint, read_meta
+from llmhpc.data.arithmetic import train_eval_split, write_jsonl
+from llmhpc.data.sft import SFTLoader, load_sft_examples, split_examples
+from llmhpc.data.tokenizer import load_tokenizer
+from llmhpc.models import load_pretrained
+from llmhpc.models.hf import config_to_hf, save_hf, state_dict_to_hf
+from tests.conftest import run_cli
+from tests.distributed.launch import copy_run_stopped_at, step_losses
+
+SFT = ["trainer.seq_len=128", "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "trainer.eval_every=0",
+       "logger.progress_bar=false", "run.device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def problems(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sft_data") / "train.jsonl"
+    write_jsonl(train_eval_split(64, 0, seed=5)[0], path)
+    return path
+
+
+def _hf(model) -> LlamaForCausalLM:
+    hf = LlamaForCausalLM(LlamaConfig(**config_to_hf(model.cfg))).eval()
+    hf.load_state_dict(state_dict_to_hf(model.state_dict()), strict=False)
+    hf.tie_weights()
+    return hf
+
+
+def test_full_sft_trains_transformers_loss_on_assistant_tokens(tp2_pp2_checkpoint, problems, llmhpc_cache, tmp_path):
+    run = tmp_path / "full"
+    run_cli(["sft", f"model.init_from={tp2_pp2_checkpoint}", f"data.source={problems}", "data.pack=false",
+             "trainer.max_steps=2", "data.val_fraction=0", *SFT, f"run.dir={run}"], llmhpc_cache)
+    losses = step_losses(run)
+
+    # The first optimizer step's batch, rebuilt from the loader; its loss recomputed by transformers.
+    tokenizer = load_tokenizer("smollm2")
+    examples, _ = load_sft_examples(problems, tokenizer, 128)
+    train, _ = split_examples(examples, 0.0, 1234)
+    loader = SFTLoader(train, 128, 2, 1234, pack=False, pad_id=tokenizer.pad_token_id)
+    batch = [loader.next_batch() for _ in range(2)]
+    ids = torch.cat([b["input_ids"] for b in batch])
+    labels = torch.cat([b["labels"] for b in batch])
+    assert 0 < (labels != -100).sum() < labels.numel()
+    base, _ = load_pretrained(tp2_pp2_checkpoint)
+    with torch.no_grad():
+        logits = _hf(base)(ids).logits
+    reference = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    assert losses[1] == pytest.approx(float(reference), rel=1e-5)
+    # Only the assistant tokens count: the loss over every token is another number.
+    every = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert abs(float(every) - losses[1]) > 1e-2
+
+    trained, tokenizer = load_pretrained(run)  # the checkpoint names the model's tokenizer, template included
+    assert tokenizer.chat_template and any(not torch.equal(a, b) for a, b in
+                                           zip(trained.state_dict().values(), base.state_dict().values(), strict=True))
+
+
+def test_lora_sft_keeps_adapters_only_resumes_bitwise_and_exports_them(
+    tp2_pp2_checkpoint, problems, llmhpc_cache, tmp_path
+):
+    common = ["sft", f"model.init_from={tp2_pp2_checkpoint}", f"data.source={problems}", "peft=lora", "peft.rank=4",
+              "peft.dropout=0", "trainer.lr=1e-2", "trainer.max_steps=4", "trainer.ckpt_every=2", *SFT]
+    run, resumed = tmp_path / "lora", tmp_path / "resumed"
+    run_cli([*common, f"run.dir={run}"], llmhpc_cache)
+
+    # Checkpoints: the adapters and their AdamW moments, the base referenced by its fingerprint.
+    step_dir = latest_checkpoint(run / "checkpoints")
+    component = read_meta(step_dir)["components"]["model"]
+    assert component["base"]["source"] == str(tp2_pp2_checkpoint / "checkpoints" / "step_0000002")
+    assert all(".lora_" not in name for name in component["frozen"])
+    adapter_bytes = (run / "adapter" / "adapter_model.safetensors").stat().st_size
+    on_disk = sum(f.stat().st_size for f in step_dir.glob("*.distcp"))
+    assert 3 * adapter_bytes * 0.99 < on_disk < 3 * adapter_bytes + 256 * 1024
+
+    # Stopped after step 2 and started again: the same losses, bit for bit.
+    copy_run_stopped_at(run, resumed, 2)
+    proc = run_cli([*common, f"run.dir={resumed}"], llmhpc_cache)
+    assert "resumed from" in proc.stdout
+    assert step_losses(resumed) == step_losses(run)
+
+    # peft loads the adapter onto transformers' copy of the base and gives the logits of the merged run.
+    merged, _ = load_pretrained(run)
+    base_dir = tmp_path / "base_hf"
+    base, _ = load_pretrained(tp2_pp2_checkpoint)
+    save_hf(base, base_dir)
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), run / "adapter")(ids).logits
+        ours = merged(ids)
+        moved = (ours - base(ids)).abs().max()
+    assert (theirs - ours).abs().max() <= 1e-4 < moved
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 4
+
+    # The converter folds the adapters into the weights it writes.
+    run_cli(["convert", f"src={run}", "to=hf", f"dst={tmp_path / 'merged_hf'}"], llmhpc_cache)
+    with torch.no_grad():
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged_hf")(ids).logits
+    assert (exported - ours).abs().max() <= 1e-4
+
+
+def test_arithmetic_runs_log_held_out_answer_accuracy(tp2_pp2_checkpoint, llmhpc_cache, tmp_path):
+    """data.source=arithmetic (the default): each eval also answers held-out problems greedily and logs how many
+    were right; the two-step Shakespeare model gets none and never ends an answer within the token budget."""
+    run = tmp_path / "arith"
+    run_cli(["sft", f"model.init_from={tp2_pp2_checkpoint}", "trainer.max_steps=1", *SFT, "trainer.eval_every=1",
+             f"run.dir={run}"], llmhpc_cache)
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (record["eval_accuracy"], record["eval_truncated"]) == (0.0, 1.0)
+    assert record["eval_loss"] > 0
+
+
+def test_qlora_run_reads_back_as_its_adapters_on_the_nf4_base(tp2_pp2_checkpoint, problems, llmhpc_cache, tmp_path):
+    from llmhpc.models.adapters import fold_adapter, nf4_values
+    from llmhpc.peft.lora import read_peft_adapter
+
+    run = tmp_path / "qlora"
+    run_cli(["sft", f"model.init_from={tp2_pp2_checkpoint}", f"data.source={problems}", "peft=qlora",
+             "peft.rank=4", "peft.dropout=0", "trainer.lr=1e-2", "trainer.max_steps=2", *SFT, f"run.dir={run}"],
+            llmhpc_cache)
+    merged, _ = load_pretrained(run)
+    base, _ = load_pretrained(tp2_pp2_checkpoint)
+    cfg, adapters = read_peft_adapter(run / "adapter")
+    expected = base.state_dict()
+    for module, tensors in adapters.items():
+        weight = expected[f"{module}.weight"]
+        expected[f"{module}.weight"] = fold_adapter(nf4_values(weight), tensors["lora_A"], tensors["lora_B"],
+                                                    cfg.scaling)
+    assert len(adapters) == 2 * 7
+    for name, value in merged.state_dict().items():
+        assert torch.allclose(value, expected[name], atol=1e-6), name
+    # Trained on the NF4 base: folding into the original weights gives another model.
+    wq = adapters["layers.0.attention.wq"]
+    on_original = fold_adapter(base.state_dict()["layers.0.attention.wq.weight"], wq["lora_A"], wq["lora_B"],
+                               cfg.scaling)
+    assert (on_original - merged.state_dict()["layers.0.attention.wq.weight"]).abs().max() > 1e-4

@@ -1,0 +1,64 @@
+"""QLoRA (`peft=qlora`): the adapted projections' frozen base is stored as NF4 and computes with the NF4 values.
+
+References: the same model with each base weight replaced by the values torchao's NF4 dequantization gives
+(plain fp32 tensors, plain LoRA): logits and adapter gradients must match; and the storage size NF4 promises.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmhpc.config.schema import ModelConfig
+from llmhpc.models import build_model
+from llmhpc.models.adapters import nf4_values
+from llmhpc.peft.lora import LoRAConfig, apply_lora, lora_modules, reset_lora_parameters
+from llmhpc.peft.nf4 import quantize_base_nf4
+
+CFG = ModelConfig(vocab_size=128, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=256, max_seq_len=32)
+
+
+def _adapted(dora: bool, nf4: bool):
+    torch.manual_seed(0)
+    model = build_model(CFG)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, dora=dora))
+    for _, m in lora_modules(model):
+        if nf4:
+            continue
+        m.weight.data = nf4_values(m.weight.data)  # the reference: plain tensors holding the NF4 values
+    if nf4:
+        quantize_base_nf4(model)
+    torch.manual_seed(1)
+    reset_lora_parameters(model)
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            m.lora_B.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+    return model
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_nf4_base_computes_with_its_nf4_values_and_trains_only_adapters(dora: bool):
+    ids = torch.randint(0, CFG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    quantized, reference = _adapted(dora, nf4=True), _adapted(dora, nf4=False)
+    out_q, out_r = quantized(ids), reference(ids)
+    assert (out_q - out_r).abs().max() <= 1e-5
+    out_q.logsumexp(-1).mean().backward()
+    out_r.logsumexp(-1).mean().backward()
+    grads_q = {n: p.grad for n, p in quantized.named_parameters() if p.grad is not None}
+    grads_r = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    assert grads_q.keys() == grads_r.keys() and all(".lora_" in n for n in grads_q)
+    for name, grad in grads_q.items():
+        assert (grad - grads_r[name]).abs().max() <= 1e-5 * max(1.0, grads_r[name].abs().max()), name
+    # The NF4 values are not the original weights: quantization is really in the path.
+    torch.manual_seed(0)
+    original = build_model(CFG).layers["0"].attention.wq.weight
+    assert (nf4_values(original) - original).abs().max() > 1e-3
+
+
+def test_nf4_base_is_about_half_a_byte_per_weight():
+    model = _adapted(dora=False, nf4=True)
+    for _, m in lora_modules(model):
+        weight = m.weight
+        inner, _ = weight.__tensor_flatten__()
+        stored = sum(getattr(weight, name).nbytes for name in inner)
+        assert stored <= 0.6 * weight.numel(), (stored, weight.numel())  # 4 bits + double-quantized scales
