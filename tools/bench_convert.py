@@ -87,7 +87,8 @@ def _run(kind: str, target: str, args: list[str], out: Path, hwm_dir: Path) -> R
 
 def _ours(src: Path, dst: Path, level: str, hwm_dir: Path) -> Run:
     option = f"dtype={FLOAT_DTYPES[level]}" if level in FLOAT_DTYPES else f"quant={level}"
-    return _run("module", "llmhpc", ["convert", f"src={src}", "to=gguf", f"dst={dst}", option], dst, hwm_dir)
+    args = ["convert", f"src={src}", "to=gguf", f"dst={dst}", option, "overwrite=true"]  # a rerun in the same --out
+    return _run("module", "llmhpc", args, dst, hwm_dir)
 
 
 def _llama_cpp(level: str, hf_dir: Path, f16: Path, dst: Path, convert_script: Path | None, hwm_dir: Path):

@@ -32,10 +32,15 @@ Each side runs in its own fresh process, one after the other (ours: `python -m l
 `--trl-worker`). Loss: the per-step training loss each side logs (ours: run.dir/metrics.jsonl; TRL: its log
 history at logging_steps=1), plus the first step's loss computed by hand with transformers on the same 4
 conversations (`reference`). Speed: real tokens per second, counted the same way on both sides from the data (the
-tokens of each conversation up to the end of its last answer; padding never counts, though ours pads every row to
-max length and TRL only to the longest in the batch), over steps skip+1..steps: ours from its step_time_s, TRL
+tokens of each conversation up to the end of its last answer; padding never counts, and both pad a batch to its
+longest conversation), over steps skip+1..steps: ours from its step_time_s, TRL
 from the wall time between consecutive `on_step_end` callbacks. Peak RSS: the child's ru_maxrss (os.wait4).
-Ratios are ours / TRL, measured in the same run; the machine's load average is printed with the table.
+Ratios are ours / TRL, measured in the same run; the machine's load average is printed with the table, and the
+per-step times and load before each side with the per-step losses (on a shared machine, rerun if they moved).
+
+Known difference (TRL 1.16): TRL's logged loss is ~1e-5 above ours at every step. Its `compute_loss` scores the
+answer tokens with its fused LM head (vocabulary tiles, online log-softmax) instead of full logits; the same model's
+plain transformers forward on TRL's own batch gives ours to 1e-7, so the gap is that kernel's fp32 rounding.
 """
 
 from __future__ import annotations
@@ -309,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     details = []
     for name in rows:
         row = ROWS[name]
+        load_before = os.getloadavg()[0]
         ours = run_ours(hf, train, row, args.steps, work / f"ours_{name}")
+        load_between = os.getloadavg()[0]
         print(f"{name}: ours done ({ours['wall_s']:.0f} s)", flush=True)
         trl = run_trl(hf, messages, examples, row, args.steps, work, name)
         print(f"{name}: TRL done ({trl['wall_s']:.0f} s)", flush=True)
@@ -326,9 +333,19 @@ def main(argv: list[str] | None = None) -> int:
         details.append(f"{name} per-step loss (step: ours / TRL / diff):\n" + "\n".join(
             f"  {s + 1}: {a:.6f} / {b:.6f} / {a - b:+.1e}" for s, (a, b) in enumerate(zip(ours["loss"],
                                                                                           trl["loss"], strict=True))))
+        details.append(f"{name} step times s, ours: {' '.join(f'{t:.1f}' for t in ours['step_time_s'])}; TRL: "
+                       f"{' '.join(f'{t:.1f}' for t in trl['step_time_s'])}; 1-min load average before ours "
+                       f"{load_before:.1f}, before TRL {load_between:.1f}, after {os.getloadavg()[0]:.1f}")
         if not trl["same_text"]:
             details.append(f"{name}: WARNING the marked template renders other text than SmolLM2's")
     load = os.getloadavg()
+    # Both pad an unpacked batch to its longest conversation; TRL keeps the newline after the last <|im_end|> (+ 1).
+    ours_work = sum(BATCH * max(e.length for e in examples[s * BATCH:(s + 1) * BATCH])
+                    for s in range(args.steps)) / args.steps
+    trl_work = sum(BATCH * max(len(e.tokens) + 1 for e in examples[s * BATCH:(s + 1) * BATCH])
+                   for s in range(args.steps)) / args.steps
+    details.append(f"positions computed per step: ours {ours_work:.0f}, TRL {trl_work:.0f} on average; real tokens "
+                   f"{sum(step_tokens) / args.steps:.0f}")
     footer = (f"\nSmolLM2-135M-Instruct, fp32, {BATCH} conversations x max {SEQ_LEN} tokens per step, no packing, "
               f"{args.steps} steps, speed over steps {args.skip + 1}-{args.steps} in real tokens/s; "
               f"ratio = ours / TRL; step-1 reference loss by transformers {reference:.5f}; {os.cpu_count()} CPUs, "

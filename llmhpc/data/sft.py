@@ -402,13 +402,17 @@ def first_fit(lengths: Sequence[int], order: Sequence[int], capacity: int) -> li
 def make_sft_batch(
     rows: Sequence[Sequence[SFTExample]], seq_len: int, pack: bool = True, pad_id: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Batch dict of rows of examples: input_ids, labels [B, seq_len]; position_ids, document_ids when packed.
+    """Batch dict of rows of examples: input_ids, labels [B, width]; position_ids, document_ids when packed.
 
     Each example fills `length` positions: its tokens but the last as inputs, the next tokens as labels where
-    those are assistant tokens (else IGNORE_INDEX). Without packing each row holds one example, right-padded:
-    causal attention already keeps a row's tokens from seeing the padding after them, so no extra keys are needed.
+    those are assistant tokens (else IGNORE_INDEX). Packed rows are seq_len wide. Without packing each row holds
+    one example, right-padded to the longest example of the batch (not to seq_len: padding is computed like
+    tokens, and TRL's collator pads the same way): causal attention already keeps a row's tokens from seeing
+    the padding after them, so no extra keys are needed.
     """
     batch = len(rows)
+    if not pack:
+        seq_len = min(seq_len, max((example.length for row in rows for example in row), default=1))
     input_ids = np.full((batch, seq_len), pad_id, dtype=np.int64)
     labels = np.full((batch, seq_len), IGNORE_INDEX, dtype=np.int64)
     position_ids = np.zeros((batch, seq_len), dtype=np.int64)

@@ -78,6 +78,9 @@ def _train(cfg: Config, where: RunContext) -> TrainResult:
     from llmhpc.data.sft import SFTLoader, load_sft_examples, sft_eval_batches, split_examples
     from llmhpc.data.tokenizer import load_tokenizer
 
+    if where.dims.pp > 1 and not cfg.data.pack:
+        raise ConfigError("data.pack=false gives batches as wide as their longest conversation, but pipeline stages "
+                          "exchange fixed shapes; use data.pack=true under parallel.pp > 1")
     built = build(cfg, where)
     cfg, t, d = built.cfg, built.cfg.trainer, built.cfg.data
     tokenizer = load_tokenizer(d.tokenizer)

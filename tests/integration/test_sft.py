@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from llmhpc.checkpoint import latest_checkpoint, read_meta
@@ -148,3 +149,20 @@ def test_qlora_run_reads_back_as_its_adapters_on_the_nf4_base(tp2_pp2_checkpoint
     on_original = fold_adapter(base.state_dict()["layers.0.attention.wq.weight"], wq["lora_A"], wq["lora_B"],
                                cfg.scaling)
     assert (on_original - merged.state_dict()["layers.0.attention.wq.weight"]).abs().max() > 1e-4
+
+
+def test_lora_sft_under_fsdp2_gives_the_losses_of_one_process(tp2_pp2_checkpoint, problems, llmhpc_cache, tmp_path):
+    from tests.distributed.launch import run_torchrun
+
+    common = ["sft", f"model.init_from={tp2_pp2_checkpoint}", f"data.source={problems}", "peft=lora", "peft.rank=4",
+              "peft.dropout=0", "trainer.lr=1e-2", "trainer.max_steps=3", *SFT]
+    run_cli([*common, f"run.dir={tmp_path / 'one'}"], llmhpc_cache)
+    run_torchrun(2, [*common, "parallel.dp_shard=2", "trainer.micro_batch_size=2", f"run.dir={tmp_path / 'two'}"],
+                 llmhpc_cache)
+    one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
+    assert one.keys() == two.keys() == {1, 2, 3}
+    assert all(abs(one[s] - two[s]) <= 1e-5 for s in one), (one, two)
+    # Both wrote the same adapter (gathered from the shards by rank 0).
+    a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

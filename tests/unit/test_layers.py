@@ -18,13 +18,16 @@ ALLOWED = {
     "errors": set(),
     "process_group": set(),
     "config": {"errors"},
-    "models": {"config", "errors", "checkpoint", "data", "process_group", "parallel"},
+    "models": {"config", "errors", "checkpoint", "data", "process_group", "parallel", "metrics"},
     "parallel": {"config", "errors", "models", "metrics", "process_group"},
     "checkpoint": {"config", "errors", "process_group"},
     "data": {"config", "errors", "assets"},
+    "peft": {"config", "errors", "models", "metrics"},
+    "scoring": {"config", "errors", "models", "data", "train"},
 }
 """config is the bottom (it knows nothing of llmhpc above it); parallel knows no loss, no trainer and no stage;
-checkpoints know no model, layout or loop. (models may import parallel only lazily, for sharded loading.)"""
+checkpoints know no model, layout or loop; adapters (peft) know no loop or layout. (models may import parallel
+only lazily, for sharded loading, and metrics only for its import-noise filter.)"""
 
 
 def _modules() -> dict[str, Path]:
