@@ -53,18 +53,23 @@ def test_full_sft_trains_transformers_loss_on_assistant_tokens(tp2_pp2_checkpoin
     examples, _ = load_sft_examples(problems, tokenizer, 128)
     train, _ = split_examples(examples, 0.0, 1234)
     loader = SFTLoader(train, 128, 2, 1234, pack=False, pad_id=tokenizer.pad_token_id)
-    batch = [loader.next_batch() for _ in range(2)]
-    ids = torch.cat([b["input_ids"] for b in batch])
-    labels = torch.cat([b["labels"] for b in batch])
-    assert 0 < (labels != -100).sum() < labels.numel()
     base, _ = load_pretrained(tp2_pp2_checkpoint)
-    with torch.no_grad():
-        logits = _hf(base)(ids).logits
-    reference = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-    assert losses[1] == pytest.approx(float(reference), rel=1e-5)
+    hf = _hf(base)
+    total = every = count = every_count = 0.0
+    for _ in range(2):  # two micro-batches, each padded to its own longest conversation
+        batch = loader.next_batch()
+        ids, labels = batch["input_ids"], batch["labels"]
+        assert 0 < (labels != -100).sum() < labels.numel()
+        with torch.no_grad():
+            logits = hf(ids).logits
+        ce = torch.nn.functional.cross_entropy
+        total += float(ce(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"))
+        count += float((labels != -100).sum())
+        every += float(ce(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
+        every_count += ids[:, 1:].numel()
+    assert losses[1] == pytest.approx(total / count, rel=1e-5)
     # Only the assistant tokens count: the loss over every token is another number.
-    every = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-    assert abs(float(every) - losses[1]) > 1e-2
+    assert abs(every / every_count - losses[1]) > 1e-2
 
     trained, tokenizer = load_pretrained(run)  # the checkpoint names the model's tokenizer, template included
     assert tokenizer.chat_template and any(not torch.equal(a, b) for a, b in
