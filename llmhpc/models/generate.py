@@ -21,7 +21,7 @@ def _next_token(logits: torch.Tensor, temperature: float, generator: torch.Gener
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP2 reuses its all-gather buffers in training afterwards
 def generate(
     model: Llama,
     input_ids: torch.Tensor,

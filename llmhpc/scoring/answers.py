@@ -83,7 +83,7 @@ def _prompt_ids(tokenizer, question: Question) -> list[int]:
     return tokenizer.encode("\n".join(content for _, content in question.chat))
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP2 reuses its all-gather buffers in training afterwards
 def accuracy(model: torch.nn.Module, tokenizer, questions: list[Question], *, max_new_tokens: int = 128,
              batch_size: int = 8) -> dict[str, float]:
     """{'accuracy', 'truncated', 'questions'} of greedy replies, decoded `batch_size` prompts at a time.

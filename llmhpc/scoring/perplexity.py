@@ -34,7 +34,7 @@ def held_out_windows(data: DataConfig, seed: int, seq_len: int, max_windows: int
     return torch.from_numpy(tokens.windows(np.arange(n), seq_len))
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP2 reuses its all-gather buffers in training afterwards
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
     """{'perplexity', 'nll' (mean per token, nats), 'tokens'} of `model` on token windows [n, seq + 1]."""
     vocab = model.lm_head_weight().shape[0]
