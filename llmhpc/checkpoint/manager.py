@@ -138,6 +138,20 @@ def stored_shapes(step_dir: Path, component: str | None = None) -> dict[str, tor
     }
 
 
+def read_stored_tensors(
+    step_dir: Path, shapes: dict[str, torch.Size], component: str | None = None
+) -> dict[str, torch.Tensor]:
+    """{name: fp32 tensor} of the model weights `shapes` names (a subset of `stored_shapes`), read whole on this
+    process alone (no process group): for readers that export or merge a checkpoint rather than train on it."""
+    meta = read_meta(step_dir)
+    name = component or next(iter(_saved_components(meta)))
+    values = {key: torch.empty(shape, dtype=torch.float32) for key, shape in shapes.items()}
+    state = {"model": values} if meta.get("format_version", 1) == 1 else {name: {"model": values}}
+    with single_process_ok():
+        dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
+    return values
+
+
 def primary_component(step_dir: Path) -> str:
     """Name of a checkpoint's first component (the model `load_pretrained` returns)."""
     return next(iter(_saved_components(read_meta(step_dir))))

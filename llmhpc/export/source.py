@@ -130,18 +130,16 @@ def _gguf_source(path: Path) -> ExportSource:
 
 
 def _checkpoint_source(step_dir: Path) -> ExportSource:
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
     from llmhpc.checkpoint import read_checkpoint_config, read_meta
-    from llmhpc.checkpoint.manager import single_process_ok, stored_shapes
+    from llmhpc.checkpoint.manager import read_stored_tensors, stored_shapes
     from llmhpc.data.tokenizer import load_tokenizer
 
     run_cfg = read_checkpoint_config(step_dir)
     meta = read_meta(step_dir)
     components = meta.get("components") or {"model": {}}
     component = next(iter(components))
-    prefix = ["model"] if meta.get("format_version", 1) == 1 else [component, "model"]
     shapes = stored_shapes(step_dir, component)
     frozen = set(components[component].get("frozen", []))
     base = _base_reader(run_cfg.model, components[component].get("base"), step_dir) if frozen else None
@@ -159,17 +157,11 @@ def _checkpoint_source(step_dir: Path) -> ExportSource:
     def read_stored(name: str) -> torch.Tensor:
         if name not in shapes:
             raise InputError(f"{step_dir}: the checkpoint holds no weight {name}; it is not a full model checkpoint")
-        value = torch.empty(shapes[name], dtype=torch.float32)
-        state: dict = {name: value}
-        for key in reversed(prefix):
-            state = {key: state}
         try:
-            with single_process_ok():
-                dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
+            return read_stored_tensors(step_dir, {name: shapes[name]}, component)[name]
         # DCP raises several types for unreadable files; its CheckpointException is a BaseException
         except (Exception, CheckpointException) as exc:
             raise InputError(f"{step_dir}: cannot read {name} ({_dcp_reason(exc)})") from None
-        return value
 
     tokenizer = None
     with contextlib.suppress(FileNotFoundError, InputError):

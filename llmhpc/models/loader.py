@@ -67,17 +67,11 @@ def _load_checkpoint(step_dir: Path, dtype, device):
 def _fold_stored_adapters(model: Llama, step_dir: Path, scaling: float, nf4_base: bool) -> None:
     """Fold each adapter a checkpoint holds (`<module>.lora_A` / `lora_B` [/ `lora_magnitude`]) into the module's
     weight, which holds the base (first rounded to NF4 when the adapters were trained on an NF4 base)."""
-    import torch.distributed.checkpoint as dcp
+    from llmhpc.checkpoint.manager import read_stored_tensors, stored_shapes
 
-    from llmhpc.checkpoint.manager import primary_component, read_meta, single_process_ok, stored_shapes
-
-    component = primary_component(step_dir)
-    shapes = stored_shapes(step_dir, component)
-    adapters = {k: torch.empty(v) for k, v in shapes.items() if k.rsplit(".", 1)[-1] in ADAPTER_PARAMETERS}
-    nested = {"model": adapters} if read_meta(step_dir).get("format_version", 1) == 1 else {
-        component: {"model": adapters}}
-    with single_process_ok():
-        dcp.load(nested, checkpoint_id=str(step_dir), no_dist=True)
+    shapes = stored_shapes(step_dir)
+    adapters = read_stored_tensors(
+        step_dir, {k: v for k, v in shapes.items() if k.rsplit(".", 1)[-1] in ADAPTER_PARAMETERS})
     for key in adapters:
         if key.endswith(".lora_A"):
             module = key.removesuffix(".lora_A")
