@@ -51,12 +51,13 @@ def evaluate(cfg: Config) -> dict[str, dict[str, dict[str, float]]]:
     e, tasks = cfg.eval, _tasks(cfg)
     windows = held_out_windows(cfg.data, cfg.run.seed, e.seq_len, e.max_windows) if "perplexity" in tasks else None
     questions = {t: _questions(cfg, t) for t in tasks if t != "perplexity"}
+    text_vocab = load_tokenizer(cfg.data.tokenizer).get_vocab() if windows is not None else None
     results: dict[str, dict[str, dict[str, float]]] = {}
     for path in [cfg.model.init_from, *([e.baseline] if e.baseline else [])]:
         model, tokenizer = load_pretrained(path, dtype=_dtype(cfg))
         numbers = results.setdefault(path, {})
         if windows is not None:
-            if tokenizer is not None and tokenizer.get_vocab() != load_tokenizer(cfg.data.tokenizer).get_vocab():
+            if tokenizer is not None and tokenizer.get_vocab() != text_vocab:
                 raise InputError(f"{path}: its tokenizer is not data.tokenizer={cfg.data.tokenizer}, so perplexities "
                                  "would not compare; set data.tokenizer to the model's (its .gguf or HF directory)")
             numbers["perplexity"] = perplexity(model, windows, e.batch_size)
