@@ -1,6 +1,6 @@
 """`llmhpc sft` side by side with TRL's `SFTTrainer` (+ peft for LoRA), in one run: speed, memory and equal loss.
 
-    python tools/bench_sft.py [--steps 10] [--skip 2] [--rows full,lora] [--work DIR] [--out table.md]
+    python tools/bench_sft.py [--steps 10] [--skip 2] [--rows full,lora,qlora] [--work DIR] [--out table.md]
 
 Needs TRL and datasets next to the pinned torch (not in tools/install.sh; TRL is not needed by the tests)::
 
@@ -38,6 +38,12 @@ from the wall time between consecutive `on_step_end` callbacks. Peak RSS: the ch
 Ratios are ours / TRL, measured in the same run; the machine's load average is printed with the table, and the
 per-step times and load before each side with the per-step losses (on a shared machine, rerun if they moved).
 
+QLoRA (row `qlora`, ours only: TRL's QLoRA needs bitsandbytes' CUDA kernels) is measured against our LoRA row of
+the same run, same settings and adapters: its step time over LoRA's, its peak RSS, and the memory of the frozen
+base: the adapted projections as stored (NF4 data + double-quantized scales) against the same weights in bf16
+(2 bytes each, what a bf16 LoRA base holds), and the whole base (embedding and norms kept unquantized, counted in
+bf16 on both sides) likewise.
+
 Known difference (TRL 1.16): TRL's logged loss is ~1e-5 above ours at every step. Its `compute_loss` scores the
 answer tokens with its fused LM head (vocabulary tiles, online log-softmax) instead of full logits; the same model's
 plain transformers forward on TRL's own batch gives ours to 1e-7, so the gap is that kernel's fp32 rounding.
@@ -60,6 +66,7 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 ROWS = {
     "full": {"lr": 2e-5, "lora": False},
     "lora": {"lr": 2e-4, "lora": True, "rank": 16, "alpha": 32},
+    "qlora": {"lr": 2e-4, "lora": True, "rank": 16, "alpha": 32, "qlora": True},
 }
 SEQ_LEN, BATCH, SEED = 256, 4, 1234
 
@@ -168,7 +175,8 @@ def run_ours(hf: Path, train: Path, row: dict, steps: int, run_dir: Path) -> dic
            "logger.progress_bar=false", f"run.dir={run_dir}"]
     shutil.rmtree(run_dir, ignore_errors=True)  # a run.dir left from before would be resumed, not rerun
     if row["lora"]:
-        cmd += ["peft=lora", f"peft.rank={row['rank']}", f"peft.alpha={row['alpha']}", "peft.dropout=0"]
+        cmd += [f"peft={'qlora' if row.get('qlora') else 'lora'}", f"peft.rank={row['rank']}",
+                f"peft.alpha={row['alpha']}", "peft.dropout=0"]
     usage = run_logged(cmd, run_dir.parent / f"{run_dir.name}.log", child_env())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     by_step = {r["step"]: r for r in records if "loss" in r}
@@ -274,6 +282,24 @@ def trl_worker(spec_path: Path, result_path: Path) -> None:
     result_path.write_text(json.dumps(result))
 
 
+def base_memory(hf: Path) -> dict[str, float]:
+    """Bytes of the frozen base under QLoRA (NF4 projections as stored) and as bf16: projections and whole model."""
+    from llmhpc.models import load_pretrained
+    from llmhpc.peft.lora import LoRAConfig, apply_lora, lora_modules
+    from llmhpc.peft.nf4 import quantize_base_nf4
+
+    model, _ = load_pretrained(hf)
+    apply_lora(model, LoRAConfig(rank=16, alpha=32))
+    quantize_base_nf4(model)
+    projections = [m.weight for _, m in lora_modules(model)]
+    nf4 = sum(sum(getattr(w, name).nbytes for name in w.__tensor_flatten__()[0]) for w in projections)
+    projection_numel = sum(w.numel() for w in projections)
+    others = sum(p.numel() for name, p in model.named_parameters() if ".lora_" not in name) - projection_numel
+    whole = (nf4 + 2 * others) / (2 * (projection_numel + others))
+    return {"projections": nf4 / (2 * projection_numel), "whole": whole,
+            "nf4_mib": nf4 / 2**20, "bf16_mib": 2 * projection_numel / 2**20}
+
+
 # ---- the table ------------------------------------------------------------------------------------------
 
 
@@ -285,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per side and row (default 10)")
     parser.add_argument("--skip", type=int, default=2, help="first steps left out of the speed (default 2)")
-    parser.add_argument("--rows", default="full,lora", help="comma-separated rows: full, lora")
+    parser.add_argument("--rows", default="full,lora,qlora", help="comma-separated rows: full, lora, qlora")
     parser.add_argument("--work", type=Path, help="working directory (default: a temporary one, kept)")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     parser.add_argument("--trl-worker", nargs=2, type=Path, help=argparse.SUPPRESS)
@@ -312,12 +338,17 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["| setting | ours tok/s | TRL tok/s | ratio | ours peak RSS | TRL peak RSS | first-step loss ours / TRL "
              "| max abs loss diff | tokens/mask equal |", "|---|---|---|---|---|---|---|---|---|"]
     details = []
+    ours_by_row = {}
     for name in rows:
         row = ROWS[name]
         load_before = os.getloadavg()[0]
-        ours = run_ours(hf, train, row, args.steps, work / f"ours_{name}")
+        ours = ours_by_row[name] = run_ours(hf, train, row, args.steps, work / f"ours_{name}")
         load_between = os.getloadavg()[0]
         print(f"{name}: ours done ({ours['wall_s']:.0f} s)", flush=True)
+        if row.get("qlora"):
+            details.append(f"{name} ours per-step loss: {' '.join(f'{x:.5f}' for x in ours['loss'])}; step times s: "
+                           f"{' '.join(f'{t:.1f}' for t in ours['step_time_s'])}")
+            continue
         trl = run_trl(hf, messages, examples, row, args.steps, work, name)
         print(f"{name}: TRL done ({trl['wall_s']:.0f} s)", flush=True)
         ours_tps = speed(ours["step_time_s"], step_tokens, args.skip)
@@ -351,6 +382,21 @@ def main(argv: list[str] | None = None) -> int:
               f"ratio = ours / TRL; step-1 reference loss by transformers {reference:.5f}; {os.cpu_count()} CPUs, "
               f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}.")
     table = "\n".join(lines) + "\n" + footer + "\n"
+    if "qlora" in ours_by_row and "lora" in ours_by_row:
+        lora, qlora = ours_by_row["lora"], ours_by_row["qlora"]
+        memory = base_memory(hf)
+        lora_tps, qlora_tps = speed(lora["step_time_s"], step_tokens, args.skip), speed(qlora["step_time_s"],
+                                                                                         step_tokens, args.skip)
+        table += (
+            "\n| ours, same settings | tok/s | step time / LoRA's | peak RSS | base projections (NF4 / bf16) "
+            "| whole base (/ bf16) | max abs loss diff vs LoRA |\n|---|---|---|---|---|---|---|\n"
+            f"| LoRA r=16 | {lora_tps:.0f} | 1 | {lora['peak_rss_mib']:.0f} MiB | {memory['bf16_mib']:.0f} MiB in bf16 "
+            "| 1 | 0 |\n"
+            f"| QLoRA r=16 (NF4 base) | {qlora_tps:.0f} | {lora_tps / qlora_tps:.2f}x "
+            f"| {qlora['peak_rss_mib']:.0f} MiB "
+            f"| {memory['nf4_mib']:.0f} MiB: **{memory['projections']:.2f}x** | {memory['whole']:.2f}x "
+            f"| {max(abs(a - b) for a, b in zip(lora['loss'], qlora['loss'], strict=True)):.1e} |\n"
+        )
     print(table)
     print("\n".join(details))
     if args.out:

@@ -400,19 +400,21 @@ def first_fit(lengths: Sequence[int], order: Sequence[int], capacity: int) -> li
 
 
 def make_sft_batch(
-    rows: Sequence[Sequence[SFTExample]], seq_len: int, pack: bool = True, pad_id: int = 0
+    rows: Sequence[Sequence[SFTExample]], seq_len: int, pack: bool = True, pad_id: int = 0, width_multiple: int = 1
 ) -> dict[str, torch.Tensor]:
     """Batch dict of rows of examples: input_ids, labels [B, width]; position_ids, document_ids when packed.
 
     Each example fills `length` positions: its tokens but the last as inputs, the next tokens as labels where
     those are assistant tokens (else IGNORE_INDEX). Packed rows are seq_len wide. Without packing each row holds
     one example, right-padded to the longest example of the batch (not to seq_len: padding is computed like
-    tokens, and TRL's collator pads the same way): causal attention already keeps a row's tokens from seeing
-    the padding after them, so no extra keys are needed.
+    tokens, and TRL's collator pads the same way), rounded up to a multiple of `width_multiple` (tensor
+    parallel's sequence split needs one of tp): causal attention already keeps a row's tokens from seeing the
+    padding after them, so no extra keys are needed.
     """
     batch = len(rows)
     if not pack:
-        seq_len = min(seq_len, max((example.length for row in rows for example in row), default=1))
+        longest = max((example.length for row in rows for example in row), default=1)
+        seq_len = min(seq_len, -(-longest // width_multiple) * width_multiple)
     input_ids = np.full((batch, seq_len), pad_id, dtype=np.int64)
     labels = np.full((batch, seq_len), IGNORE_INDEX, dtype=np.int64)
     position_ids = np.zeros((batch, seq_len), dtype=np.int64)
@@ -469,6 +471,7 @@ class SFTLoader:
         dp_rank: int = 0,
         dp_size: int = 1,
         pad_id: int = 0,
+        width_multiple: int = 1,
     ) -> None:
         _check_examples(examples, seq_len, "train")
         if micro_batch_size < 1:
@@ -484,6 +487,7 @@ class SFTLoader:
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.pad_id = pad_id
+        self.width_multiple = width_multiple
         self.n_examples = len(self.examples)
         self.n_tokens = int(sum(len(e.tokens) for e in self.examples))
         self.epoch = 0
@@ -511,7 +515,7 @@ class SFTLoader:
             if first <= i < first + self.micro_batch_size:
                 mine.append([self.examples[j] for j in self.epoch_rows()[self.index]])
             self.index += 1
-        return make_sft_batch(mine, self.seq_len, self.pack, self.pad_id)
+        return make_sft_batch(mine, self.seq_len, self.pack, self.pad_id, self.width_multiple)
 
     def state_dict(self) -> dict[str, Any]:
         """Position of the stream as plain values, for checkpoints (with what identifies the data)."""
@@ -547,6 +551,7 @@ def sft_eval_batches(
     n_batches: int,
     pack: bool = True,
     pad_id: int = 0,
+    width_multiple: int = 1,
 ) -> list[dict[str, torch.Tensor]]:
     """Fixed held-out batches (examples in their given order, packed first-fit), for a comparable eval loss.
 
@@ -559,5 +564,5 @@ def sft_eval_batches(
     batches = []
     for start in range(0, min(len(rows), n_batches * micro_batch_size), micro_batch_size):
         chunk = [[examples[j] for j in row] for row in rows[start : start + micro_batch_size]]
-        batches.append(make_sft_batch(chunk, seq_len, pack, pad_id))
+        batches.append(make_sft_batch(chunk, seq_len, pack, pad_id, width_multiple))
     return batches

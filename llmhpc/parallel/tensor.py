@@ -19,6 +19,7 @@ single-process ones unchanged: plain tensors that pass through `PrepareModuleInp
 
 from __future__ import annotations
 
+from functools import cache, partial
 from types import MethodType
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +77,9 @@ def apply_tensor_parallel(
     plain model has no head module when tied, the head's matmul is done by a replacement `logits`
     method bound to this instance (the state dict keeps its single `tok_embeddings.weight` key).
 
+    Parameters keep whether they train (a frozen base stays frozen), and projections with LoRA adapters
+    (`llmhpc.peft.lora.LoRALinear`) are split with their adapters (`_adapter_aware_styles`).
+
     Not supported under TP: the KV cache (it is sized for all KV heads; rejected on forward).
     """
     from torch.distributed.tensor import Replicate, Shard
@@ -88,11 +92,15 @@ def apply_tensor_parallel(
         parallelize_module,
     )
 
+    AdaptedColwise, AdaptedRowwise = _adapter_aware_styles()
+
     tp = tp_mesh.size()
     validate_tp(model.cfg, tp)
     if tp_mesh.ndim != 1:
         raise ValueError(f"apply_tensor_parallel needs a 1-D TP mesh, got {tp_mesh.ndim} dimensions")
     _broadcast_norm_weights(model, tp_mesh)
+    # torch's SequenceParallel re-creates the norm weights as trainable: a frozen parameter must stay frozen.
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     # A pipeline stage's pruned model (llmhpc.parallel.pipeline.split_model) may lack the embedding
     # (not the first stage) or the final norm and head (not the last stage); pipelines never tie them.
     has_embedding, has_head = model.tok_embeddings is not None, model.norm is not None
@@ -130,13 +138,13 @@ def apply_tensor_parallel(
 
     for block in model.layers.values():
         block_plan: dict[str, Any] = {
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=stream),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=stream),
+            "attention.wq": AdaptedColwise(),
+            "attention.wk": AdaptedColwise(),
+            "attention.wv": AdaptedColwise(),
+            "attention.wo": AdaptedRowwise(output_layouts=stream),
+            "feed_forward.w1": AdaptedColwise(),
+            "feed_forward.w3": AdaptedColwise(),
+            "feed_forward.w2": AdaptedRowwise(output_layouts=stream),
         }
         if sequence_parallel:
             rest = (None,) * (_ATTENTION_ARGS - 1)
@@ -157,8 +165,76 @@ def apply_tensor_parallel(
             )
         parallelize_module(block, tp_mesh, block_plan)
 
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
     model.register_forward_pre_hook(_input_check(tp, sequence_parallel), with_kwargs=True)
     return model
+
+
+def _has_adapters(module: nn.Module) -> bool:
+    """A projection with low-rank adapters (`llmhpc.peft.lora.LoRALinear`): a frozen `weight` plus trainable
+    `lora_A` [r, in], `lora_B` [out, r] and, for DoRA, `lora_magnitude` [out]."""
+    return isinstance(getattr(module, "lora_A", None), nn.Parameter)
+
+
+def _shard_parameters(
+    placements: dict[str, Any], src_data_rank: int | None, name: str, module: nn.Module, device_mesh: DeviceMesh
+) -> None:
+    """`distribute_module`'s partition function: each parameter of `module` becomes a DTensor with the placement
+    its name has in `placements` (scattered from `src_data_rank`, as torch's styles do), keeping whether it
+    trains (the base stays frozen, the adapters train)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    for param_name, param in list(module.named_parameters(recurse=False)):
+        shard = distribute_tensor(param.detach(), device_mesh, [placements[param_name]], src_data_rank=src_data_rank)
+        module.register_parameter(param_name, nn.Parameter(shard, requires_grad=param.requires_grad))
+
+
+@cache
+def _adapter_aware_styles() -> tuple[type, type]:
+    """Column- and row-wise parallel styles that also take a projection with LoRA adapters.
+
+    torch's styles shard `nn.Linear` and `nn.Embedding` only. An adapted projection y = W x + s B A x is split
+    so that its adapter needs no communication of its own:
+
+    - column-wise (W sharded on output rows): B is sharded like W's rows, A (and x) replicated; each rank
+      computes its own output columns of both terms. DoRA's magnitude is per output row: sharded like B.
+    - row-wise (W sharded on input columns, x on features): A is sharded like W's columns, B replicated; A x
+      and W x are both partial sums, added before the one reduction the base projection needs anyway.
+    """
+    from torch.distributed.tensor import Replicate, Shard, distribute_module
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    colwise = {"weight": Shard(0), "lora_A": Replicate(), "lora_B": Shard(0), "lora_magnitude": Shard(0)}
+    rowwise = {"weight": Shard(1), "lora_A": Shard(1), "lora_B": Replicate(), "lora_magnitude": Replicate()}
+
+    class AdaptedColwise(ColwiseParallel):
+        """`ColwiseParallel`, also for a projection with LoRA adapters (see `_adapter_aware_styles`)."""
+
+        def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+            if not _has_adapters(module):
+                return super()._apply(module, device_mesh)
+            return distribute_module(
+                module, device_mesh, partial(_shard_parameters, colwise, self.src_data_rank),
+                partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+                partial(self._prepare_output_fn, self.output_layouts, self.use_local_output),
+            )
+
+    class AdaptedRowwise(RowwiseParallel):
+        """`RowwiseParallel`, also for a projection with LoRA adapters (see `_adapter_aware_styles`)."""
+
+        def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+            if not _has_adapters(module):
+                return super()._apply(module, device_mesh)
+            self.desired_input_layouts = (Shard(-1),)  # the input arrives sharded on features, as for a Linear
+            return distribute_module(
+                module, device_mesh, partial(_shard_parameters, rowwise, self.src_data_rank),
+                partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+                partial(self._prepare_output_fn, self.output_layouts, self.use_local_output),
+            )
+
+    return AdaptedColwise, AdaptedRowwise
 
 
 @torch.no_grad()

@@ -33,8 +33,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llmhpc.errors import InputError
-from llmhpc.models.adapters import ADAPTER_PARAMETERS, fold_adapter, lora_scaling
+from llmhpc.models.adapters import ADAPTER_PARAMETERS, dequantize_nf4, fold_adapter, is_nf4, lora_scaling
 from llmhpc.models.hf import hf_tensor_name
+from llmhpc.peft.nf4 import frozen_linear
 
 TARGETS = {
     "q": "attention.wq",
@@ -218,8 +219,7 @@ class LoRALinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The base weight as a plain tensor (a quantized base, e.g. torchao NF4, is dequantized)."""
-        weight = self.weight
-        return weight.get_original_weight() if hasattr(weight, "get_original_weight") else weight
+        return dequantize_nf4(self.weight) if is_nf4(self.weight) else self.weight
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
@@ -244,7 +244,7 @@ class LoRALinear(nn.Module):
         return torch.linalg.norm(combined, dim=1).to(combined.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, self.weight)
+        result = frozen_linear(x, self.weight)
         out_dtype = result.dtype
         x = x.to(self.lora_A.dtype)
         if self.lora_magnitude is None:

@@ -92,10 +92,11 @@ def _train(cfg: Config, where: RunContext) -> TrainResult:
             print(f"  skipped: {problem}", flush=True)
     train, val = split_examples(examples, d.val_fraction, cfg.run.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    width = where.dims.tp  # sequence parallel splits each row's positions over the tp ranks
     loader = SFTLoader(train, t.seq_len, t.micro_batch_size, cfg.run.seed, pack=d.pack, pad_id=pad,
-                       dp_rank=dp_rank(where.mesh), dp_size=dp_size(where.mesh))
-    held_out = sft_eval_batches(val, t.seq_len, t.micro_batch_size, t.eval_batches, pack=d.pack, pad_id=pad) \
-        if t.eval_every and val else []
+                       dp_rank=dp_rank(where.mesh), dp_size=dp_size(where.mesh), width_multiple=width)
+    held_out = sft_eval_batches(val, t.seq_len, t.micro_batch_size, t.eval_batches, pack=d.pack, pad_id=pad,
+                                width_multiple=width) if t.eval_every and val else []
     trainer = Trainer(
         cfg, built.engine, loader, NextTokenObjective(), components=built.components, eval_batches=held_out,
         flops_per_token=built.flops_per_token, lineage=built.lineage, lr_scales=built.lr_scales,
@@ -114,8 +115,10 @@ def _answer_accuracy(cfg: Config, tokenizer, where: RunContext) -> list:
     """For data.source=arithmetic: greedy accuracy on ARITHMETIC_EVAL held-out problems at every eval.
 
     Every rank decodes every problem (same inputs, so all ranks take part in each forward's collectives and
-    stop together); a pipeline stage cannot decode alone, so under parallel.pp > 1 only the eval loss is kept."""
-    if cfg.data.source != ARITHMETIC or not cfg.trainer.eval_every or where.dims.pp > 1:
+    stop together). Decoding needs the KV cache, which neither a pipeline stage (it holds some layers) nor a
+    tensor-parallel model (sequence parallel cannot split one new token) has: under parallel.pp > 1 or
+    parallel.tp > 1 only the eval loss is kept; `llmhpc eval task=arithmetic` scores the checkpoint afterwards."""
+    if cfg.data.source != ARITHMETIC or not cfg.trainer.eval_every or where.dims.pp > 1 or where.dims.tp > 1:
         return []
     from llmhpc.data.arithmetic import held_out_problems
     from llmhpc.scoring.answers import accuracy, question_from_row

@@ -7,7 +7,8 @@
 The order matters and is the same for every stage:
 
 1. the model is built on the meta device (fresh, or in the shape of `model.init_from`), so no rank ever
-   holds a whole model it does not keep;
+   holds a whole model it does not keep (except peft=qlora under FSDP2: each rank reads the base whole onto
+   its CPU and stores it as NF4 before sharding, because FSDP2 shards an NF4 weight, not a plain one, in NF4);
 2. precision=fp8 swaps in float8 linears (before any sharding wraps them);
 3. `trainer.freeze` marks parameters that do not train;
 4. the layout is applied (TP → activation checkpointing → compile → FSDP2 / DDP, or pipeline stages);
@@ -137,16 +138,16 @@ def initialize_sharded(model: nn.Module, parts: list[nn.Module], cfg: Config, de
     return {}
 
 
-def freeze(model: nn.Module, patterns: list[str], *, whole: bool = True) -> list[str]:
+def freeze(model: nn.Module, patterns: list[str]) -> list[str]:
     """Stop gradients for the parameters whose names match any glob pattern; returns their names.
 
-    On the `whole` model, a pattern that matches nothing is a mistake (a typo would silently train
-    everything): `ConfigError`. (A pipeline rank's pruned model legitimately lacks other stages' parameters.)
+    Called on the whole model before any layout applies (sharding and TP keep whether a parameter trains). A
+    pattern that matches nothing is a mistake (a typo would silently train everything): `ConfigError`.
     """
     from llmhpc.parallel.pipeline import checkpoint_name
 
     names = [checkpoint_name(model, name) for name, _ in model.named_parameters()]
-    for pattern in patterns if whole else ():
+    for pattern in patterns:
         if not any(fnmatch(name, pattern) for name in names):
             raise ConfigError(
                 f"trainer.freeze pattern {pattern!r} matches no parameter; names look like {', '.join(names[:3])}"
@@ -164,12 +165,15 @@ def _apply_lora(model: nn.Module, cfg: Config, dims: ParallelDims) -> bool:
     before any layout is applied). Returns whether adapters were added."""
     if cfg.peft.name == "none":
         return False
-    if dims.tp > 1 or dims.pp > 1:
-        raise ConfigError(f"peft={cfg.peft.name} runs on one process, FSDP2 / DDP / HSDP or DeepSpeed; parallel.tp "
-                          "and parallel.pp must be 1 (an adapted model is small enough for data parallelism alone)")
-    if cfg.peft.name == "qlora" and (dims.world_size > 1 or cfg.parallel.engine != "torch"):
-        raise ConfigError("peft=qlora runs on one process for now (the NF4 base is not sharded yet); use peft=lora "
-                          "with parallel.dp_shard to spread a run over processes")
+    if dims.pp > 1:
+        raise ConfigError(f"peft={cfg.peft.name} runs on one process, FSDP2 / DDP / HSDP, TP or DeepSpeed; parallel.pp "
+                          "must be 1 (an adapted model trains so little that data and tensor parallelism suffice)")
+    if cfg.peft.name == "qlora" and (dims.tp > 1 or dims.dp_replicate > 1 or cfg.parallel.engine != "torch"):
+        raise ConfigError("peft=qlora runs on one process or under FSDP2 (parallel.dp_shard); parallel.tp, "
+                          "parallel.dp_replicate must be 1 and parallel.engine=torch (or use peft=lora there)")
+    if cfg.peft.name == "qlora" and 8 % dims.dp_shard:
+        raise ConfigError(f"peft=qlora splits NF4 weights into runs of whole blocks for 1, 2, 4 or 8 shards; "
+                          f"parallel.dp_shard={dims.dp_shard} is not one of them")
     if cfg.precision.name == "fp8":
         raise ConfigError(f"peft={cfg.peft.name} with precision=fp8 is not supported; use precision=bf16")
     from llmhpc.peft.lora import apply_lora, lora_settings
@@ -178,17 +182,20 @@ def _apply_lora(model: nn.Module, cfg: Config, dims: ParallelDims) -> bool:
     return True
 
 
+def _quantize_base(model: nn.Module, cfg: Config) -> None:
+    """peft=qlora: store the adapted projections' base as NF4 (once it holds its final weights)."""
+    if cfg.peft.name == "qlora":
+        from llmhpc.peft.nf4 import quantize_base_nf4
+
+        quantize_base_nf4(model)
+
+
 def _init_adapters(model: nn.Module, cfg: Config, lora: bool) -> None:
     """Draw the adapters from the run's seed, after the base holds its final weights (DoRA's magnitude is the
-    norm of the base rows), stored as NF4 first for peft=qlora. A resumed run overwrites them with the
-    checkpoint's."""
+    norm of the base rows, NF4 ones for peft=qlora). A resumed run overwrites them with the checkpoint's."""
     if lora:
         from llmhpc.peft.lora import reset_lora_parameters
 
-        if cfg.peft.name == "qlora":
-            from llmhpc.peft.nf4 import quantize_base_nf4
-
-            quantize_base_nf4(model)
         torch.manual_seed(cfg.run.seed)
         reset_lora_parameters(model)
 
@@ -221,7 +228,11 @@ def build(cfg: Config, run: RunContext) -> Built:
     cfg, _ = resolve_layout(cfg, run.dims.world_size)  # trainer.micro_batch_size filled in
     t, device, dims, mesh = cfg.trainer, run.device, run.dims, run.mesh
     torch_engine = cfg.parallel.engine == "torch"
-    model, lineage = build_model_for(cfg, torch.device("meta") if torch_engine else device)
+    # FSDP2 shards an NF4 weight as it is (torchao splits it into runs of whole blocks), so under peft=qlora the
+    # base is read whole on each rank's CPU and quantized before sharding; every other run starts on meta.
+    quantize_first = cfg.peft.name == "qlora" and dims.fsdp
+    on_meta = torch_engine and not quantize_first
+    model, lineage = build_model_for(cfg, torch.device("cpu" if quantize_first else "meta" if on_meta else device))
     if cfg.model.init_from:  # the source's shape wins; record it so the lineage stays readable
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(model.cfg, init_from=cfg.model.init_from))
     flops_per_token = model.flops_per_token(t.seq_len)
@@ -239,9 +250,12 @@ def build(cfg: Config, run: RunContext) -> Built:
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     micro_batches = t.global_batch_size // (t.micro_batch_size * dims.dp_size)
     if torch_engine:
+        if quantize_first:
+            _quantize_base(model, cfg)
         parts = parallelize(model, dims, mesh, cfg.parallel, precision=cfg.precision.name)
-        freeze(model, list(t.freeze), whole=False)  # TP's plans re-create parameters (trainable): freeze anew
-        lineage.update(initialize_sharded(model, parts, cfg, device))
+        if on_meta:
+            lineage.update(initialize_sharded(model, parts, cfg, device))
+            _quantize_base(model, cfg)
         _init_adapters(model, cfg, lora)
         optimizer, lr_scales = build_optimizer(model, t)
         common = {"after_optimizer_step": after_step}

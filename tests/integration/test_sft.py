@@ -130,14 +130,24 @@ def test_arithmetic_runs_log_held_out_answer_accuracy(tp2_pp2_checkpoint, llmhpc
     assert record["eval_loss"] > 0
 
 
-def test_qlora_run_reads_back_as_its_adapters_on_the_nf4_base(tp2_pp2_checkpoint, problems, llmhpc_cache, tmp_path):
+def test_qlora_run_reads_back_as_its_adapters_on_the_nf4_base_and_trains_alike_under_fsdp2(
+    tp2_pp2_checkpoint, problems, llmhpc_cache, tmp_path
+):
     from llmhpc.models.adapters import fold_adapter, nf4_values
     from llmhpc.peft.lora import read_peft_adapter
+    from tests.distributed.launch import run_torchrun
 
-    run = tmp_path / "qlora"
-    run_cli(["sft", f"model.init_from={tp2_pp2_checkpoint}", f"data.source={problems}", "peft=qlora",
-             "peft.rank=4", "peft.dropout=0", "trainer.lr=1e-2", "trainer.max_steps=2", *SFT, f"run.dir={run}"],
-            llmhpc_cache)
+    run, sharded = tmp_path / "qlora", tmp_path / "qlora_fsdp2"
+    common = ["sft", f"model.init_from={tp2_pp2_checkpoint}", f"data.source={problems}", "peft=qlora",
+              "peft.rank=4", "peft.dropout=0", "trainer.lr=1e-2", "trainer.max_steps=2", *SFT]
+    run_cli([*common, f"run.dir={run}"], llmhpc_cache)
+    # FSDP2 shards the NF4 base (each rank holds half of every NF4 weight) and gives one process's losses.
+    run_torchrun(2, [*common, "parallel.dp_shard=2", f"run.dir={sharded}"], llmhpc_cache)
+    one, two = step_losses(run), step_losses(sharded)
+    assert one.keys() == two.keys() == {1, 2} and all(abs(one[s] - two[s]) <= 1e-5 for s in one), (one, two)
+    theirs = load_file(sharded / "adapter" / "adapter_model.safetensors")
+    ours = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.allclose(ours[k], theirs[k], atol=1e-5) for k in ours)
     merged, _ = load_pretrained(run)
     base, _ = load_pretrained(tp2_pp2_checkpoint)
     cfg, adapters = read_peft_adapter(run / "adapter")
@@ -156,18 +166,56 @@ def test_qlora_run_reads_back_as_its_adapters_on_the_nf4_base(tp2_pp2_checkpoint
     assert (on_original - merged.state_dict()["layers.0.attention.wq.weight"]).abs().max() > 1e-4
 
 
-def test_lora_sft_under_fsdp2_gives_the_losses_of_one_process(tp2_pp2_checkpoint, problems, llmhpc_cache, tmp_path):
+def test_lora_sft_under_fsdp2_and_tp2_gives_the_losses_of_one_process(
+    tp2_pp2_checkpoint, problems, llmhpc_cache, tmp_path
+):
+    """Unpacked batches as wide as their longest conversation: odd widths, which tp=2's sequence split pads."""
     from tests.distributed.launch import run_torchrun
 
     common = ["sft", f"model.init_from={tp2_pp2_checkpoint}", f"data.source={problems}", "peft=lora", "peft.rank=4",
-              "peft.dropout=0", "trainer.lr=1e-2", "trainer.max_steps=3", *SFT]
+              "peft.dropout=0", "data.pack=false", "trainer.lr=1e-2", "trainer.max_steps=3", *SFT]
     run_cli([*common, f"run.dir={tmp_path / 'one'}"], llmhpc_cache)
-    run_torchrun(2, [*common, "parallel.dp_shard=2", "trainer.micro_batch_size=2", f"run.dir={tmp_path / 'two'}"],
-                 llmhpc_cache)
-    one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
-    assert one.keys() == two.keys() == {1, 2, 3}
-    assert all(abs(one[s] - two[s]) <= 1e-5 for s in one), (one, two)
-    # Both wrote the same adapter (gathered from the shards by rank 0).
-    a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    one = step_losses(tmp_path / "one")
+    assert one.keys() == {1, 2, 3}
+    adapter = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    for layout in ("parallel.dp_shard=2", "parallel.tp=2"):
+        run = tmp_path / layout.replace("parallel.", "").replace("=", "")
+        run_torchrun(2, [*common, layout, f"run.dir={run}"], llmhpc_cache)
+        losses = step_losses(run)
+        assert losses.keys() == one.keys() and all(abs(one[s] - losses[s]) <= 1e-5 for s in one), (layout, losses)
+        # The same adapter, gathered from the shards by rank 0.
+        theirs = load_file(run / "adapter" / "adapter_model.safetensors")
+        assert adapter.keys() == theirs.keys()
+        assert all(torch.allclose(adapter[k], theirs[k], atol=1e-5) for k in adapter), layout
+
+
+def test_qlora_on_smollm2_lowers_its_loss_and_checkpoints_only_small_adapters(llmhpc_cache, tmp_path):
+    """QLoRA on the real SmolLM2-135M-Instruct (the package's GGUF) at the default rank 16 on all seven projections:
+    four arithmetic conversations form every step's whole batch, so each logged loss is the same batch's and must
+    fall. The checkpoint holds the adapters (a few percent of the base) and their moments, and resumes bitwise."""
+    from llmhpc.assets import smollm2_gguf
+
+    data = tmp_path / "four.jsonl"
+    write_jsonl(train_eval_split(4, 0, seed=9)[0], data)
+    common = ["sft", f"model.init_from={smollm2_gguf()}", f"data.source={data}", "peft=qlora", "peft.dropout=0",
+              "data.pack=false", "data.val_fraction=0", "trainer.seq_len=256", "trainer.global_batch_size=4",
+              "trainer.micro_batch_size=4", "trainer.lr=1e-3", "trainer.warmup_steps=0", "trainer.max_steps=4",
+              "trainer.ckpt_every=2", "trainer.eval_every=0", "logger.progress_bar=false", "run.device=cpu"]
+    run, resumed = tmp_path / "qlora", tmp_path / "resumed"
+    run_cli([*common, f"run.dir={run}"], llmhpc_cache)
+    losses = step_losses(run)
+    assert losses[4] < 0.8 * losses[1], losses
+
+    base, _ = load_pretrained(smollm2_gguf())
+    base_params = sum(p.numel() for p in base.parameters())
+    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
+    adapter_params = sum(t.numel() for t in adapter.values())
+    assert len(adapter) == 2 * 7 * base.cfg.n_layers and adapter_params < 0.05 * base_params
+    step_dir = latest_checkpoint(run / "checkpoints")
+    on_disk = sum(f.stat().st_size for f in step_dir.glob("*.distcp"))
+    adapter_bytes = 4 * adapter_params  # fp32 adapters + AdamW's two fp32 moments; the NF4 base is not in it
+    assert 3 * adapter_bytes <= on_disk < 3 * adapter_bytes + 256 * 1024
+
+    copy_run_stopped_at(run, resumed, 2)
+    assert "resumed from" in run_cli([*common, f"run.dir={resumed}"], llmhpc_cache).stdout
+    assert step_losses(resumed) == losses

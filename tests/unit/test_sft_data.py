@@ -103,6 +103,13 @@ def test_mask_is_exactly_the_assistant_turns(tmp_path: Path, tokenizer, last_tur
         labels = batch["labels"][0].numpy()
         assert labels.tolist() == np.where(example.assistant[1:], example.tokens[1:], IGNORE_INDEX).tolist()
         assert batch["input_ids"][0].tolist() == example.tokens[:-1].tolist()
+        # Rounded up to a multiple of 4 (tensor parallel's sequence split): padding that carries no loss.
+        wide = make_sft_batch([[example]], 10_000, pack=False, pad_id=7, width_multiple=4)
+        width = wide["input_ids"].shape[1]
+        assert width % 4 == 0 and example.length <= width < example.length + 4
+        assert torch.equal(wide["labels"][0, : example.length], batch["labels"][0])
+        assert set(wide["labels"][0, example.length :].tolist()) <= {IGNORE_INDEX}
+        assert set(wide["input_ids"][0, example.length :].tolist()) <= {7}
 
 
 def test_explicit_templates_and_template_checks(tmp_path: Path, tokenizer) -> None:
