@@ -1,6 +1,8 @@
-"""Plot train and eval loss of a run from its metrics.jsonl into a PNG.
+"""Plot train and eval loss of a run from its metrics.jsonl into a PNG (and held-out answer accuracy, when the run
+logged `eval_accuracy`, on a second axis).
 
     python tools/plot_loss.py runs/shakespeare docs/pretrain_loss.png
+    python tools/plot_loss.py runs/sft docs/sft_accuracy.png --start-accuracy 0.03   # the base model's, at step 0
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--title", default=None)
+    parser.add_argument("--start-accuracy", type=float, default=None,
+                        help="the starting model's accuracy (llmhpc eval), drawn at step 0")
     args = parser.parse_args()
     records = read_metrics(args.run_dir / "metrics.jsonl")
     if not records:
@@ -32,9 +36,21 @@ def main() -> None:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross entropy (nats/token)")
-    ax.set_title(args.title or f"llmhpc pretrain: {args.run_dir.name}")
+    ax.set_title(args.title or f"llmhpc: {args.run_dir.name}")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    scored = [r for r in evals if "eval_accuracy" in r]
+    if scored:
+        steps, accuracy = [r["step"] for r in scored], [100 * r["eval_accuracy"] for r in scored]
+        if args.start_accuracy is not None:
+            steps, accuracy = [0, *steps], [100 * args.start_accuracy, *accuracy]
+        right = ax.twinx()
+        right.plot(steps, accuracy, "s-", color="tab:green", label="held-out answer accuracy")
+        right.set_ylabel("greedy exact-answer accuracy (%)")
+        right.set_ylim(0, 100)
+        more_handles, more_labels = right.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, loc="center right")
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out)

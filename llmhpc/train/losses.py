@@ -190,10 +190,16 @@ def linear_cross_entropy_sum(
     hidden [..., dim], weight [vocab, dim], labels [...] (IGNORE_INDEX rows count neither in the
     loss nor in the token count). Matmuls run in the autocast dtype when autocast is on, softmax
     always in fp32, like `token_cross_entropy_sum` on the model's logits.
+
+    Only the labelled rows go through the head: an SFT batch's prompt and padding positions (often most of
+    them) cost no vocabulary-sized matmul, forward or backward; their hidden states get a zero gradient.
     """
     h = hidden.reshape(-1, hidden.shape[-1])
     flat = labels.reshape(-1)
-    n_tokens = int((flat != IGNORE_INDEX).sum())
+    labelled = flat != IGNORE_INDEX
+    n_tokens = int(labelled.sum())
+    if n_tokens < flat.numel():
+        h, flat = h[labelled], flat[labelled]
     dtype = _compute_dtype(weight)
     grad_on = torch.is_grad_enabled()
     need_h, need_w = grad_on and h.requires_grad, grad_on and weight.requires_grad

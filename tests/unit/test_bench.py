@@ -66,6 +66,22 @@ def test_fused_loss_matches_cross_entropy_value_and_gradients(chunk):
         torch.testing.assert_close(linear_cross_entropy_sum(hidden, weight, labels, chunk)[0], plain)
 
 
+def test_fused_loss_runs_the_head_on_labelled_rows_only():
+    """An SFT batch's prompt and padding rows carry no loss: no vocabulary-sized matmul runs over them."""
+    torch.manual_seed(2)
+    hidden = torch.randn(60, 24, requires_grad=True)
+    weight = torch.randn(97, 24, requires_grad=True)
+    labels = torch.full((60,), IGNORE_INDEX)
+    labels[40:52] = torch.randint(0, 97, (12,))  # one answer of 12 tokens in a 60-position row
+    with _OpShapes() as ops:
+        loss, count = linear_cross_entropy_sum(hidden, weight, labels, chunk_tokens=4096)
+        loss.backward()
+    head_rows = [shapes[0][0] for name, shapes in ops.calls if name.startswith("aten.mm") and 97 in shapes[1]]
+    assert count == 12 and head_rows and set(head_rows) == {12}, ops.calls
+    assert hidden.grad[:40].abs().max() == 0 and hidden.grad[52:].abs().max() == 0
+    assert hidden.grad[40:52].abs().max() > 0
+
+
 def test_fused_loss_under_bf16_autocast_is_close_to_plain():
     torch.manual_seed(1)
     hidden = torch.randn(40, 32, requires_grad=True)
