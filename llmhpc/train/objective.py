@@ -134,6 +134,12 @@ def causal_lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     return out.loss, out.count
 
 
+def labelled_tokens(batch: Batch) -> int:
+    """Tokens of `batch` that carry a next-token loss (labels not IGNORE_INDEX); 0 for a batch without labels."""
+    labels = batch.get("labels")
+    return int((labels != IGNORE_INDEX).sum()) if labels is not None else 0
+
+
 def processed_tokens(batch: Batch) -> int:
     """Tokens a forward of `batch` really processes (padding excluded), for throughput."""
     mask = batch.get("attention_mask")

@@ -30,7 +30,7 @@ from llmhpc.metrics.mfu import peak_flops
 from llmhpc.metrics.wandb_logger import WandbLogger, new_run_id
 from llmhpc.process_group import is_main_process
 from llmhpc.train.engine import Engine, StepSums
-from llmhpc.train.objective import Objective, processed_tokens
+from llmhpc.train.objective import Objective, labelled_tokens, processed_tokens
 from llmhpc.train.schedule import set_lr
 
 Batch = dict[str, torch.Tensor]
@@ -129,15 +129,29 @@ class Trainer:
         micro = [self._to_device(self.batches.next_batch()) for _ in range(self.accum_steps)]
         # The objective's normalizer over the whole step on every dp rank, before any backward: each rank
         # scales its share so that data parallelism's gradient average is the gradient of the global mean.
-        normalizer, tokens = self.dp.sum_ints(
-            sum(self.objective.normalizer(b) for b in micro), sum(processed_tokens(b) for b in micro)
+        normalizer, tokens, labelled = self.dp.sum_ints(
+            sum(self.objective.normalizer(b) for b in micro), sum(processed_tokens(b) for b in micro),
+            sum(labelled_tokens(b) for b in micro),
         )
         self.engine.zero_grad()
         sums = self.engine.forward_backward(micro, self.objective, normalizer)
         names, flat = sums.flat()
         loss, metrics = _means(StepSums.unflat(names, self.dp.sum(flat)), normalizer)
         grad_norm, stepped = self.engine.update(t.grad_clip if t.grad_clip > 0 else math.inf, math.isfinite(loss))
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "finite": stepped, "tokens": tokens, **metrics}
+        out = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "finite": stepped, "tokens": tokens, **metrics}
+        if "labels" in micro[0]:  # SFT: how much of what the model reads it learns from (prompts carry no loss)
+            out["loss_token_fraction"] = labelled / max(tokens, 1)
+        return out
+
+    def _step_flops(self, tokens: int, loss_fraction: float | None) -> float:
+        """Model FLOPs of a step (6 N per token + attention, `Llama.flops_per_token`), with the output head counted
+        only for the tokens that carry loss when the batches say which (the fused loss never runs the head on
+        the others: counting them would put an SFT run's MFU above 1)."""
+        flops = self.flops_per_token * tokens
+        if loss_fraction is not None:
+            m = self.cfg.model
+            flops -= 6 * m.vocab_size * m.dim * tokens * (1 - loss_fraction)
+        return flops
 
     def _to_device(self, batch: Batch) -> Batch:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -222,7 +236,7 @@ class Trainer:
                 record = {"step": step, **out, "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
                           "tokens_seen": step * tokens}
                 if peak:
-                    record["mfu"] = self.flops_per_token * record["tokens_per_s"] / peak
+                    record["mfu"] = self._step_flops(tokens, record.get("loss_token_fraction")) / elapsed / peak
                 if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
                     record.update(self.evaluate())
                     eval_loss = record.get("eval_loss", eval_loss)

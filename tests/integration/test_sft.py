@@ -55,7 +55,7 @@ def test_full_sft_trains_transformers_loss_on_assistant_tokens(tp2_pp2_checkpoin
     loader = SFTLoader(train, 128, 2, 1234, pack=False, pad_id=tokenizer.pad_token_id)
     base, _ = load_pretrained(tp2_pp2_checkpoint)
     hf = _hf(base)
-    total = every = count = every_count = 0.0
+    total = every = count = every_count = positions = 0.0
     for _ in range(2):  # two micro-batches, each padded to its own longest conversation
         batch = loader.next_batch()
         ids, labels = batch["input_ids"], batch["labels"]
@@ -65,9 +65,12 @@ def test_full_sft_trains_transformers_loss_on_assistant_tokens(tp2_pp2_checkpoin
         ce = torch.nn.functional.cross_entropy
         total += float(ce(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"))
         count += float((labels != -100).sum())
+        positions += ids.numel()
         every += float(ce(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
         every_count += ids[:, 1:].numel()
     assert losses[1] == pytest.approx(total / count, rel=1e-5)
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss_token_fraction"] == pytest.approx(count / positions) and 0 < count / positions < 1
     # Only the assistant tokens count: the loss over every token is another number.
     assert abs(every / every_count - losses[1]) > 1e-2
 
