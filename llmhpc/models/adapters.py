@@ -88,7 +88,6 @@ def is_nf4(weight: torch.Tensor) -> bool:
     return hasattr(weight, "quantized_data") and hasattr(weight, "quantized_scalers")
 
 
-
 def dequantize_nf4(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The plain tensor an NF4Tensor stands for: torchao's `get_original_weight`, bit for bit, in one table
     look-up per stored byte (its two 4-bit codes) and one multiply by the block scales, about 6x faster on CPU
