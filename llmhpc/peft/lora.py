@@ -35,7 +35,7 @@ from torch import nn
 from llmhpc.errors import InputError
 from llmhpc.models.adapters import ADAPTER_PARAMETERS, dequantize_nf4, fold_adapter, is_nf4, lora_scaling
 from llmhpc.models.hf import hf_tensor_name
-from llmhpc.peft.nf4 import frozen_linear
+from llmhpc.peft.frozen import frozen_linear
 
 TARGETS = {
     "q": "attention.wq",

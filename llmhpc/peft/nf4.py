@@ -2,8 +2,8 @@
 
 Each `LoRALinear`'s base weight becomes torchao's `NF4Tensor` (blocks of 64 weights with an absmax scale, the
 scales double-quantized), about 0.53 bytes per weight instead of 4 in fp32. The forward dequantizes it to the
-input's dtype inside the matmul (torchao implements `F.linear` for it), so compute stays fp32 or bf16; the
-adapters stay in full precision and are what trains. The embedding, head and norms stay unquantized, as in
+input's dtype for the matmul (`llmhpc.peft.frozen.frozen_linear`), so compute stays fp32 or bf16; the adapters
+stay in full precision and are what trains. The embedding, head and norms stay unquantized, as in
 QLoRA. Quantize after the base holds its final weights (initialized or loaded) and before the adapters are
 drawn (DoRA's magnitude is the norm of the quantized base's rows).
 
@@ -16,37 +16,15 @@ Frobenius error is about 9% of the weight (tests/unit/test_qlora.py checks both)
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from llmhpc.models.adapters import dequantize_nf4, is_nf4, to_nf4
-
-
-class _FrozenNF4Linear(torch.autograd.Function):
-    """x W^T for a frozen NF4 W: W is dequantized for the matmul and again for the input's gradient, so only the
-    NF4 bytes stay alive between forward and backward (autograd would otherwise keep the dense copy)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.weight = weight  # not save_for_backward: a frozen tensor subclass, never modified in place
-        return F.linear(x, dequantize_nf4(weight, x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad @ dequantize_nf4(ctx.weight, grad.dtype), None
-
-
-def frozen_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight) for a frozen base weight, plain or NF4 (QLoRA)."""
-    return _FrozenNF4Linear.apply(x, weight) if is_nf4(weight) else F.linear(x, weight)
+from llmhpc.models.adapters import to_nf4
+from llmhpc.peft.lora import lora_modules
 
 
 def quantize_base_nf4(model: nn.Module) -> int:
     """Store every adapted projection's base weight as NF4, in place; returns how many were quantized (a weight
     that does not split into 8 equal runs of 64-weight blocks stays in full precision, see `to_nf4`)."""
-    from llmhpc.peft.lora import lora_modules
-
     count = 0
     for _, module in lora_modules(model):
         quantized = to_nf4(module.weight)

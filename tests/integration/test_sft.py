@@ -195,21 +195,24 @@ def test_lora_sft_under_fsdp2_and_tp2_gives_the_losses_of_one_process(
 def test_qlora_on_smollm2_lowers_its_loss_and_checkpoints_only_small_adapters(llmhpc_cache, tmp_path):
     """QLoRA on the real SmolLM2-135M-Instruct (the package's GGUF) at the default rank 16 on all seven projections:
     four arithmetic conversations form every step's whole batch, so each logged loss is the same batch's and must
-    fall. The checkpoint holds the adapters (a few percent of the base) and their moments, and resumes bitwise."""
+    fall (1.36 -> 0.56 in three steps). The checkpoint holds the adapters (a few percent of the base) and their
+    moments, and resumes bitwise."""
     from llmhpc.assets import smollm2_gguf
+    from llmhpc.models import build_model
+    from llmhpc.models.sharded_load import model_config_of
 
     data = tmp_path / "four.jsonl"
     write_jsonl(train_eval_split(4, 0, seed=9)[0], data)
     common = ["sft", f"model.init_from={smollm2_gguf()}", f"data.source={data}", "peft=qlora", "peft.dropout=0",
               "data.pack=false", "data.val_fraction=0", "trainer.seq_len=256", "trainer.global_batch_size=4",
-              "trainer.micro_batch_size=4", "trainer.lr=1e-3", "trainer.warmup_steps=0", "trainer.max_steps=4",
+              "trainer.micro_batch_size=4", "trainer.lr=1e-3", "trainer.warmup_steps=0", "trainer.max_steps=3",
               "trainer.ckpt_every=2", "trainer.eval_every=0", "logger.progress_bar=false", "run.device=cpu"]
     run, resumed = tmp_path / "qlora", tmp_path / "resumed"
     run_cli([*common, f"run.dir={run}"], llmhpc_cache)
     losses = step_losses(run)
-    assert losses[4] < 0.8 * losses[1], losses
+    assert losses[3] < 0.8 * losses[1], losses
 
-    base, _ = load_pretrained(smollm2_gguf())
+    base = build_model(model_config_of(smollm2_gguf()), device="meta")  # its shape only
     base_params = sum(p.numel() for p in base.parameters())
     adapter = load_file(run / "adapter" / "adapter_model.safetensors")
     adapter_params = sum(t.numel() for t in adapter.values())
