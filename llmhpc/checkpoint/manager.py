@@ -138,18 +138,24 @@ def stored_shapes(step_dir: Path, component: str | None = None) -> dict[str, tor
     }
 
 
-def read_stored_tensors(
-    step_dir: Path, shapes: dict[str, torch.Size], component: str | None = None
-) -> dict[str, torch.Tensor]:
-    """{name: fp32 tensor} of the model weights `shapes` names (a subset of `stored_shapes`), read whole on this
-    process alone (no process group): for readers that export or merge a checkpoint rather than train on it."""
+def stored_tensor_reader(
+    step_dir: Path, component: str | None = None
+) -> Callable[[dict[str, torch.Size]], dict[str, torch.Tensor]]:
+    """A function {name: shape} -> {name: fp32 tensor} reading those model weights (a subset of `stored_shapes`)
+    whole on this process alone (no process group): for readers that export or merge a checkpoint rather than
+    train on it. meta.json is read once here, however many reads follow (an exporter reads one weight at a time)."""
     meta = read_meta(step_dir)
     name = component or next(iter(_saved_components(meta)))
-    values = {key: torch.empty(shape, dtype=torch.float32) for key, shape in shapes.items()}
-    state = {"model": values} if meta.get("format_version", 1) == 1 else {name: {"model": values}}
-    with single_process_ok():
-        dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
-    return values
+    format_1 = meta.get("format_version", 1) == 1
+
+    def read(shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+        values = {key: torch.empty(shape, dtype=torch.float32) for key, shape in shapes.items()}
+        state = {"model": values} if format_1 else {name: {"model": values}}
+        with single_process_ok():
+            dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
+        return values
+
+    return read
 
 
 def primary_component(step_dir: Path) -> str:

@@ -133,7 +133,7 @@ def _checkpoint_source(step_dir: Path) -> ExportSource:
     from torch.distributed.checkpoint.api import CheckpointException
 
     from llmhpc.checkpoint import read_checkpoint_config, read_meta
-    from llmhpc.checkpoint.manager import read_stored_tensors, stored_shapes
+    from llmhpc.checkpoint.manager import stored_shapes, stored_tensor_reader
     from llmhpc.data.tokenizer import load_tokenizer
 
     run_cfg = read_checkpoint_config(step_dir)
@@ -141,6 +141,7 @@ def _checkpoint_source(step_dir: Path) -> ExportSource:
     components = meta.get("components") or {"model": {}}
     component = next(iter(components))
     shapes = stored_shapes(step_dir, component)
+    read_tensors = stored_tensor_reader(step_dir, component)
     frozen = set(components[component].get("frozen", []))
     base = _base_reader(run_cfg.model, components[component].get("base"), step_dir) if frozen else None
     fold = _adapter_folder(run_cfg)
@@ -158,7 +159,7 @@ def _checkpoint_source(step_dir: Path) -> ExportSource:
         if name not in shapes:
             raise InputError(f"{step_dir}: the checkpoint holds no weight {name}; it is not a full model checkpoint")
         try:
-            return read_stored_tensors(step_dir, {name: shapes[name]}, component)[name]
+            return read_tensors({name: shapes[name]})[name]
         # DCP raises several types for unreadable files; its CheckpointException is a BaseException
         except (Exception, CheckpointException) as exc:
             raise InputError(f"{step_dir}: cannot read {name} ({_dcp_reason(exc)})") from None

@@ -67,11 +67,11 @@ def _load_checkpoint(step_dir: Path, dtype, device):
 def _fold_stored_adapters(model: Llama, step_dir: Path, scaling: float, nf4_base: bool) -> None:
     """Fold each adapter a checkpoint holds (`<module>.lora_A` / `lora_B` [/ `lora_magnitude`]) into the module's
     weight, which holds the base (first rounded to NF4 when the adapters were trained on an NF4 base)."""
-    from llmhpc.checkpoint.manager import read_stored_tensors, stored_shapes
+    from llmhpc.checkpoint.manager import stored_shapes, stored_tensor_reader
 
     shapes = stored_shapes(step_dir)
-    adapters = read_stored_tensors(
-        step_dir, {k: v for k, v in shapes.items() if k.rsplit(".", 1)[-1] in ADAPTER_PARAMETERS})
+    adapters = stored_tensor_reader(step_dir)(
+        {k: v for k, v in shapes.items() if k.rsplit(".", 1)[-1] in ADAPTER_PARAMETERS})
     for key in adapters:
         if key.endswith(".lora_A"):
             module = key.removesuffix(".lora_A")
