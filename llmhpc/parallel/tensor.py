@@ -209,17 +209,21 @@ def _adapter_aware_styles() -> tuple[type, type]:
     colwise = {"weight": Shard(0), "lora_A": Replicate(), "lora_B": Shard(0), "lora_magnitude": Shard(0)}
     rowwise = {"weight": Shard(1), "lora_A": Shard(1), "lora_B": Replicate(), "lora_magnitude": Replicate()}
 
+    def distribute_adapted(style, module: nn.Module, device_mesh: DeviceMesh, placements: dict) -> nn.Module:
+        """What the style does for an `nn.Linear`, with each parameter placed by `placements`."""
+        return distribute_module(
+            module, device_mesh, partial(_shard_parameters, placements, style.src_data_rank),
+            partial(style._prepare_input_fn, style.input_layouts, style.desired_input_layouts),
+            partial(style._prepare_output_fn, style.output_layouts, style.use_local_output),
+        )
+
     class AdaptedColwise(ColwiseParallel):
         """`ColwiseParallel`, also for a projection with LoRA adapters (see `_adapter_aware_styles`)."""
 
         def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
             if not _has_adapters(module):
                 return super()._apply(module, device_mesh)
-            return distribute_module(
-                module, device_mesh, partial(_shard_parameters, colwise, self.src_data_rank),
-                partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
-                partial(self._prepare_output_fn, self.output_layouts, self.use_local_output),
-            )
+            return distribute_adapted(self, module, device_mesh, colwise)
 
     class AdaptedRowwise(RowwiseParallel):
         """`RowwiseParallel`, also for a projection with LoRA adapters (see `_adapter_aware_styles`)."""
@@ -228,11 +232,7 @@ def _adapter_aware_styles() -> tuple[type, type]:
             if not _has_adapters(module):
                 return super()._apply(module, device_mesh)
             self.desired_input_layouts = (Shard(-1),)  # the input arrives sharded on features, as for a Linear
-            return distribute_module(
-                module, device_mesh, partial(_shard_parameters, rowwise, self.src_data_rank),
-                partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
-                partial(self._prepare_output_fn, self.output_layouts, self.use_local_output),
-            )
+            return distribute_adapted(self, module, device_mesh, rowwise)
 
     return AdaptedColwise, AdaptedRowwise
 
