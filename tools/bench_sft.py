@@ -285,7 +285,7 @@ def trl_worker(spec_path: Path, result_path: Path) -> None:
 def base_memory(hf: Path) -> dict[str, float]:
     """Bytes of the frozen base under QLoRA (NF4 projections as stored) and as bf16: projections and whole model."""
     from llmhpc.models import load_pretrained
-    from llmhpc.peft.lora import LoRAConfig, apply_lora, lora_modules
+    from llmhpc.peft.lora import LoRAConfig, apply_lora, is_adapter_parameter, lora_modules
     from llmhpc.peft.nf4 import quantize_base_nf4
 
     model, _ = load_pretrained(hf)
@@ -294,7 +294,8 @@ def base_memory(hf: Path) -> dict[str, float]:
     projections = [m.weight for _, m in lora_modules(model)]
     nf4 = sum(sum(getattr(w, name).nbytes for name in w.__tensor_flatten__()[0]) for w in projections)
     projection_numel = sum(w.numel() for w in projections)
-    others = sum(p.numel() for name, p in model.named_parameters() if ".lora_" not in name) - projection_numel
+    base = sum(p.numel() for name, p in model.named_parameters() if not is_adapter_parameter(name))
+    others = base - projection_numel
     whole = (nf4 + 2 * others) / (2 * (projection_numel + others))
     return {"projections": nf4 / (2 * projection_numel), "whole": whole,
             "nf4_mib": nf4 / 2**20, "bf16_mib": 2 * projection_numel / 2**20}
