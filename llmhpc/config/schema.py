@@ -366,7 +366,8 @@ class PeftConfig:
     name: str = "none"
     """'none' (every parameter trains), 'lora' (low-rank adapters on the projections; the base is frozen, the
     optimizer and checkpoints hold only the adapters, and the run ends with a peft-format adapter in run.dir) or
-    'qlora' (lora on a base stored as 4-bit NF4 with double-quantized scales; one process for now)."""
+    'qlora' (lora on a base stored as 4-bit NF4 with double-quantized scales; one process,
+    FSDP2 or TP)."""
     rank: int = 16
     """LoRA rank r of each update B A."""
     alpha: float = 32.0

@@ -151,7 +151,7 @@ def _checkpoint_source(step_dir: Path) -> ExportSource:
         module = name.removesuffix(".weight")
         if fold is not None and f"{module}.lora_A" in shapes:  # LoRA runs are exported merged
             dora = f"{module}.lora_magnitude" in shapes
-            weight = fold(weight, read_stored(f"{module}.lora_A"), read_stored(f"{module}.lora_B"),
+            weight = fold(module, weight, read_stored(f"{module}.lora_A"), read_stored(f"{module}.lora_B"),
                           read_stored(f"{module}.lora_magnitude") if dora else None)
         return weight
 
@@ -181,14 +181,18 @@ def _dcp_reason(exc: BaseException) -> str:
 
 
 def _adapter_folder(run_cfg):
-    """For a run trained with peft=lora / qlora: fold(weight, A, B, magnitude) -> the merged weight; else None."""
+    """For a run trained with peft=lora / qlora: fold(module, weight, A, B, magnitude) -> the merged weight."""
     if run_cfg.peft.name == "none":
         return None
-    from llmhpc.models.adapters import fold_adapter, lora_scaling, nf4_values
+    from llmhpc.models.adapters import fold_adapter, lora_scaling, trained_base
 
     scaling = lora_scaling(run_cfg.peft.rank, run_cfg.peft.alpha, run_cfg.peft.rslora)
-    nf4 = run_cfg.peft.name == "qlora"  # its adapters were trained on the NF4 values of the base
-    return lambda weight, a, b, magnitude: fold_adapter(nf4_values(weight) if nf4 else weight, a, b, scaling, magnitude)
+    qlora, tp = run_cfg.peft.name == "qlora", run_cfg.parallel.tp  # a QLoRA run trained on NF4 values of the base
+
+    def fold(module: str, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, magnitude: torch.Tensor | None):
+        return fold_adapter(trained_base(module, weight, qlora, tp), a, b, scaling, magnitude)
+
+    return fold
 
 
 def _base_reader(cfg: ModelConfig, base: dict | None, step_dir: Path):

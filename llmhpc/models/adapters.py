@@ -100,8 +100,24 @@ def dequantize_nf4(weight: torch.Tensor, dtype: torch.dtype | None = None) -> to
     return (values * scales.to(dtype)[:, None]).view(weight.shape)
 
 
-def nf4_values(weight: torch.Tensor) -> torch.Tensor:
+def nf4_values(weight: torch.Tensor, shards: int = 1, dim: int = 0) -> torch.Tensor:
     """What `weight` computes with as a QLoRA base: its NF4 values in weight's dtype (itself where NF4 does not
-    apply, see `to_nf4`)."""
+    apply, see `to_nf4`). With `shards` > 1, each of that many equal pieces along `dim` is quantized on its own,
+    as the ranks of a tensor-parallel run quantize their own shards."""
+    if shards > 1:
+        return torch.cat([nf4_values(part.contiguous()) for part in weight.chunk(shards, dim)], dim)
     quantized = to_nf4(weight)
     return weight if quantized is None else dequantize_nf4(quantized).to(weight.dtype)
+
+
+ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
+"""The projections tensor parallel splits on their input features (a weight's second dimension: row-wise
+parallel); it splits every other projection on its output rows."""
+
+
+def trained_base(module: str, weight: torch.Tensor, qlora: bool, tp: int) -> torch.Tensor:
+    """The base values a run's adapters on `module` were trained against: `weight` itself, or under peft=qlora
+    its NF4 values, each of the run's `tp` tensor-parallel shards quantized on its own as its rank did."""
+    if not qlora:
+        return weight
+    return nf4_values(weight, shards=tp, dim=1 if module.endswith(ROW_PARALLEL) else 0)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from llmhpc.errors import InputError
-from llmhpc.models.adapters import ADAPTER_PARAMETERS, fold_adapter, lora_scaling, nf4_values
+from llmhpc.models.adapters import ADAPTER_PARAMETERS, fold_adapter, lora_scaling, trained_base
 from llmhpc.models.llama import Llama
 from llmhpc.models.sources import locate_weights
 
@@ -59,14 +59,14 @@ def _load_checkpoint(step_dir: Path, dtype, device):
     load_into(model, step_dir, device=device)
     if cfg.peft.name != "none":  # the adapters it trained, folded into the frozen base they were trained on
         _fold_stored_adapters(model, step_dir, lora_scaling(cfg.peft.rank, cfg.peft.alpha, cfg.peft.rslora),
-                              nf4_base=cfg.peft.name == "qlora")
+                              qlora=cfg.peft.name == "qlora", tp=cfg.parallel.tp)
     return model.to(dtype), load_tokenizer(cfg.data.tokenizer)
 
 
 @torch.no_grad()
-def _fold_stored_adapters(model: Llama, step_dir: Path, scaling: float, nf4_base: bool) -> None:
+def _fold_stored_adapters(model: Llama, step_dir: Path, scaling: float, qlora: bool, tp: int) -> None:
     """Fold each adapter a checkpoint holds (`<module>.lora_A` / `lora_B` [/ `lora_magnitude`]) into the module's
-    weight, which holds the base (first rounded to NF4 when the adapters were trained on an NF4 base)."""
+    weight, which holds the base (first rounded to NF4 as the run's `tp` ranks did, for a QLoRA run)."""
     from llmhpc.checkpoint.manager import stored_shapes, stored_tensor_reader
 
     shapes = stored_shapes(step_dir)
@@ -76,7 +76,7 @@ def _fold_stored_adapters(model: Llama, step_dir: Path, scaling: float, nf4_base
         if key.endswith(".lora_A"):
             module = key.removesuffix(".lora_A")
             weight = model.get_parameter(f"{module}.weight")
-            base = nf4_values(weight) if nf4_base else weight
+            base = trained_base(module, weight, qlora, tp)
             weight.copy_(fold_adapter(base, adapters[key], adapters[f"{module}.lora_B"], scaling,
                                       adapters.get(f"{module}.lora_magnitude")))
 

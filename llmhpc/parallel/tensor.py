@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmhpc.config.layout import validate_tp
+from llmhpc.models.adapters import ROW_PARALLEL
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -138,13 +139,9 @@ def apply_tensor_parallel(
 
     for block in model.layers.values():
         block_plan: dict[str, Any] = {
-            "attention.wq": AdaptedColwise(),
-            "attention.wk": AdaptedColwise(),
-            "attention.wv": AdaptedColwise(),
-            "attention.wo": AdaptedRowwise(output_layouts=stream),
-            "feed_forward.w1": AdaptedColwise(),
-            "feed_forward.w3": AdaptedColwise(),
-            "feed_forward.w2": AdaptedRowwise(output_layouts=stream),
+            name: AdaptedRowwise(output_layouts=stream) if name in ROW_PARALLEL else AdaptedColwise()
+            for name in ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                         "feed_forward.w1", "feed_forward.w3", "feed_forward.w2")
         }
         if sequence_parallel:
             rest = (None,) * (_ATTENTION_ARGS - 1)

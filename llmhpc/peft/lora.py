@@ -218,8 +218,17 @@ class LoRALinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {kind} r={self.rank}"
 
     def dense_weight(self) -> torch.Tensor:
-        """The base weight as a plain tensor (a quantized base, e.g. torchao NF4, is dequantized)."""
-        return dequantize_nf4(self.weight) if is_nf4(self.weight) else self.weight
+        """The base weight unquantized (a torchao NF4 base is dequantized; a tensor-parallel NF4 base, shard by
+        shard, stays a DTensor)."""
+        weight = self.weight
+        if is_nf4(weight):
+            return dequantize_nf4(weight)
+        if is_nf4(getattr(weight, "_local_tensor", None)):
+            from torch.distributed.tensor import DTensor
+
+            return DTensor.from_local(dequantize_nf4(weight.to_local()), weight.device_mesh, weight.placements,
+                                      shape=weight.shape, stride=weight.stride(), run_check=False)
+        return weight
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:

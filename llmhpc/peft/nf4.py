@@ -24,11 +24,23 @@ from llmhpc.peft.lora import lora_modules
 
 def quantize_base_nf4(model: nn.Module) -> int:
     """Store every adapted projection's base weight as NF4, in place; returns how many were quantized (a weight
-    that does not split into 8 equal runs of 64-weight blocks stays in full precision, see `to_nf4`)."""
+    that does not split into 8 equal runs of 64-weight blocks stays in full precision, see `to_nf4`).
+
+    A tensor-parallel weight (a DTensor) is quantized shard by shard: each rank quantizes its own rows or columns
+    and keeps them as the DTensor's local NF4 tensor (`llmhpc.peft.frozen.frozen_linear` multiplies with it).
+    The values then differ slightly from the whole weight's quantization (`trained_base` gives them)."""
     count = 0
     for _, module in lora_modules(model):
-        quantized = to_nf4(module.weight)
-        if quantized is not None:
-            module.weight = nn.Parameter(quantized, requires_grad=False)
-            count += 1
+        weight = module.weight
+        sharded = hasattr(weight, "device_mesh")
+        quantized = to_nf4(weight.to_local() if sharded else weight)
+        if quantized is None:
+            continue
+        if sharded:
+            from torch.distributed.tensor import DTensor
+
+            quantized = DTensor.from_local(quantized, weight.device_mesh, weight.placements, shape=weight.shape,
+                                           stride=weight.stride(), run_check=False)
+        module.weight = nn.Parameter(quantized, requires_grad=False)
+        count += 1
     return count

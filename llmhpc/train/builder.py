@@ -13,7 +13,7 @@ The order matters and is the same for every stage:
 3. `trainer.freeze` marks parameters that do not train;
 4. the layout is applied (TP → activation checkpointing → compile → FSDP2 / DDP, or pipeline stages);
 5. each rank materializes and initializes only its shards — drawn from the run's seed exactly as one
-   process would, or read from `model.init_from`;
+   process would, or read from `model.init_from` (peft=qlora: then stored as NF4, under TP shard by shard);
 6. the optimizer is built over the trainable parameters (parameter groups with their own learning-rate
    scale and weight decay), last, on the final parameters;
 7. the engine that runs a step on this backend wraps them (`LocalEngine`, `PipelineEngine`, or
@@ -168,9 +168,11 @@ def _apply_lora(model: nn.Module, cfg: Config, dims: ParallelDims) -> bool:
     if dims.pp > 1:
         raise ConfigError(f"peft={cfg.peft.name} runs on one process, FSDP2 / DDP / HSDP, TP or DeepSpeed; parallel.pp "
                           "must be 1 (an adapted model trains so little that data and tensor parallelism suffice)")
-    if cfg.peft.name == "qlora" and (dims.tp > 1 or dims.dp_replicate > 1 or cfg.parallel.engine != "torch"):
-        raise ConfigError("peft=qlora runs on one process or under FSDP2 (parallel.dp_shard); parallel.tp, "
-                          "parallel.dp_replicate must be 1 and parallel.engine=torch (or use peft=lora there)")
+    if cfg.peft.name == "qlora" and (dims.dp_replicate > 1 or cfg.parallel.engine != "torch"
+                                     or (dims.tp > 1 and dims.dp_shard > 1)):
+        raise ConfigError("peft=qlora runs on one process, under FSDP2 (parallel.dp_shard) or under tensor parallel "
+                          "(parallel.tp), not both at once; parallel.dp_replicate must be 1 and parallel.engine=torch "
+                          "(or use peft=lora there)")
     if cfg.peft.name == "qlora" and 8 % dims.dp_shard:
         raise ConfigError(f"peft=qlora splits NF4 weights into runs of whole blocks for 1, 2, 4 or 8 shards; "
                           f"parallel.dp_shard={dims.dp_shard} is not one of them")
@@ -229,7 +231,8 @@ def build(cfg: Config, run: RunContext) -> Built:
     t, device, dims, mesh = cfg.trainer, run.device, run.dims, run.mesh
     torch_engine = cfg.parallel.engine == "torch"
     # FSDP2 shards an NF4 weight as it is (torchao splits it into runs of whole blocks), so under peft=qlora the
-    # base is read whole on each rank's CPU and quantized before sharding; every other run starts on meta.
+    # base is read whole on each rank's CPU and quantized before sharding; every other run starts on meta (under
+    # tensor parallel, each rank quantizes its own shard once loaded).
     quantize_first = cfg.peft.name == "qlora" and dims.fsdp
     on_meta = torch_engine and not quantize_first
     model, lineage = build_model_for(cfg, torch.device("cpu" if quantize_first else "meta" if on_meta else device))

@@ -103,8 +103,29 @@ def _scenarios(world: int) -> dict:
         return {**_against(_trained_adapters(model), _trained_adapters(qlora_model())),
                 "local_nf4_rows": [is_nf4(wk), wk.shape[0]]}
 
+    def tp2_qlora(dora: bool) -> dict:
+        from llmhpc.models.adapters import is_nf4, trained_base
+        from llmhpc.parallel.tensor import apply_tensor_parallel
+        from llmhpc.peft.lora import lora_modules
+        from llmhpc.peft.nf4 import quantize_base_nf4
+
+        model = _model("meta", dora=dora)  # the builder's order under TP: split, loaded, each shard quantized
+        apply_tensor_parallel(model, init_device_mesh("cpu", (world,)))
+        model.to_empty(device="cpu")
+        torch.manual_seed(0)
+        model.init_weights()
+        quantized = quantize_base_nf4(model)
+        reference = _model(dora=dora)  # one process, its dense base holding the values of the quantized shards
+        with torch.no_grad():
+            for name, module in lora_modules(reference):
+                module.weight.copy_(trained_base(name, module.weight, qlora=True, tp=world))
+        attention = model.layers["0"].attention
+        return {**_against(_trained_adapters(model), _trained_adapters(reference)), "quantized": quantized,
+                "local_nf4_shapes": [[is_nf4(w.to_local()), list(w.to_local().shape)]
+                                     for w in (attention.wk.weight, attention.wo.weight)]}
+
     return {"fsdp2_dora": lambda: fsdp2(True), "tp2_lora": lambda: tp2(False), "tp2_dora": lambda: tp2(True),
-            "fsdp2_qlora": fsdp2_qlora}
+            "fsdp2_qlora": fsdp2_qlora, "tp2_qlora": lambda: tp2_qlora(False), "tp2_qdora": lambda: tp2_qlora(True)}
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +155,13 @@ def test_lora_and_dora_under_tensor_parallel_match_one_process(ranks):
 def test_qlora_under_fsdp2_shards_the_nf4_base_and_matches_one_process(ranks):
     _check(ranks, "fsdp2_qlora", logits=1e-6, grads=1e-6)
     assert all(results["fsdp2_qlora"]["local_nf4_rows"] == [True, 16] for results in ranks)  # half of wk, NF4
+
+
+def test_qlora_under_tensor_parallel_quantizes_each_shard_and_matches_its_values_on_one_process(ranks):
+    """Each rank quantizes its own rows (column-wise) or columns (row-wise); a one-process model whose base holds
+    those values (`trained_base`, what the exporter folds into) gives the same logits and gradients."""
+    for name in ("tp2_qlora", "tp2_qdora"):
+        _check(ranks, name, logits=1e-5, grads=1e-6)
+        for results in ranks:
+            assert results[name]["quantized"] == 2 * 7
+            assert results[name]["local_nf4_shapes"] == [[True, [16, 64]], [True, [64, 32]]]  # wk rows, wo columns

@@ -89,3 +89,36 @@ def test_nf4_error_stays_within_its_documented_bound(shape):
     assert 0.9 < ratio <= 1 + 1e-5, ratio
     # Relative to the whole weight: about 9% (Frobenius) for Gaussian weights.
     assert 0.05 < ((weight - nf4_values(weight)).norm() / weight.norm()).item() < 0.12
+
+
+@pytest.mark.parametrize(
+    ("layout", "refused"),
+    [((1, 2, 1), False), ((1, 1, 2), False), ((1, 2, 2), True), ((2, 1, 1), True)],
+)
+def test_qlora_layouts_one_process_fsdp2_or_tp_alone(layout: tuple[int, int, int], refused: bool):
+    """FSDP2 quantizes the whole base before sharding, TP each shard after: both at once has no single order."""
+    from llmhpc.config import ConfigError, load_config
+    from llmhpc.config.layout import ParallelDims
+    from llmhpc.train.builder import _apply_lora
+
+    dp_replicate, dp_shard, tp = layout
+    dims = ParallelDims(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp, pp=1,
+                        world_size=dp_replicate * dp_shard * tp)
+    cfg = load_config("sft", ["peft=qlora"])
+    model = build_model(CFG, device="meta")
+    if refused:
+        with pytest.raises(ConfigError, match="not both at once"):
+            _apply_lora(model, cfg, dims)
+    else:
+        assert _apply_lora(model, cfg, dims) and lora_modules(model)
+
+
+def test_sharded_nf4_values_are_each_shards_own_quantization():
+    """What a tensor-parallel rank computes with: its rows (dim 0) or columns (dim 1) quantized on their own."""
+    weight = torch.randn(128, 256, generator=torch.Generator().manual_seed(3))
+    for dim in (0, 1):
+        values = nf4_values(weight, shards=2, dim=dim)
+        for part, own in zip(values.chunk(2, dim), weight.chunk(2, dim), strict=True):
+            assert torch.equal(part, nf4_values(own.contiguous()))
+        assert not torch.equal(values, nf4_values(weight))  # other blocks and scales than the whole weight's
+        assert (values - weight).norm() / weight.norm() < 0.1
