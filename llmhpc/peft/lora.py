@@ -257,7 +257,8 @@ class LoRALinear(nn.Module):
         out_dtype = result.dtype
         x = x.to(self.lora_A.dtype)
         if self.lora_magnitude is None:
-            update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+            # s applied to A x ([.., r]), not to B A x ([.., out]): one small multiply instead of a full-width one.
+            update = F.linear(F.linear(self.lora_dropout(x), self.lora_A) * self.scaling, self.lora_B)
             return (result + update).to(out_dtype)
         weight = self.dense_weight().to(x.dtype)
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
