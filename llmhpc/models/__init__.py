@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from llmhpc.config.schema import ModelConfig
-from llmhpc.models.generate import generate
 from llmhpc.models.llama import KVCache, Llama
 from llmhpc.models.loader import load_pretrained
 
@@ -25,4 +24,4 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> Llama:
     return model
 
 
-__all__ = ["KVCache", "Llama", "build_model", "generate", "load_pretrained"]
+__all__ = ["KVCache", "Llama", "build_model", "load_pretrained"]

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from llmhpc.errors import InputError
-from llmhpc.models.generate import generate
+from llmhpc.rl.rollout import RolloutEngine
+from llmhpc.rl.sampling import SamplingParams
 
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 
@@ -83,29 +84,19 @@ def _prompt_ids(tokenizer, question: Question) -> list[int]:
     return tokenizer.encode("\n".join(content for _, content in question.chat))
 
 
-@torch.no_grad()  # not inference_mode: FSDP2 reuses its all-gather buffers in training afterwards
 def accuracy(model: torch.nn.Module, tokenizer, questions: list[Question], *, max_new_tokens: int = 128,
              batch_size: int = 8) -> dict[str, float]:
-    """{'accuracy', 'truncated', 'questions'} of greedy replies, decoded `batch_size` prompts at a time.
-
-    Prompts are sorted by length and left-padded within a batch (each row decodes as it does alone), so
-    little padding is computed.
-    """
+    """{'accuracy', 'truncated', 'questions'} of greedy replies, `batch_size` of them decoding at once (the rollout
+    engine: a finished reply's row is taken by the next question at once)."""
     eos = tokenizer.eos_token_id
-    prompts = [_prompt_ids(tokenizer, q) for q in questions]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    engine = RolloutEngine(model, batch_size=batch_size, eos_token_ids=[] if eos is None else [eos])
+    replies = engine.generate([_prompt_ids(tokenizer, q) for q in questions],
+                              SamplingParams(max_new_tokens=max_new_tokens, temperature=0))
     correct = truncated = 0
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in rows)
-        ids = torch.tensor([[0] * (width - len(prompts[i])) + prompts[i] for i in rows])
-        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in rows])
-        out = generate(model, ids, max_new_tokens, eos_token_id=eos, attention_mask=mask)[:, width:]
-        for i, reply in zip(rows, out.tolist(), strict=True):
-            ended = eos is not None and eos in reply
-            reply = reply[: reply.index(eos)] if ended else reply
-            truncated += not ended
-            got = last_number(tokenizer.decode(reply, skip_special_tokens=True))
-            correct += got is not None and got == last_number(questions[i].answer)
+    for question, reply in zip(questions, replies, strict=True):
+        ended = reply.finish_reason == "stop"
+        truncated += not ended
+        got = last_number(tokenizer.decode(reply.tokens[:-1] if ended else reply.tokens, skip_special_tokens=True))
+        correct += got is not None and got == last_number(question.answer)
     n = len(questions)
     return {"accuracy": correct / n, "truncated": truncated / n, "questions": float(n)}

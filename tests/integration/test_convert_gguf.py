@@ -31,8 +31,10 @@ from llmhpc.cli import main
 from llmhpc.config import load_config
 from llmhpc.config.load import to_yaml
 from llmhpc.data.tokenizer import load_tokenizer
-from llmhpc.models import build_model, generate, load_pretrained
+from llmhpc.models import build_model, load_pretrained
 from llmhpc.models.gguf import load_gguf, open_gguf_config, state_dict_from_gguf
+from llmhpc.rl.rollout import RolloutEngine
+from llmhpc.rl.sampling import SamplingParams
 from tests.conftest import one_line_error
 
 Q = GGMLQuantizationType
@@ -504,13 +506,14 @@ def test_llama_cpp_greedy_tokens_and_logits_equal_ours(smollm2_f16, smollm2_f16_
             ids = tokenizer(text)["input_ids"]
             assert llm.tokenize(text, add_special=True) == ids
             theirs = llm.greedy(ids, n)
-            mine = generate(model, torch.tensor([ids]), n, eos_token_id=tokenizer.eos_token_id)[0, len(ids) :]
+            engine = RolloutEngine(model, batch_size=1, eos_token_ids=[tokenizer.eos_token_id])
+            mine = engine.generate([ids], SamplingParams(max_new_tokens=n, temperature=0))[0].tokens
             ours_logits = _logits(model, torch.tensor([ids + theirs]))[0]
             top2 = ours_logits[len(ids) - 1 : -1].topk(2).values
             margin = (top2[:, 0] - top2[:, 1]).min().item()
             print(f"llama.cpp greedy ({len(theirs)} tokens, ours' smallest top-1 margin {margin:.3f}): "
                   f"{tokenizer.decode(theirs)!r}")  # fmt: skip
-            assert len(theirs) == n and theirs == mine.tolist()
+            assert len(theirs) == n and theirs == mine
             assert margin > 0.1  # far above llama.cpp's float16 error: equal tokens are not luck
 
             last_theirs = torch.from_numpy(llm.logits(ids + theirs)[-1])

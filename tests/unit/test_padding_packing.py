@@ -278,18 +278,3 @@ def test_pipeline_stages_take_padding_and_positions() -> None:
     staged = last(first(ids, docs, position_ids=pos), docs, position_ids=pos)
     assert _max_diff(staged, whole(ids, document_ids=docs, position_ids=pos)) <= TOL
     assert _max_diff(staged, last(first(ids, docs), docs)) <= TOL  # relative RoPE: restarts change nothing here
-
-
-@torch.no_grad()
-def test_generate_decodes_a_left_padded_batch_as_each_row_alone() -> None:
-    from llmhpc.models.generate import generate
-
-    model = _model("gqa_tied")
-    ids, mask = _left_padded(PROMPT_LENGTHS, model.cfg.vocab_size)
-    width, steps = ids.shape[1], 6
-    together = generate(model, ids, steps, attention_mask=mask)[:, width:]
-    for b, n in enumerate(PROMPT_LENGTHS):
-        alone = generate(model, ids[b : b + 1, width - n :], steps)[0, n:]
-        assert torch.equal(together[b], alone), b
-    # Without the mask the padding is read as prompt, and the rows decode differently.
-    assert not torch.equal(generate(model, ids, steps)[:, width:], together)

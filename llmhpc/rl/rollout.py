@@ -1,0 +1,273 @@
+"""The rollout engine: batched generation with a KV cache and continuous batching, on the weights being trained.
+
+GRPO and PPO sample from it, `llmhpc eval` scores with it, the server will serve from it. One call,
+`RolloutEngine.generate(prompts, params)`, returns one `Completion` per prompt (tokens, the log-probability of each
+sampled token, why it stopped), in prompt order.
+
+How it runs: up to `batch_size` requests decode together, one token per row per forward. A row that finishes (an
+end token, a stop string, or max_new_tokens) leaves the batch at once, and the next waiting prompts are prefilled
+together and join it, so a long answer never holds a whole batch back and no forward computes a finished row.
+The rows share one KV cache whose columns all rows write together (`_RowCache`): a joining prompt's keys and
+values are placed right-aligned before the current column, and each row's attention mask and RoPE positions
+cover only its own request. A row's tokens therefore depend on its prompt and its random stream only
+(`llmhpc.rl.sampling`): the same whether it ran alone, in a full batch or refilled mid-way.
+
+Everything goes through the model's forward (with `on_hidden` computing the head on the last position only), so
+hooks of parallel wrappers run as in training.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from llmhpc.models.llama import KVCache, Llama, head_dim_of
+from llmhpc.rl.sampling import SamplingParams, request_generator, sample
+
+
+@dataclass
+class Completion:
+    """What one prompt produced."""
+
+    tokens: list[int]
+    """The generated token ids (an end token or the token completing a stop string included)."""
+    logprobs: list[float]
+    """log p(token) of each generated token under the model's softmax(logits / temperature) (see `sample`)."""
+    finish_reason: str
+    """'stop' (an end token or a stop string) or 'length' (max_new_tokens reached)."""
+
+
+@dataclass
+class RolloutStats:
+    """Counters of the last `generate` call."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    forwards: int = 0
+    """Model forwards: one per decode step plus one per prefill batch."""
+    seconds: float = 0.0
+    timeline: list[int] = field(default_factory=list)
+    """Active rows at each decode step (how full the batch stayed)."""
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds else 0.0
+
+
+class _RowCache(KVCache):
+    """A KV cache whose rows are requests that come and go.
+
+    All rows write their next key / value at the same column (`length`), so a decode step is one forward.
+    Row r's request occupies columns start[r]..length-1: a new request's prefill is copied in right-aligned to
+    end at `length` (the cache is shifted right first if it is longer than `length`), and the mask hides every
+    column before start[r]. Positions are counted per row (length - start[r]), not by column. When the columns
+    run out, those before every row's start are dropped (or the capacity grows).
+    """
+
+    def __init__(self, model: Llama, capacity: int) -> None:  # not KVCache.__init__: no rows to allocate yet
+        weight = model.tok_embeddings.weight
+        self._like = {"dtype": weight.dtype, "device": weight.device}
+        self._row_shape = (model.cfg.n_kv_heads, head_dim_of(model.cfg))
+        self.max_len, self.length = capacity, 0
+        empty = torch.zeros(0, self._row_shape[0], capacity, self._row_shape[1], **self._like)
+        self.keys = [empty.clone() for _ in range(model.cfg.n_layers)]
+        self.values = [empty.clone() for _ in range(model.cfg.n_layers)]
+        self.start = torch.zeros(0, dtype=torch.long, device=weight.device)
+
+    @property
+    def rows(self) -> int:
+        return self.start.shape[0]
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v [rows, Hkv, S, D] at columns start.. and return every column up to them (KVCache's contract);
+        only the columns of the oldest live request onwards are attended to, see `live_from`."""
+        end = start + k.shape[2]
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def _reallocate(self, capacity: int, shift: int, first: int) -> None:
+        """Copy columns first..length-1 to shift.. of a cache `capacity` columns wide."""
+        kept = self.length - first
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                new = torch.zeros(old.shape[0], old.shape[1], capacity, old.shape[3], **self._like)
+                new[:, :, shift : shift + kept] = old[:, :, first : self.length]
+                store[i] = new
+        self.max_len, self.length = capacity, shift + kept
+        self.start = self.start - first + shift
+
+    def make_room(self, columns: int) -> None:
+        """Ensure `columns` more columns fit after `length`: drop the dead ones on the left, or grow."""
+        if self.length + columns <= self.max_len:
+            return
+        first = int(self.start.min()) if self.rows else self.length
+        capacity = max(self.max_len, self.length - first + columns)
+        self._reallocate(capacity, 0, first)
+
+    def add_rows(self, prefill: KVCache, lengths: torch.Tensor) -> None:
+        """Append the rows of a left-padded prefill cache (row i's prompt: its last lengths[i] columns)."""
+        width = prefill.length
+        if width > self.length:  # room on the left for the longer prompt
+            self._reallocate(max(self.max_len, width + 1), width - self.length, 0)
+        for store, new in ((self.keys, prefill.keys), (self.values, prefill.values)):
+            for i, old in enumerate(store):
+                rows = torch.zeros(new[i].shape[0], old.shape[1], self.max_len, old.shape[3], **self._like)
+                rows[:, :, self.length - width : self.length] = new[i][:, :, :width]
+                store[i] = torch.cat([old, rows])
+        self.start = torch.cat([self.start, self.length - lengths.to(self.start.device)])
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Keep only the rows at `index` (in that order)."""
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                store[i] = old[index]
+        self.start = self.start[index]
+
+    def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention_mask [rows, length + 1], position_ids [rows, 1]) for a one-token decode step."""
+        columns = torch.arange(self.length + 1, device=self.start.device)
+        return columns[None, :] >= self.start[:, None], (self.length - self.start)[:, None]
+
+
+class RolloutEngine:
+    """Generates completions for many prompts with one model, `batch_size` rows at a time (module docstring)."""
+
+    def __init__(
+        self,
+        model: Llama,
+        *,
+        batch_size: int = 16,
+        eos_token_ids: Sequence[int] = (),
+        decode: Callable[[list[int]], str] | None = None,
+    ) -> None:
+        """`eos_token_ids` end a completion; `decode` (token ids -> text) is needed for stop strings only."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model, self.batch_size, self.decode = model, batch_size, decode
+        self.eos_token_ids = set(eos_token_ids)
+        self.stats = RolloutStats()
+
+    @torch.no_grad()  # not inference_mode: FSDP2 reuses its all-gather buffers in training afterwards
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | None = None,
+        *,
+        request_ids: Sequence[int] | None = None,
+    ) -> list[Completion]:
+        """One `Completion` per prompt (token ids, non-empty), in prompt order.
+
+        Prompt i samples from the random stream of request `request_ids[i]` (default i) of `params.seed`, so the
+        same (seed, request id, prompt) gives the same completion in any call, alone or among others."""
+        params = params or SamplingParams()
+        request_ids = list(range(len(prompts))) if request_ids is None else list(request_ids)
+        if len(request_ids) != len(prompts):
+            raise ValueError(f"{len(request_ids)} request_ids for {len(prompts)} prompts")
+        params.validate()
+        if params.stop and self.decode is None:
+            raise ValueError("stop strings need the engine's decode function (token ids -> text)")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        longest = max((len(p) for p in prompts), default=0)
+        limit = self.model.cfg.max_seq_len
+        if longest + params.max_new_tokens > limit:
+            raise ValueError(f"a prompt of {longest} tokens + max_new_tokens={params.max_new_tokens} exceeds "
+                             f"model.max_seq_len={limit}; shorten the prompt or lower max_new_tokens")
+        was_training = self.model.training
+        self.model.eval()
+        began = time.perf_counter()
+        self.stats = RolloutStats(prompt_tokens=sum(len(p) for p in prompts))
+        try:
+            completions = self._run(prompts, params, longest, request_ids)
+        finally:
+            self.model.train(was_training)
+        self.stats.seconds = time.perf_counter() - began
+        self.stats.generated_tokens = sum(len(c.tokens) for c in completions)
+        return completions
+
+    def _forward_last(self, ids: torch.Tensor, cache: KVCache, **inputs) -> torch.Tensor:
+        """Logits [rows, vocab] of the last position, through the model's forward."""
+        self.stats.forwards += 1
+        model = self.model
+        return model(ids, cache=cache, on_hidden=lambda h: model.logits(h[:, -1]), **inputs)
+
+    def _prefill(self, prompts: list[Sequence[int]]) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
+        """Left-padded prefill of a few prompts: (their cache, their lengths, last-position logits)."""
+        device = self.model.tok_embeddings.weight.device
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        width = int(lengths.max())
+        ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+        mask = torch.zeros(len(prompts), width, dtype=torch.bool, device=device)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) :] = torch.as_tensor(prompt, device=device)
+            mask[row, width - len(prompt) :] = True
+        cache = self.model.new_cache(len(prompts), width)
+        logits = self._forward_last(ids, cache, attention_mask=mask if not bool(mask.all()) else None)
+        return cache, lengths, logits
+
+    def _run(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, longest: int, request_ids: list[int]
+    ) -> list[Completion]:
+        results: list[Completion | None] = [None] * len(prompts)
+        waiting = list(range(len(prompts)))[::-1]  # popped from the end: prompt order
+        cache = _RowCache(self.model, longest + params.max_new_tokens + 1)
+        requests: list[int] = []  # request index of each row
+        generators: list[torch.Generator] = []
+        out_tokens: list[list[int]] = []
+        out_logprobs: list[list[float]] = []
+        pending = torch.zeros(0, dtype=torch.long)  # each row's last sampled token, not yet in the cache
+        while waiting or requests:
+            free = self.batch_size - len(requests)
+            if free and waiting:
+                new = [waiting.pop() for _ in range(min(free, len(waiting)))]
+                prefill, lengths, logits = self._prefill([prompts[i] for i in new])
+                cache.add_rows(prefill, lengths)
+                new_generators = [request_generator(params.seed, request_ids[i]) for i in new]
+                tokens, logprobs = sample(logits, params, new_generators)
+                requests += new
+                generators += new_generators
+                out_tokens += [[t] for t in tokens.tolist()]
+                out_logprobs += [[lp] for lp in logprobs.tolist()]
+                pending = torch.cat([pending.to(tokens.device), tokens])
+            else:
+                cache.make_room(1)
+                mask, positions = cache.step_inputs()
+                self.stats.timeline.append(len(requests))
+                logits = self._forward_last(pending[:, None], cache, attention_mask=mask, position_ids=positions)
+                pending, logprobs = sample(logits, params, generators)
+                for row, (token, logprob) in enumerate(zip(pending.tolist(), logprobs.tolist(), strict=True)):
+                    out_tokens[row].append(token)
+                    out_logprobs[row].append(logprob)
+            finished = [row for row in range(len(requests)) if self._finish_reason(out_tokens[row], params)]
+            if not finished:
+                continue
+            for row in finished:
+                reason = self._finish_reason(out_tokens[row], params)
+                results[requests[row]] = Completion(out_tokens[row], out_logprobs[row], reason)
+            keep = [row for row in range(len(requests)) if row not in set(finished)]
+            requests = [requests[r] for r in keep]
+            generators = [generators[r] for r in keep]
+            out_tokens = [out_tokens[r] for r in keep]
+            out_logprobs = [out_logprobs[r] for r in keep]
+            index = torch.tensor(keep, dtype=torch.long, device=pending.device)
+            pending = pending[index]
+            cache.keep_rows(index)
+        return [r for r in results if r is not None]
+
+    def _finish_reason(self, tokens: list[int], params: SamplingParams) -> str | None:
+        """'stop' / 'length' once a row is done, else None."""
+        if tokens[-1] in self.eos_token_ids:
+            return "stop"
+        if params.stop and self.decode is not None:
+            tail = self.decode(tokens[-_STOP_WINDOW:])
+            if any(s in tail for s in params.stop):
+                return "stop"
+        return "length" if len(tokens) >= params.max_new_tokens else None
+
+
+_STOP_WINDOW = 32
+"""Tokens decoded from the end of a completion to look for stop strings (one is never longer than this)."""
