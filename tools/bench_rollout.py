@@ -1,6 +1,7 @@
 """Rollout speed: our engine (`llmhpc.rl.rollout`) against transformers' `generate`, in one run, same everything.
 
-    python tools/bench_rollout.py [--prompts 48] [--batch 8] [--max-new-tokens 128] [--dtype fp32|bf16]
+    python tools/bench_rollout.py [--prompts 48] [--batch 8] [--max-new-tokens 128] [--temperature 0]
+                                  [--dtype fp32|bf16]
 
 What is compared:
 
@@ -8,8 +9,9 @@ What is compared:
   loader (`from_pretrained(dir, gguf_file=...)`, SDPA attention, its default): the same weights.
 - Prompts: the first `--prompts` held-out problems of the shipped arithmetic task (`train_eval_split`), rendered
   with the model's chat template: the prompts GRPO and `llmhpc eval` decode.
-- Decoding: greedy, up to `--max-new-tokens`, stopping at the end-of-turn token, `--batch` prompts decoding at
-  once on both sides. transformers takes the prompts in order, `--batch` per `generate` call, left-padded with
+- Decoding: greedy (or sampled at `--temperature`, each side with its own random numbers), up to
+  `--max-new-tokens`, stopping at the end-of-turn token, `--batch` prompts decoding at once on both sides.
+  transformers takes the prompts in order, `--batch` per `generate` call, left-padded with
   their attention mask (its documented way to batch prompts of different lengths); ours gets them all in one call
   and keeps `--batch` rows busy (continuous batching).
 - Counted: the generated tokens each completion keeps (up to and including its end-of-turn token; transformers'
@@ -54,12 +56,12 @@ def arithmetic_prompts(tokenizer, count: int) -> list[list[int]]:
     return prompts
 
 
-def run_ours(model, prompts: list[list[int]], batch: int, max_new: int, eos: int) -> tuple[list[list[int]], float]:
+def run_ours(model, prompts: list[list[int]], batch: int, max_new: int, eos: int, temperature: float):
     from llmhpc.rl.rollout import RolloutEngine
     from llmhpc.rl.sampling import SamplingParams
 
     engine = RolloutEngine(model, batch_size=batch, eos_token_ids=[eos])
-    params = SamplingParams(max_new_tokens=max_new, temperature=0)
+    params = SamplingParams(max_new_tokens=max_new, temperature=temperature)
     engine.generate(prompts[:1], params)  # warm-up
     began = time.perf_counter()
     completions = engine.generate(prompts, params)
@@ -67,13 +69,16 @@ def run_ours(model, prompts: list[list[int]], batch: int, max_new: int, eos: int
 
 
 @torch.no_grad()
-def run_transformers(model, prompts: list[list[int]], batch: int, max_new: int, eos: int, pad: int):
+def run_transformers(model, prompts: list[list[int]], batch: int, max_new: int, eos: int, pad: int,
+                     temperature: float):
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature else {"do_sample": False}
+
     def chunk(rows: list[list[int]]) -> list[list[int]]:
         width = max(len(p) for p in rows)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in rows])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False, eos_token_id=eos,
-                             pad_token_id=pad)[:, width:].tolist()
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=pad,
+                             **sampling)[:, width:].tolist()
         return [row[: row.index(eos) + 1] if eos in row else row for row in out]
 
     chunk(prompts[:1])  # warm-up
@@ -87,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=48, help="held-out arithmetic prompts (default 48)")
     parser.add_argument("--batch", type=int, default=8, help="prompts decoding at once, both sides (default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="per prompt (default 128)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="both models' dtype")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
@@ -99,15 +105,16 @@ def main(argv: list[str] | None = None) -> int:
     if pad is None:
         pad = eos
     load_before = os.getloadavg()[0]
-    theirs, their_s = run_transformers(hf_model, prompts, args.batch, args.max_new_tokens, eos, pad)
-    mine, my_s = run_ours(ours_model, prompts, args.batch, args.max_new_tokens, eos)
+    theirs, their_s = run_transformers(hf_model, prompts, args.batch, args.max_new_tokens, eos, pad, args.temperature)
+    mine, my_s = run_ours(ours_model, prompts, args.batch, args.max_new_tokens, eos, args.temperature)
     load_after = os.getloadavg()[0]
     my_tokens, their_tokens = sum(map(len, mine)), sum(map(len, theirs))
     differ = sum(a != b for a, b in zip(mine, theirs, strict=True))
     ours_tps, their_tps = my_tokens / my_s, their_tokens / their_s
-    print("| model | dtype | prompts | batch | max new | ours tok/s | transformers tok/s | ratio "
-          "| tokens ours / theirs | completions that differ |\n|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| SmolLM2-135M-Instruct | {args.dtype} | {len(prompts)} | {args.batch} | {args.max_new_tokens} "
+    print("| model | dtype | temperature | prompts | batch | max new | ours tok/s | transformers tok/s | ratio "
+          "| tokens ours / theirs | completions that differ |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| SmolLM2-135M-Instruct | {args.dtype} | {args.temperature:g} | {len(prompts)} | {args.batch} "
+          f"| {args.max_new_tokens} "
           f"| {ours_tps:.1f} | {their_tps:.1f} | **{ours_tps / their_tps:.2f}×** | {my_tokens} / {their_tokens} "
           f"| {differ} |")
     print(f"wall s: ours {my_s:.1f}, transformers {their_s:.1f}; load average before / after: {load_before:.2f} / "

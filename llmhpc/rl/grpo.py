@@ -1,0 +1,98 @@
+"""GRPO's arithmetic: group-relative advantages, the clipped policy-ratio loss, the k3 KL estimate, and the loss
+normalizations of the variants (GRPO, DAPO, Dr. GRPO, GSPO).
+
+Pure tensor functions, so the objective that uses them stays a few lines and tests can check them against
+numbers worked out by hand. Shapes: a rollout batch holds `groups` prompts with G sampled completions each;
+per-token tensors are [completions, T] with a 0/1 `mask` of the completion tokens that count.
+
+- Advantages (DeepSeekMath, https://arxiv.org/abs/2402.03300): A = r - mean of its group, divided by the group's
+  standard deviation (unbiased, as TRL computes it) unless `scale` is off (Dr. GRPO, https://arxiv.org/abs/2503.20783,
+  finds the division biases toward too easy and too hard prompts).
+- Policy loss per token: -min(rho A, clip(rho, 1 - clip_low, 1 + clip_high) A) with rho = pi / pi_old. The
+  token's rho is its own ratio; under GSPO (https://arxiv.org/abs/2507.18071) every token of a completion shares
+  the completion's length-normalized ratio exp(mean_t(log pi - log pi_old)). clip_high > clip_low is DAPO's
+  "clip-higher" (https://arxiv.org/abs/2503.14476).
+- KL to the reference per token, the k3 estimator (http://joschu.net/blog/kl-approx.html, as GRPO uses):
+  exp(ref - logp) - (ref - logp) - 1, never negative, added as beta * k3 to each token's loss.
+- Normalization (what the summed loss is divided by, `loss_sum_and_units`): 'sequence' (GRPO: each completion's
+  token mean, then the mean over completions), 'token' (DAPO: every token of the batch weighs the same), 'fixed'
+  (Dr. GRPO: the token sum over completions x max completion tokens, a constant, so no length bias).
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOSS_NORMS = ("sequence", "token", "fixed")
+IMPORTANCE_LEVELS = ("token", "sequence")
+
+
+def group_advantages(rewards: torch.Tensor, *, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """Advantages [groups, G] of rewards [groups, G]: reward minus its group's mean, over (std + eps) if scale.
+
+    A group whose rewards are all equal gets zero advantages either way (it teaches nothing)."""
+    if rewards.dim() != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"rewards must be [groups, G] with G >= 2, got {tuple(rewards.shape)}")
+    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    if not scale:
+        return centered
+    return centered / (rewards.std(dim=1, keepdim=True) + eps)
+
+
+def importance_ratio(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor, level: str = "token"
+) -> torch.Tensor:
+    """rho [completions, T]: per token pi / pi_old, or (GSPO, level='sequence') each completion's
+    exp(mean over its masked tokens of log pi - log pi_old), repeated on each of its tokens."""
+    delta = logprobs - old_logprobs
+    if level == "token":
+        return delta.exp()
+    if level != "sequence":
+        raise ValueError(f"importance level {level!r}; choose from {IMPORTANCE_LEVELS}")
+    mask = mask.to(delta.dtype)
+    mean = (delta * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1)
+    return mean.exp().expand_as(delta)
+
+
+def clipped_policy_loss(
+    ratio: torch.Tensor, advantages: torch.Tensor, *, clip_low: float = 0.2, clip_high: float = 0.2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-token loss, clipped low, clipped high), each [completions, T], for ratios rho [completions, T] and
+    advantages [completions] (one per completion).
+
+    loss = -min(rho A, clip(rho, 1 - clip_low, 1 + clip_high) A). 'Clipped low' marks tokens whose gradient the
+    lower bound removed (A < 0 and rho < 1 - clip_low), 'clipped high' the upper bound (A > 0, rho > 1 + clip_high).
+    """
+    adv = advantages[:, None].to(ratio.dtype)
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
+    loss = -torch.minimum(unclipped, clipped)
+    low = (adv < 0) & (ratio < 1 - clip_low)
+    high = (adv > 0) & (ratio > 1 + clip_high)
+    return loss, low, high
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """The k3 estimate of KL(pi || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1 (>= 0)."""
+    delta = ref_logprobs - logprobs
+    return delta.exp() - delta - 1
+
+
+def loss_sum_and_units(
+    per_token: torch.Tensor, mask: torch.Tensor, norm: str, max_completion_tokens: int
+) -> tuple[torch.Tensor, int]:
+    """(summed loss, units it is a sum over) for the trainer's objective contract: the step's loss is the sum over
+    micro-batches and ranks divided by the units' total, so every normalization stays exact under accumulation.
+
+    'sequence': sum over completions of their token mean / completions. 'token': token sum / tokens. 'fixed'
+    (Dr. GRPO): token sum / (completions x max_completion_tokens)."""
+    mask = mask.to(per_token.dtype)
+    summed = per_token * mask
+    completions = per_token.shape[0]
+    if norm == "sequence":
+        return (summed.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum(), completions
+    if norm == "token":
+        return summed.sum(), int(mask.sum())
+    if norm == "fixed":
+        return summed.sum(), completions * max_completion_tokens
+    raise ValueError(f"loss normalization {norm!r}; choose from {LOSS_NORMS}")

@@ -1,0 +1,75 @@
+"""GRPO's arithmetic (`llmhpc.rl.grpo`) against small examples worked out by hand (numbers in the comments)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llmhpc.rl.grpo import clipped_policy_loss, group_advantages, importance_ratio, kl_k3, loss_sum_and_units
+
+
+def test_group_advantages_center_and_scale_each_group():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0], [3.0, 0.0, 0.0, 0.0]])
+    # Group 1: mean 0.5, unbiased std sqrt(4 * 0.25 / 3) = 0.57735 -> +-0.5 / 0.57745 = +-0.86588.
+    # Group 2: all equal -> 0. Group 3: mean 0.75, std sqrt((2.25^2 + 3 * 0.75^2) / 3) = 1.5 -> 1.49990, -0.49997.
+    scaled = group_advantages(rewards)
+    expected = torch.tensor([[0.86588, -0.86588, -0.86588, 0.86588], [0, 0, 0, 0],
+                             [2.25 / 1.5001, -0.75 / 1.5001, -0.75 / 1.5001, -0.75 / 1.5001]])
+    assert torch.allclose(scaled, expected, atol=1e-5)
+    centered = group_advantages(rewards, scale=False)  # Dr. GRPO
+    assert torch.allclose(centered, torch.tensor([[0.5, -0.5, -0.5, 0.5], [0, 0, 0, 0], [2.25, -0.75, -0.75, -0.75]]))
+    with pytest.raises(ValueError, match="G >= 2"):
+        group_advantages(torch.ones(3, 1))
+
+
+def test_clipped_loss_on_both_sides_of_the_clip_boundary():
+    """Ratios 0.7, 0.9, 1.1, 1.5 with A = +1 and A = -1 (clip 0.2 / 0.28): values and gradients by hand."""
+    old = torch.zeros(2, 4)
+    logprobs = torch.tensor([[0.7, 0.9, 1.1, 1.5]] * 2).log().requires_grad_()
+    ratio = importance_ratio(logprobs, old, torch.ones(2, 4))
+    loss, low, high = clipped_policy_loss(ratio, torch.tensor([1.0, -1.0]), clip_low=0.2, clip_high=0.28)
+    # A = +1: -min(rho, clip(rho, 0.8, 1.28)) = -0.7, -0.9, -1.1, -1.28 (only 1.5 is clipped: no gradient there).
+    # A = -1: -min(-rho, -clip(rho)) = max(rho, clip(rho)) = 0.8 (0.7 clipped up: no gradient), 0.9, 1.1, 1.5.
+    assert torch.allclose(loss, torch.tensor([[-0.7, -0.9, -1.1, -1.28], [0.8, 0.9, 1.1, 1.5]]))
+    assert high.tolist() == [[False, False, False, True], [False] * 4]
+    assert low.tolist() == [[False] * 4, [True, False, False, False]]
+    loss.sum().backward()
+    # d(-rho A)/d logp = -A rho where unclipped, 0 where clipped.
+    expected = torch.tensor([[-0.7, -0.9, -1.1, 0.0], [0.0, 0.9, 1.1, 1.5]])
+    assert torch.allclose(logprobs.grad, expected)
+
+
+def test_sequence_level_ratio_is_the_length_normalized_one_of_gspo():
+    old = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
+    logprobs = torch.tensor([[-0.5, -2.5, -2.0], [-0.9, -1.0, 5.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    ratio = importance_ratio(logprobs, old, mask, level="sequence")
+    # Row 1: mean(0.5, -0.5, 1.0) = 1/3 -> e^(1/3) on every token. Row 2: the masked token is left out:
+    # mean(0.1, 0.0) = 0.05 -> e^0.05.
+    assert torch.allclose(ratio[0], torch.full((3,), math.exp(1 / 3)))
+    assert torch.allclose(ratio[1], torch.full((3,), math.exp(0.05)))
+    assert torch.allclose(importance_ratio(logprobs, old, mask), (logprobs - old).exp())
+
+
+def test_k3_kl_by_hand_and_never_negative():
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5]])
+    ref = torch.tensor([[-0.5, -2.0, -1.5]])
+    # d = ref - logp = 0.5, 0, -1: e^0.5 - 1.5 = 0.148721, 0, e^-1 + 1 - 1 = 0.367879.
+    assert torch.allclose(kl_k3(logprobs, ref), torch.tensor([[0.148721, 0.0, 0.367879]]), atol=1e-6)
+    many = torch.randn(1000)
+    assert bool((kl_k3(many, torch.randn(1000)) >= 0).all())
+
+
+def test_loss_normalizations_of_grpo_dapo_and_dr_grpo():
+    per_token = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    # GRPO: token means 2 and 4, summed over 2 completions -> 6 / 2 = 3.
+    assert loss_sum_and_units(per_token, mask, "sequence", 4) == (torch.tensor(6.0), 2)
+    # DAPO: (1 + 2 + 3 + 4) over 4 tokens = 2.5.
+    assert loss_sum_and_units(per_token, mask, "token", 4) == (torch.tensor(10.0), 4)
+    # Dr. GRPO: 10 over 2 completions x 4 max tokens = 1.25, whatever the lengths.
+    assert loss_sum_and_units(per_token, mask, "fixed", 4) == (torch.tensor(10.0), 8)
+    with pytest.raises(ValueError, match="choose from"):
+        loss_sum_and_units(per_token, mask, "mean", 4)
