@@ -63,7 +63,8 @@ def resolve_reward(spec: str) -> RewardFn:
     if spec in REWARDS:
         return REWARDS[spec]
     if "." not in spec:
-        raise ValueError(f"unknown reward {spec!r}; choose from {sorted(REWARDS)} or give a dotted path module.function")
+        raise ValueError(f"unknown reward {spec!r}; choose from {sorted(REWARDS)} or give a dotted path "
+                         "module.function")
     from hydra.utils import get_method
 
     try:
