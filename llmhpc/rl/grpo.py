@@ -17,11 +17,18 @@ per-token tensors are [completions, T] with a 0/1 `mask` of the completion token
 - Normalization (what the summed loss is divided by, `loss_sum_and_units`): 'sequence' (GRPO: each completion's
   token mean, then the mean over completions), 'token' (DAPO: every token of the batch weighs the same), 'fixed'
   (Dr. GRPO: the token sum over completions x max completion tokens, a constant, so no length bias).
+- Dynamic sampling (DAPO): groups whose rewards are all equal are dropped and replaced by new draws until the
+  batch is full (`fill_with_informative_groups`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
+
+T = TypeVar("T")
 
 LOSS_NORMS = ("sequence", "token", "fixed")
 IMPORTANCE_LEVELS = ("token", "sequence")
@@ -96,3 +103,31 @@ def loss_sum_and_units(
     if norm == "fixed":
         return summed.sum(), completions * max_completion_tokens
     raise ValueError(f"loss normalization {norm!r}; choose from {LOSS_NORMS}")
+
+
+def informative(rewards: torch.Tensor) -> torch.Tensor:
+    """[groups] bool: the groups whose rewards are not all equal (an all-equal group has zero advantages)."""
+    return (rewards != rewards[:, :1]).any(dim=1)
+
+
+def fill_with_informative_groups(
+    draw: Callable[[int], tuple[list[T], torch.Tensor]], groups: int, max_draws: int
+) -> tuple[list[T], torch.Tensor, dict[str, int]]:
+    """Dynamic sampling (DAPO): call `draw(n)` -> (n payloads, rewards [n, G]) for as many groups as are still
+    missing, keep only informative groups, until `groups` are kept or `max_draws` calls were made.
+
+    Returns (kept payloads, their rewards [kept, G], {'drawn', 'dropped', 'draws'}), in the order drawn; fewer than
+    `groups` only when the draws ran out (the step then trains on what it has, and the counts say so)."""
+    kept: list[T] = []
+    kept_rewards: list[torch.Tensor] = []
+    drawn = draws = 0
+    while len(kept) < groups and draws < max_draws:
+        payloads, rewards = draw(groups - len(kept))
+        draws += 1
+        drawn += len(payloads)
+        for payload, row, useful in zip(payloads, rewards, informative(rewards).tolist(), strict=True):
+            if useful and len(kept) < groups:
+                kept.append(payload)
+                kept_rewards.append(row)
+    stacked = torch.stack(kept_rewards) if kept_rewards else torch.zeros(0, 0)
+    return kept, stacked, {"drawn": drawn, "dropped": drawn - len(kept), "draws": draws}

@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from llmhpc.rl.grpo import clipped_policy_loss, group_advantages, importance_ratio, kl_k3, loss_sum_and_units
+from llmhpc.rl.grpo import (
+    clipped_policy_loss,
+    fill_with_informative_groups,
+    group_advantages,
+    importance_ratio,
+    informative,
+    kl_k3,
+    loss_sum_and_units,
+)
 
 
 def test_group_advantages_center_and_scale_each_group():
@@ -73,3 +81,24 @@ def test_loss_normalizations_of_grpo_dapo_and_dr_grpo():
     assert loss_sum_and_units(per_token, mask, "fixed", 4) == (torch.tensor(10.0), 8)
     with pytest.raises(ValueError, match="choose from"):
         loss_sum_and_units(per_token, mask, "mean", 4)
+
+
+def test_dynamic_sampling_never_keeps_an_all_equal_group():
+    """Draws of 3 groups of 4, a third of them all-equal: the batch fills with informative groups only, in draw
+    order, drawing again for the missing ones; when draws run out it says how many it got."""
+    generator = torch.Generator().manual_seed(0)
+    counter = iter(range(1000))
+
+    def draw(n: int):
+        ids = [next(counter) for _ in range(n)]
+        rewards = torch.randint(0, 2, (n, 4), generator=generator).float()
+        rewards[[i % 3 == 0 for i in ids]] = 1.0  # every third group all right
+        return ids, rewards
+
+    kept, rewards, stats = fill_with_informative_groups(draw, groups=8, max_draws=20)
+    assert len(kept) == 8 and rewards.shape == (8, 4) and kept == sorted(kept)
+    assert bool(informative(rewards).all()) and all(i % 3 for i in kept)
+    assert stats["drawn"] == stats["dropped"] + 8 and stats["draws"] > 1
+    assert (group_advantages(rewards).abs().sum(dim=1) > 0).all()
+    few, _, short = fill_with_informative_groups(lambda n: (list(range(n)), torch.ones(n, 4)), groups=4, max_draws=3)
+    assert few == [] and short == {"drawn": 12, "dropped": 12, "draws": 3}
