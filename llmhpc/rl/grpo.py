@@ -28,6 +28,9 @@ from typing import TypeVar
 
 import torch
 
+from llmhpc.train.losses import IGNORE_INDEX
+from llmhpc.train.objective import Batch, LMHead, Metric, Objective
+
 T = TypeVar("T")
 
 LOSS_NORMS = ("sequence", "token", "fixed")
@@ -131,3 +134,47 @@ def fill_with_informative_groups(
                 kept_rewards.append(row)
     stacked = torch.stack(kept_rewards) if kept_rewards else torch.zeros(0, 0)
     return kept, stacked, {"drawn": drawn, "dropped": drawn - len(kept), "draws": draws}
+
+
+class GRPOObjective(Objective):
+    """The GRPO loss of a rollout batch, on any engine (it sees the model through its hidden states and head).
+
+    A batch holds, per completion row [B, S]: `input_ids` (prompt + completion, padded), `labels` (the next token
+    at every position that predicts a completion token, IGNORE_INDEX elsewhere), `old_logprobs` (the sampling
+    policy's log-probs at those positions; 0 elsewhere), `advantages` [B], and with beta > 0 `ref_logprobs`.
+    """
+
+    name = "grpo"
+
+    def __init__(self, *, clip_low: float = 0.2, clip_high: float = 0.2, beta: float = 0.0, loss_norm: str = "token",
+                 importance: str = "token", max_completion_tokens: int = 256) -> None:
+        if loss_norm not in LOSS_NORMS:
+            raise ValueError(f"loss normalization {loss_norm!r}; choose from {LOSS_NORMS}")
+        if importance not in IMPORTANCE_LEVELS:
+            raise ValueError(f"importance level {importance!r}; choose from {IMPORTANCE_LEVELS}")
+        self.clip_low, self.clip_high, self.beta = clip_low, clip_high, beta
+        self.loss_norm, self.importance, self.max_completion_tokens = loss_norm, importance, max_completion_tokens
+
+    def normalizer(self, batch: Batch) -> int:
+        mask = batch["labels"] != IGNORE_INDEX
+        rows = mask.shape[0]
+        return {"sequence": rows, "token": int(mask.sum()), "fixed": rows * self.max_completion_tokens}[self.loss_norm]
+
+    def loss(self, head: LMHead, hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, Metric]]:
+        labels = batch["labels"]
+        mask = labels != IGNORE_INDEX
+        logprobs = head.token_logprobs(hidden, labels)
+        ratio = importance_ratio(logprobs, batch["old_logprobs"], mask, self.importance)
+        per_token, low, high = clipped_policy_loss(ratio, batch["advantages"], clip_low=self.clip_low,
+                                                   clip_high=self.clip_high)
+        tokens = mask.sum().to(per_token.dtype)
+        metrics: dict[str, Metric] = {
+            "clip_low": ((low & mask).sum().to(per_token.dtype), tokens),
+            "clip_high": ((high & mask).sum().to(per_token.dtype), tokens),
+        }
+        if self.beta > 0:
+            kl = kl_k3(logprobs, batch["ref_logprobs"])
+            per_token = per_token + self.beta * kl
+            metrics["kl"] = ((kl * mask).sum().detach(), tokens)
+        loss, _ = loss_sum_and_units(per_token, mask, self.loss_norm, self.max_completion_tokens)
+        return loss, metrics

@@ -102,3 +102,61 @@ def test_dynamic_sampling_never_keeps_an_all_equal_group():
     assert (group_advantages(rewards).abs().sum(dim=1) > 0).all()
     few, _, short = fill_with_informative_groups(lambda n: (list(range(n)), torch.ones(n, 4)), groups=4, max_draws=3)
     assert few == [] and short == {"drawn": 12, "dropped": 12, "draws": 3}
+
+
+@pytest.mark.parametrize(("norm", "level"), [("token", "token"), ("sequence", "token"), ("fixed", "token"),
+                                             ("sequence", "sequence")])
+def test_grpo_objective_equals_the_formula_written_out_on_full_logits(norm: str, level: str):
+    """The objective (chunked log-probs through the head) against the same loss spelled out token by token from
+    the model's full logits: value and gradient, for each normalization and both importance levels."""
+    from llmhpc.config.schema import ModelConfig
+    from llmhpc.models import build_model
+    from llmhpc.rl.grpo import GRPOObjective
+    from llmhpc.train.losses import IGNORE_INDEX
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                                    max_seq_len=32))
+    ids = torch.randint(0, 64, (4, 12))
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    ends = [11, 9, 8, 6]  # completions of 7, 5, 4 and 2 tokens after a 4-token prompt
+    for row, end in enumerate(ends):
+        labels[row, 3:end] = ids[row, 4 : end + 1]
+    mask = labels != IGNORE_INDEX
+    with torch.no_grad():
+        now = model(ids).log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    shift = torch.randn(4, 12, generator=torch.Generator().manual_seed(1)) * 0.3  # ratios on both sides of the clip
+    batch = {"input_ids": ids, "labels": labels, "advantages": torch.tensor([1.0, -1.0, 0.5, -0.5]),
+             "old_logprobs": torch.where(mask, now + shift, 0.0), "ref_logprobs": torch.where(mask, now - shift, 0.0)}
+    objective = GRPOObjective(clip_low=0.2, clip_high=0.28, beta=0.05, loss_norm=norm, importance=level,
+                              max_completion_tokens=8)
+    out = objective(model, batch)
+    (out.loss / out.count).backward()
+    ours_grad = model.layers["0"].attention.wq.weight.grad.clone()
+    model.zero_grad()
+
+    logp = model(ids).log_softmax(-1)
+    per_row = []
+    for row in range(4):
+        terms = []
+        positions = mask[row].nonzero().flatten().tolist()
+        deltas = [logp[row, t, labels[row, t]] - batch["old_logprobs"][row, t] for t in positions]
+        seq_ratio = torch.stack(deltas).mean().exp()
+        adv = batch["advantages"][row]
+        for t, delta in zip(positions, deltas, strict=True):
+            ratio = seq_ratio if level == "sequence" else delta.exp()
+            surrogate = torch.minimum(ratio * adv, ratio.clamp(0.8, 1.28) * adv)
+            d = batch["ref_logprobs"][row, t] - logp[row, t, labels[row, t]]
+            terms.append(-surrogate + 0.05 * (d.exp() - d - 1))
+        per_row.append(torch.stack(terms))
+    if norm == "sequence":
+        expected = torch.stack([r.mean() for r in per_row]).mean()
+    elif norm == "token":
+        expected = torch.cat(per_row).sum() / sum(len(r) for r in per_row)
+    else:
+        expected = torch.cat(per_row).sum() / (4 * 8)
+    expected.backward()
+    assert abs((out.loss / out.count).item() - expected.item()) <= 1e-5
+    assert torch.allclose(ours_grad, model.layers["0"].attention.wq.weight.grad, atol=1e-5)
+    clipped = out.metrics["clip_low"][0] + out.metrics["clip_high"][0]
+    assert out.metrics["clip_low"][1] == mask.sum() and (level == "sequence" or clipped > 0)

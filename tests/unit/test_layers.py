@@ -23,13 +23,13 @@ ALLOWED = {
     "checkpoint": {"config", "errors", "process_group"},
     "data": {"config", "errors", "assets"},
     "peft": {"config", "errors", "models", "metrics"},
-    "rl": {"config", "errors", "models", "data"},
+    "rl": {"config", "errors", "models", "data", "train"},
     "scoring": {"config", "errors", "models", "data", "train", "rl"},
 }
 """config is the bottom (it knows nothing of llmhpc above it); parallel knows no loss, no trainer and no stage;
-checkpoints know no model, layout or loop; adapters (peft) know no loop or layout; the rollout engine and rewards
-(rl) know models and data, not loops. (models may import parallel only lazily, for sharded loading, and metrics
-only for its import-noise filter.)"""
+checkpoints know no model, layout or loop; adapters (peft) know no loop or layout; the rollout engine, rewards and
+RL objectives (rl) know models, data and objectives, not stages. (models may import parallel only lazily, for
+sharded loading, and metrics only for its import-noise filter.)"""
 
 
 def _modules() -> dict[str, Path]:
