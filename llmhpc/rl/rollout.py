@@ -5,11 +5,12 @@ GRPO and PPO sample from it, `llmhpc eval` scores with it, the server will serve
 sampled token, why it stopped), in prompt order.
 
 How it runs: up to `batch_size` requests decode together, one token per row per forward. A row that finishes (an
-end token, a stop string, or max_new_tokens) leaves the batch at once, and the next waiting prompts are prefilled
-together and join it, so a long answer never holds a whole batch back and no forward computes a finished row.
-The rows share one KV cache whose columns all rows write together (`_RowCache`): a joining prompt's keys and
-values are placed right-aligned before the current column, and each row's attention mask and RoPE positions
-cover only its own request. A row's tokens therefore depend on its prompt and its random stream only
+end token, a stop string, or max_new_tokens) is handed to the next waiting prompt (those joining at one step are
+prefilled together), so a long answer never holds a whole batch back; once nothing waits, the rows are halved
+whenever half of them are done, so the tail never computes more than twice the rows it needs. The rows share
+one KV cache whose columns all rows write together (`_RowCache`): a joining prompt's keys and values are placed
+right-aligned before the current column, and each row's attention mask and RoPE positions cover only its own
+request. A row's tokens therefore depend on its prompt and its random stream only
 (`llmhpc.rl.sampling`): the same whether it ran alone, in a full batch or refilled mid-way.
 
 Everything goes through the model's forward (with `on_hidden` computing the head on the last position only), so
@@ -58,32 +59,29 @@ class RolloutStats:
 
 
 class _RowCache(KVCache):
-    """A KV cache whose rows are requests that come and go.
+    """A KV cache of `rows` slots that requests take and leave.
 
     All rows write their next key / value at the same column (`length`), so a decode step is one forward.
-    Row r's request occupies columns start[r]..length-1: a new request's prefill is copied in right-aligned to
-    end at `length` (the cache is shifted right first if it is longer than `length`), and the mask hides every
-    column before start[r]. Positions are counted per row (length - start[r]), not by column. When the columns
-    run out, those before every row's start are dropped (or the capacity grows).
+    The request in row r occupies columns start[r]..length-1: a joining request's prefill is copied into a free row
+    right-aligned to end at `length` (the whole cache is shifted right first if the prompt is longer than
+    `length`), and the mask hides every column before start[r]. Positions are counted per row
+    (length - start[r]), not by column. When the columns run out, those before every row's start are dropped (or
+    the capacity grows). A freed row keeps computing garbage that nothing reads until a request takes it, or until
+    `keep_rows` drops it.
     """
 
-    def __init__(self, model: Llama, capacity: int) -> None:  # not KVCache.__init__: no rows to allocate yet
+    def __init__(self, model: Llama, rows: int, capacity: int) -> None:  # not KVCache.__init__: other bookkeeping
         weight = model.tok_embeddings.weight
         self._like = {"dtype": weight.dtype, "device": weight.device}
-        self._row_shape = (model.cfg.n_kv_heads, head_dim_of(model.cfg))
         self.max_len, self.length = capacity, 0
-        empty = torch.zeros(0, self._row_shape[0], capacity, self._row_shape[1], **self._like)
-        self.keys = [empty.clone() for _ in range(model.cfg.n_layers)]
-        self.values = [empty.clone() for _ in range(model.cfg.n_layers)]
-        self.start = torch.zeros(0, dtype=torch.long, device=weight.device)
-
-    @property
-    def rows(self) -> int:
-        return self.start.shape[0]
+        shape = (rows, model.cfg.n_kv_heads, capacity, head_dim_of(model.cfg))
+        self.keys = [torch.zeros(shape, **self._like) for _ in range(model.cfg.n_layers)]
+        self.values = [torch.zeros(shape, **self._like) for _ in range(model.cfg.n_layers)]
+        self.start = torch.zeros(rows, dtype=torch.long, device=weight.device)
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v [rows, Hkv, S, D] at columns start.. and return every column up to them (KVCache's contract);
-        only the columns of the oldest live request onwards are attended to, see `live_from`."""
+        """Write k/v [rows, Hkv, S, D] at columns start.. and return every column up to them (KVCache's contract;
+        the attention mask of `step_inputs` hides the columns a row does not own)."""
         end = start + k.shape[2]
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
@@ -98,30 +96,33 @@ class _RowCache(KVCache):
                 new[:, :, shift : shift + kept] = old[:, :, first : self.length]
                 store[i] = new
         self.max_len, self.length = capacity, shift + kept
-        self.start = self.start - first + shift
+        self.start = (self.start - first + shift).clamp(min=0)
 
     def make_room(self, columns: int) -> None:
         """Ensure `columns` more columns fit after `length`: drop the dead ones on the left, or grow."""
         if self.length + columns <= self.max_len:
             return
-        first = int(self.start.min()) if self.rows else self.length
-        capacity = max(self.max_len, self.length - first + columns)
-        self._reallocate(capacity, 0, first)
+        first = int(self.start.min())
+        self._reallocate(max(self.max_len, self.length - first + columns), 0, first)
 
-    def add_rows(self, prefill: KVCache, lengths: torch.Tensor) -> None:
-        """Append the rows of a left-padded prefill cache (row i's prompt: its last lengths[i] columns)."""
+    def fill(self, rows: list[int], prefill: KVCache, lengths: torch.Tensor) -> None:
+        """Copy a left-padded prefill cache (its row i: a prompt in its last lengths[i] columns) into `rows`."""
         width = prefill.length
         if width > self.length:  # room on the left for the longer prompt
             self._reallocate(max(self.max_len, width + 1), width - self.length, 0)
+        index = torch.tensor(rows, device=self.start.device)
         for store, new in ((self.keys, prefill.keys), (self.values, prefill.values)):
-            for i, old in enumerate(store):
-                rows = torch.zeros(new[i].shape[0], old.shape[1], self.max_len, old.shape[3], **self._like)
-                rows[:, :, self.length - width : self.length] = new[i][:, :, :width]
-                store[i] = torch.cat([old, rows])
-        self.start = torch.cat([self.start, self.length - lengths.to(self.start.device)])
+            for layer, cached in enumerate(store):
+                cached[index, :, self.length - width : self.length] = new[layer][:, :, :width]
+        self.start[index] = self.length - lengths.to(self.start.device)
 
-    def keep_rows(self, index: torch.Tensor) -> None:
-        """Keep only the rows at `index` (in that order)."""
+    def free(self, row: int) -> None:
+        """Hide every column written so far from `row` (its request has finished)."""
+        self.start[row] = self.length
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only `rows` (in that order)."""
+        index = torch.tensor(rows, device=self.start.device)
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
                 store[i] = old[index]
@@ -214,48 +215,53 @@ class RolloutEngine:
     ) -> list[Completion]:
         results: list[Completion | None] = [None] * len(prompts)
         waiting = list(range(len(prompts)))[::-1]  # popped from the end: prompt order
-        cache = _RowCache(self.model, longest + params.max_new_tokens + 1)
-        requests: list[int] = []  # request index of each row
-        generators: list[torch.Generator] = []
-        out_tokens: list[list[int]] = []
-        out_logprobs: list[list[float]] = []
-        pending = torch.zeros(0, dtype=torch.long)  # each row's last sampled token, not yet in the cache
-        while waiting or requests:
-            free = self.batch_size - len(requests)
+        rows = min(self.batch_size, len(prompts))
+        cache = _RowCache(self.model, rows, longest + params.max_new_tokens + 1)
+        owner: list[int | None] = [None] * rows  # the prompt each row decodes, None when free
+        generators: list[torch.Generator | None] = [None] * rows
+        out_tokens: list[list[int]] = [[] for _ in range(rows)]
+        out_logprobs: list[list[float]] = [[] for _ in range(rows)]
+        device = self.model.tok_embeddings.weight.device
+        pending = torch.zeros(rows, dtype=torch.long, device=device)  # each row's last token, not yet cached
+        while waiting or any(o is not None for o in owner):
+            free = [r for r in range(len(owner)) if owner[r] is None]
             if free and waiting:
-                new = [waiting.pop() for _ in range(min(free, len(waiting)))]
+                joining = free[: len(waiting)]
+                new = [waiting.pop() for _ in joining]
                 prefill, lengths, logits = self._prefill([prompts[i] for i in new])
-                cache.add_rows(prefill, lengths)
+                cache.fill(joining, prefill, lengths)
                 new_generators = [request_generator(params.seed, request_ids[i]) for i in new]
                 tokens, logprobs = sample(logits, params, new_generators)
-                requests += new
-                generators += new_generators
-                out_tokens += [[t] for t in tokens.tolist()]
-                out_logprobs += [[lp] for lp in logprobs.tolist()]
-                pending = torch.cat([pending.to(tokens.device), tokens])
+                pending[joining] = tokens.to(device)
+                for row, i, gen, token, logprob in zip(joining, new, new_generators, tokens.tolist(),
+                                                       logprobs.tolist(), strict=True):
+                    owner[row], generators[row] = i, gen
+                    out_tokens[row], out_logprobs[row] = [token], [logprob]
+                active = joining
             else:
+                active = [r for r in range(len(owner)) if owner[r] is not None]
+                if not waiting and len(active) <= len(owner) // 2:  # the tail: halve the rows computed
+                    cache.keep_rows(active)
+                    owner, generators = [owner[r] for r in active], [generators[r] for r in active]
+                    out_tokens, out_logprobs = [out_tokens[r] for r in active], [out_logprobs[r] for r in active]
+                    pending = pending[torch.tensor(active, device=device)]
+                    active = list(range(len(active)))
                 cache.make_room(1)
                 mask, positions = cache.step_inputs()
-                self.stats.timeline.append(len(requests))
+                self.stats.timeline.append(len(active))
                 logits = self._forward_last(pending[:, None], cache, attention_mask=mask, position_ids=positions)
-                pending, logprobs = sample(logits, params, generators)
-                for row, (token, logprob) in enumerate(zip(pending.tolist(), logprobs.tolist(), strict=True)):
+                index = torch.tensor(active, device=device)
+                tokens, logprobs = sample(logits[index], params, [generators[r] for r in active])
+                pending[index] = tokens
+                for row, token, logprob in zip(active, tokens.tolist(), logprobs.tolist(), strict=True):
                     out_tokens[row].append(token)
                     out_logprobs[row].append(logprob)
-            finished = [row for row in range(len(requests)) if self._finish_reason(out_tokens[row], params)]
-            if not finished:
-                continue
-            for row in finished:
+            for row in active:
                 reason = self._finish_reason(out_tokens[row], params)
-                results[requests[row]] = Completion(out_tokens[row], out_logprobs[row], reason)
-            keep = [row for row in range(len(requests)) if row not in set(finished)]
-            requests = [requests[r] for r in keep]
-            generators = [generators[r] for r in keep]
-            out_tokens = [out_tokens[r] for r in keep]
-            out_logprobs = [out_logprobs[r] for r in keep]
-            index = torch.tensor(keep, dtype=torch.long, device=pending.device)
-            pending = pending[index]
-            cache.keep_rows(index)
+                if reason is not None:
+                    results[owner[row]] = Completion(out_tokens[row], out_logprobs[row], reason)
+                    owner[row] = generators[row] = None
+                    cache.free(row)
         return [r for r in results if r is not None]
 
     def _finish_reason(self, tokens: list[int], params: SamplingParams) -> str | None:
