@@ -82,6 +82,7 @@ def run_transformers(model, prompts: list[list[int]], batch: int, max_new: int, 
         return [row[: row.index(eos) + 1] if eos in row else row for row in out]
 
     chunk(prompts[:1])  # warm-up
+    torch.manual_seed(0)  # transformers samples from the global generator
     began = time.perf_counter()
     completions = [c for start in range(0, len(prompts), batch) for c in chunk(prompts[start : start + batch])]
     return completions, time.perf_counter() - began
