@@ -78,6 +78,8 @@ class _RowCache(KVCache):
         self.keys = [torch.zeros(shape, **self._like) for _ in range(model.cfg.n_layers)]
         self.values = [torch.zeros(shape, **self._like) for _ in range(model.cfg.n_layers)]
         self.start = torch.zeros(rows, dtype=torch.long, device=weight.device)
+        self.live = torch.zeros(rows, dtype=torch.bool, device=weight.device)
+        """Rows that hold a request (a free row's columns may be dropped at any compaction)."""
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v [rows, Hkv, S, D] at columns start.. and return every column up to them (KVCache's contract;
@@ -102,7 +104,7 @@ class _RowCache(KVCache):
         """Ensure `columns` more columns fit after `length`: drop the dead ones on the left, or grow."""
         if self.length + columns <= self.max_len:
             return
-        first = int(self.start.min())
+        first = int(self.start[self.live].min()) if bool(self.live.any()) else self.length
         self._reallocate(max(self.max_len, self.length - first + columns), 0, first)
 
     def fill(self, rows: list[int], prefill: KVCache, lengths: torch.Tensor) -> None:
@@ -115,10 +117,12 @@ class _RowCache(KVCache):
             for layer, cached in enumerate(store):
                 cached[index, :, self.length - width : self.length] = new[layer][:, :, :width]
         self.start[index] = self.length - lengths.to(self.start.device)
+        self.live[index] = True
 
     def free(self, row: int) -> None:
         """Hide every column written so far from `row` (its request has finished)."""
         self.start[row] = self.length
+        self.live[row] = False
 
     def keep_rows(self, rows: list[int]) -> None:
         """Keep only `rows` (in that order)."""
@@ -126,7 +130,7 @@ class _RowCache(KVCache):
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
                 store[i] = old[index]
-        self.start = self.start[index]
+        self.start, self.live = self.start[index], self.live[index]
 
     def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(attention_mask [rows, length + 1], position_ids [rows, 1]) for a one-token decode step."""
