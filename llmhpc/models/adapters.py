@@ -20,9 +20,14 @@ ADAPTER_PARAMETERS = ("lora_A", "lora_B", "lora_magnitude")
 them initializes them after the base is loaded."""
 
 
+def is_adapter_parameter(name: str) -> bool:
+    """Whether a parameter name of our model is an adapter's (lora_A / lora_B / lora_magnitude)."""
+    return name.rsplit(".", 1)[-1] in ADAPTER_PARAMETERS
+
+
 def adapter_names(model: nn.Module) -> set[str]:
     """The model's adapter parameters (see ADAPTER_PARAMETERS)."""
-    return {name for name, _ in model.named_parameters() if name.rsplit(".", 1)[-1] in ADAPTER_PARAMETERS}
+    return {name for name, _ in model.named_parameters() if is_adapter_parameter(name)}
 
 
 def lora_scaling(rank: int, alpha: float, rslora: bool) -> float:
@@ -86,6 +91,11 @@ def to_nf4(weight: torch.Tensor):
 def is_nf4(weight: torch.Tensor) -> bool:
     """Whether `weight` is a torchao NF4Tensor (what `to_nf4` returns)."""
     return hasattr(weight, "quantized_data") and hasattr(weight, "quantized_scalers")
+
+
+def is_sharded_nf4(weight: torch.Tensor) -> bool:
+    """Whether `weight` is a tensor-parallel DTensor whose local shard is an NF4Tensor (a QLoRA base under TP)."""
+    return hasattr(weight, "device_mesh") and is_nf4(weight.to_local())
 
 
 def dequantize_nf4(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from llmhpc.errors import InputError
-from llmhpc.models.adapters import ADAPTER_PARAMETERS, fold_adapter, lora_scaling, trained_base
+from llmhpc.models.adapters import fold_adapter, is_adapter_parameter, lora_scaling, trained_base
 from llmhpc.models.llama import Llama
 from llmhpc.models.sources import locate_weights
 
@@ -71,7 +71,7 @@ def _fold_stored_adapters(model: Llama, step_dir: Path, scaling: float, qlora: b
 
     shapes = stored_shapes(step_dir)
     adapters = stored_tensor_reader(step_dir)(
-        {k: v for k, v in shapes.items() if k.rsplit(".", 1)[-1] in ADAPTER_PARAMETERS})
+        {k: v for k, v in shapes.items() if is_adapter_parameter(k)})
     for key in adapters:
         if key.endswith(".lora_A"):
             module = key.removesuffix(".lora_A")

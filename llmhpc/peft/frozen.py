@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llmhpc.models.adapters import dequantize_nf4, is_nf4
+from llmhpc.models.adapters import dequantize_nf4, is_nf4, is_sharded_nf4
 
 
 class _FrozenNF4Linear(torch.autograd.Function):
@@ -30,7 +30,7 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """F.linear(x, weight) for a frozen base weight, plain or NF4 (QLoRA), whole or a tensor-parallel DTensor."""
     if is_nf4(weight):
         return _FrozenNF4Linear.apply(x, weight)
-    if is_nf4(getattr(weight, "_local_tensor", None)):
+    if is_sharded_nf4(weight):
         return _sharded_nf4_linear(x, weight)
     return F.linear(x, weight)
 

@@ -33,7 +33,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llmhpc.errors import InputError
-from llmhpc.models.adapters import ADAPTER_PARAMETERS, dequantize_nf4, fold_adapter, is_nf4, lora_scaling
+from llmhpc.models.adapters import (
+    dequantize_nf4,
+    fold_adapter,
+    is_adapter_parameter,
+    is_nf4,
+    is_sharded_nf4,
+    lora_scaling,
+)
 from llmhpc.models.hf import hf_tensor_name
 from llmhpc.peft.frozen import frozen_linear
 
@@ -223,7 +230,7 @@ class LoRALinear(nn.Module):
         weight = self.weight
         if is_nf4(weight):
             return dequantize_nf4(weight)
-        if is_nf4(getattr(weight, "_local_tensor", None)):
+        if is_sharded_nf4(weight):
             from torch.distributed.tensor import DTensor
 
             return DTensor.from_local(dequantize_nf4(weight.to_local()), weight.device_mesh, weight.placements,
@@ -349,11 +356,6 @@ def reset_lora_parameters(model: nn.Module) -> None:
     """Initialize every adapter (e.g. after a meta-device `apply_lora`, `to_empty` and the base's init/load)."""
     for _, module in lora_modules(model):
         module.reset_lora_parameters()
-
-
-def is_adapter_parameter(name: str) -> bool:
-    """Whether a parameter name of our model is an adapter's (lora_A / lora_B / lora_magnitude)."""
-    return name.rsplit(".", 1)[-1] in ADAPTER_PARAMETERS
 
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

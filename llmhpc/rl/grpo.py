@@ -88,6 +88,18 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return delta.exp() - delta - 1
 
 
+def loss_units(mask: torch.Tensor, norm: str, max_completion_tokens: int) -> int:
+    """How many units a batch's summed loss is divided by: completions ('sequence'), completion tokens ('token'),
+    or completions x max_completion_tokens ('fixed', Dr. GRPO). Known from the batch alone, before any forward."""
+    if norm == "sequence":
+        return mask.shape[0]
+    if norm == "token":
+        return int(mask.sum())
+    if norm == "fixed":
+        return mask.shape[0] * max_completion_tokens
+    raise ValueError(f"loss normalization {norm!r}; choose from {LOSS_NORMS}")
+
+
 def loss_sum_and_units(
     per_token: torch.Tensor, mask: torch.Tensor, norm: str, max_completion_tokens: int
 ) -> tuple[torch.Tensor, int]:
@@ -96,16 +108,12 @@ def loss_sum_and_units(
 
     'sequence': sum over completions of their token mean / completions. 'token': token sum / tokens. 'fixed'
     (Dr. GRPO): token sum / (completions x max_completion_tokens)."""
+    units = loss_units(mask, norm, max_completion_tokens)
     mask = mask.to(per_token.dtype)
     summed = per_token * mask
-    completions = per_token.shape[0]
     if norm == "sequence":
-        return (summed.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum(), completions
-    if norm == "token":
-        return summed.sum(), int(mask.sum())
-    if norm == "fixed":
-        return summed.sum(), completions * max_completion_tokens
-    raise ValueError(f"loss normalization {norm!r}; choose from {LOSS_NORMS}")
+        return (summed.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum(), units
+    return summed.sum(), units
 
 
 def informative(rewards: torch.Tensor) -> torch.Tensor:
@@ -156,9 +164,7 @@ class GRPOObjective(Objective):
         self.loss_norm, self.importance, self.max_completion_tokens = loss_norm, importance, max_completion_tokens
 
     def normalizer(self, batch: Batch) -> int:
-        mask = batch["labels"] != IGNORE_INDEX
-        rows = mask.shape[0]
-        return {"sequence": rows, "token": int(mask.sum()), "fixed": rows * self.max_completion_tokens}[self.loss_norm]
+        return loss_units(batch["labels"] != IGNORE_INDEX, self.loss_norm, self.max_completion_tokens)
 
     def loss(self, head: LMHead, hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, Metric]]:
         labels = batch["labels"]

@@ -30,12 +30,6 @@ def _parse(text: str) -> list:
     return parse(text)
 
 
-def final_answer(text: str) -> str | None:
-    """The final answer math-verify reads from `text` (its string form), or None when there is none."""
-    parsed = _parse(text)
-    return str(parsed[-1]) if parsed else None
-
-
 def correct_answer(completion: str, example: Mapping) -> float:
     """1 when the completion's final answer equals the example's 'answer' as a number (or expression), else 0."""
     from math_verify import verify

@@ -49,9 +49,9 @@ def request_generator(seed: int, request: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + request)
 
 
-def filtered_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """logits [N, V] / temperature with everything outside top-k and the top-p nucleus set to -inf (fp32)."""
-    scores = logits.float() / params.temperature
+def _filtered(scores: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """scores [N, V] (logits / temperature, fp32) with everything outside top-k and the top-p nucleus set to
+    -inf."""
     vocab = scores.shape[-1]
     if 0 < params.top_k < vocab:
         kth = scores.topk(params.top_k, dim=-1).values[:, -1:]
@@ -79,7 +79,7 @@ def sample(
         logprobs = logits.float().log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
         return tokens, logprobs
     scaled = logits.float() / params.temperature
-    probs = filtered_logits(logits, params).softmax(dim=-1)
+    probs = _filtered(scaled, params).softmax(dim=-1)
     draws = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])
     cdf = probs.double().cumsum(dim=-1)
     tokens = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None]).squeeze(-1)
