@@ -17,10 +17,15 @@ reports bf16 as its high-precision dtype.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from llmhpc.config.schema import ParallelConfig
 
@@ -55,3 +60,38 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, precisio
         )
     fully_shard(model, mesh=mesh, reshard_after_forward=False, offload_policy=offload, mp_policy=mp)
     return model
+
+
+@contextmanager
+def parameters_gathered(model: nn.Module) -> Iterator[GatherTiming]:
+    """Keep every FSDP2 unit of `model` unsharded for the duration: gathered once on entry, resharded on exit.
+
+    Generation runs one forward per new token; left to itself FSDP2 would all-gather each block's weights
+    before every one of them and free them after. Inside this context those forwards find the weights already
+    gathered. Yields a `GatherTiming` whose `seconds` is the time the gather took (0 for a model without FSDP).
+    Costs one unsharded model per rank while inside.
+    """
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    timing = GatherTiming()
+    if not units:
+        yield timing
+        return
+    began = time.perf_counter()
+    saved = [all(g._reshard_after_forward for g in unit._get_fsdp_state()._fsdp_param_groups) for unit in units]
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    timing.seconds = time.perf_counter() - began
+    try:
+        yield timing
+    finally:
+        for unit, flag in zip(units, saved, strict=True):
+            unit.set_reshard_after_forward(flag, recurse=False)
+            unit.reshard()
+
+
+@dataclass
+class GatherTiming:
+    """How long `parameters_gathered` took to gather the parameters."""
+
+    seconds: float = 0.0

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -218,6 +220,8 @@ class LoRALinear(nn.Module):
         else:
             self.register_parameter("lora_magnitude", None)
         self.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.adapter_enabled = True
+        """False: forward is the base alone (see `adapters_disabled`)."""
         self.reset_lora_parameters()
 
     def extra_repr(self) -> str:
@@ -261,6 +265,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = frozen_linear(x, self.weight)
+        if not self.adapter_enabled:
+            return result
         out_dtype = result.dtype
         x = x.to(self.lora_A.dtype)
         if self.lora_magnitude is None:
@@ -350,6 +356,20 @@ def lora_config(model: nn.Module) -> LoRAConfig | None:
     """The config `apply_lora` used on this model, or None if it has no adapters."""
     modules = lora_modules(model)
     return modules[0][1].config if modules else None
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Inside, every adapter of `model` is switched off and the model computes its frozen base: the reference
+    policy of an RL run on a LoRA policy, without a second copy of the model."""
+    modules = [m for _, m in lora_modules(model)]
+    for module in modules:
+        module.adapter_enabled = False
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.adapter_enabled = True
 
 
 def reset_lora_parameters(model: nn.Module) -> None:

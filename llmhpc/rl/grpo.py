@@ -91,8 +91,8 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 def loss_units(mask: torch.Tensor, norm: str, max_completion_tokens: int) -> int:
     """How many units a batch's summed loss is divided by: completions ('sequence'), completion tokens ('token'),
     or completions x max_completion_tokens ('fixed', Dr. GRPO). Known from the batch alone, before any forward."""
-    if norm == "sequence":
-        return mask.shape[0]
+    if norm == "sequence":  # a completion whose tokens are all masked (e.g. overlong masking) is no unit
+        return int(mask.any(dim=1).sum())
     if norm == "token":
         return int(mask.sum())
     if norm == "fixed":
@@ -144,24 +144,47 @@ def fill_with_informative_groups(
     return kept, stacked, {"drawn": drawn, "dropped": drawn - len(kept), "draws": draws}
 
 
+def completion_logprobs(head: LMHead, hidden: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature) at `labels` [B, S] (0 where IGNORE_INDEX), computing the head's logits for
+    the labelled positions only."""
+    mask = labels != IGNORE_INDEX
+    picked = head.token_logprobs(hidden[mask] / temperature, labels[mask])
+    return torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_tokens: int, buffer: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment per completion length: 0 up to max_tokens - buffer, then falling linearly
+    to -1 at max_tokens (and beyond)."""
+    if buffer <= 0:
+        return torch.zeros(lengths.shape, dtype=torch.float64)
+    over = lengths.to(torch.float64) - (max_tokens - buffer)
+    return -(over / buffer).clamp(0, 1)
+
+
 class GRPOObjective(Objective):
     """The GRPO loss of a rollout batch, on any engine (it sees the model through its hidden states and head).
 
     A batch holds, per completion row [B, S]: `input_ids` (prompt + completion, padded), `labels` (the next token
     at every position that predicts a completion token, IGNORE_INDEX elsewhere), `old_logprobs` (the sampling
     policy's log-probs at those positions; 0 elsewhere), `advantages` [B], and with beta > 0 `ref_logprobs`.
+
+    Log-probs are those of softmax(logits / temperature), the distribution the completions were sampled from
+    (logits = W h, so the hidden states are divided instead). The head runs on the completion tokens only: a
+    prompt position costs its share of the forward and backward through the blocks, never a vocabulary-wide
+    matmul.
     """
 
     name = "grpo"
 
     def __init__(self, *, clip_low: float = 0.2, clip_high: float = 0.2, beta: float = 0.0, loss_norm: str = "token",
-                 importance: str = "token", max_completion_tokens: int = 256) -> None:
+                 importance: str = "token", max_completion_tokens: int = 256, temperature: float = 1.0) -> None:
         if loss_norm not in LOSS_NORMS:
             raise ValueError(f"loss normalization {loss_norm!r}; choose from {LOSS_NORMS}")
         if importance not in IMPORTANCE_LEVELS:
             raise ValueError(f"importance level {importance!r}; choose from {IMPORTANCE_LEVELS}")
         self.clip_low, self.clip_high, self.beta = clip_low, clip_high, beta
         self.loss_norm, self.importance, self.max_completion_tokens = loss_norm, importance, max_completion_tokens
+        self.temperature = temperature if temperature > 0 else 1.0  # greedy rollouts: plain softmax
 
     def normalizer(self, batch: Batch) -> int:
         return loss_units(batch["labels"] != IGNORE_INDEX, self.loss_norm, self.max_completion_tokens)
@@ -169,7 +192,7 @@ class GRPOObjective(Objective):
     def loss(self, head: LMHead, hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, Metric]]:
         labels = batch["labels"]
         mask = labels != IGNORE_INDEX
-        logprobs = head.token_logprobs(hidden, labels)
+        logprobs = completion_logprobs(head, hidden, labels, self.temperature)
         ratio = importance_ratio(logprobs, batch["old_logprobs"], mask, self.importance)
         per_token, low, high = clipped_policy_loss(ratio, batch["advantages"], clip_low=self.clip_low,
                                                    clip_high=self.clip_high)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmhpc.models.llama import KVCache, Llama, head_dim_of
+from llmhpc.parallel.fsdp import parameters_gathered
 from llmhpc.rl.sampling import SamplingParams, request_generator, sample
 
 
@@ -39,6 +40,8 @@ class Completion:
     """log p(token) of each generated token under the model's softmax(logits / temperature) (see `sample`)."""
     finish_reason: str
     """'stop' (an end token or a stop string) or 'length' (max_new_tokens reached)."""
+    entropy: float = 0.0
+    """Mean entropy of the distributions its tokens were drawn from (same softmax as `logprobs`)."""
 
 
 @dataclass
@@ -50,6 +53,8 @@ class RolloutStats:
     forwards: int = 0
     """Model forwards: one per decode step plus one per prefill batch."""
     seconds: float = 0.0
+    gather_seconds: float = 0.0
+    """Time spent gathering FSDP2-sharded parameters before decoding (once per call; 0 without FSDP2)."""
     timeline: list[int] = field(default_factory=list)
     """Active rows at each decode step (how full the batch stayed)."""
 
@@ -187,9 +192,11 @@ class RolloutEngine:
         began = time.perf_counter()
         self.stats = RolloutStats(prompt_tokens=sum(len(p) for p in prompts))
         try:
-            completions = self._run(prompts, params, longest, request_ids)
+            with parameters_gathered(self.model) as gather:
+                completions = self._run(prompts, params, longest, request_ids)
         finally:
             self.model.train(was_training)
+        self.stats.gather_seconds = gather.seconds
         self.stats.seconds = time.perf_counter() - began
         self.stats.generated_tokens = sum(len(c.tokens) for c in completions)
         return completions
@@ -225,6 +232,7 @@ class RolloutEngine:
         generators: list[torch.Generator | None] = [None] * rows
         out_tokens: list[list[int]] = [[] for _ in range(rows)]
         out_logprobs: list[list[float]] = [[] for _ in range(rows)]
+        out_entropy: list[float] = [0.0] * rows
         device = self.model.tok_embeddings.weight.device
         pending = torch.zeros(rows, dtype=torch.long, device=device)  # each row's last token, not yet cached
         while waiting or any(o is not None for o in owner):
@@ -235,12 +243,12 @@ class RolloutEngine:
                 prefill, lengths, logits = self._prefill([prompts[i] for i in new])
                 cache.fill(joining, prefill, lengths)
                 new_generators = [request_generator(params.seed, request_ids[i]) for i in new]
-                tokens, logprobs = sample(logits, params, new_generators)
+                tokens, logprobs, entropy = sample(logits, params, new_generators)
                 pending[joining] = tokens.to(device)
-                for row, i, gen, token, logprob in zip(joining, new, new_generators, tokens.tolist(),
-                                                       logprobs.tolist(), strict=True):
+                for row, i, gen, token, logprob, ent in zip(joining, new, new_generators, tokens.tolist(),
+                                                            logprobs.tolist(), entropy.tolist(), strict=True):
                     owner[row], generators[row] = i, gen
-                    out_tokens[row], out_logprobs[row] = [token], [logprob]
+                    out_tokens[row], out_logprobs[row], out_entropy[row] = [token], [logprob], ent
                 active = joining
             else:
                 active = [r for r in range(len(owner)) if owner[r] is not None]
@@ -248,6 +256,7 @@ class RolloutEngine:
                     cache.keep_rows(active)
                     owner, generators = [owner[r] for r in active], [generators[r] for r in active]
                     out_tokens, out_logprobs = [out_tokens[r] for r in active], [out_logprobs[r] for r in active]
+                    out_entropy = [out_entropy[r] for r in active]
                     pending = pending[torch.tensor(active, device=device)]
                     active = list(range(len(active)))
                 cache.make_room(1)
@@ -255,15 +264,18 @@ class RolloutEngine:
                 self.stats.timeline.append(len(active))
                 logits = self._forward_last(pending[:, None], cache, attention_mask=mask, position_ids=positions)
                 index = torch.tensor(active, device=device)
-                tokens, logprobs = sample(logits[index], params, [generators[r] for r in active])
+                tokens, logprobs, entropy = sample(logits[index], params, [generators[r] for r in active])
                 pending[index] = tokens
-                for row, token, logprob in zip(active, tokens.tolist(), logprobs.tolist(), strict=True):
+                for row, token, logprob, ent in zip(active, tokens.tolist(), logprobs.tolist(), entropy.tolist(),
+                                                    strict=True):
                     out_tokens[row].append(token)
                     out_logprobs[row].append(logprob)
+                    out_entropy[row] += ent
             for row in active:
                 reason = self._finish_reason(out_tokens[row], params)
                 if reason is not None:
-                    results[owner[row]] = Completion(out_tokens[row], out_logprobs[row], reason)
+                    entropy = out_entropy[row] / len(out_tokens[row])
+                    results[owner[row]] = Completion(out_tokens[row], out_logprobs[row], reason, entropy)
                     owner[row] = generators[row] = None
                     cache.free(row)
         return [r for r in results if r is not None]

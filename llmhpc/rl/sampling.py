@@ -67,17 +67,18 @@ def _filtered(scores: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 def sample(
     logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(next token [N], its log-probability [N]) for logits [N, V], row i drawing from generators[i].
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(next token [N], its log-probability [N], the entropy of the distribution [N]) for logits [N, V], row i
+    drawing from generators[i].
 
-    The log-probability is the token's under softmax(logits / temperature) over the whole vocabulary (greedy:
-    temperature 1), before top-k / top-p: the policy's own probability, what an RL objective recomputes from the
-    same logits when it trains.
+    The log-probability and the entropy are those of softmax(logits / temperature) over the whole vocabulary
+    (greedy: temperature 1), before top-k / top-p: the policy's own distribution, what an RL objective
+    recomputes from the same logits when it trains.
     """
     if params.temperature == 0:
         tokens = logits.argmax(dim=-1)
-        logprobs = logits.float().log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-        return tokens, logprobs
+        log_probs = logits.float().log_softmax(dim=-1)
+        return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(-1), _entropy(log_probs)
     scaled = logits.float() / params.temperature
     probs = _filtered(scaled, params).softmax(dim=-1)
     draws = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])
@@ -86,5 +87,10 @@ def sample(
     # The first token whose CDF reaches the draw has probability > 0, except for a draw of exactly 0.
     stray = probs.gather(-1, tokens[:, None]).squeeze(-1) == 0
     tokens = torch.where(stray, (probs > 0).int().argmax(dim=-1), tokens)
-    logprobs = scaled.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-    return tokens, logprobs
+    log_probs = scaled.log_softmax(dim=-1)
+    return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(-1), _entropy(log_probs)
+
+
+def _entropy(log_probs: torch.Tensor) -> torch.Tensor:
+    """-sum p log p per row of log-probabilities [N, V] (a token of probability 0 adds nothing)."""
+    return -(log_probs.exp() * log_probs.nan_to_num(neginf=0.0)).sum(dim=-1)

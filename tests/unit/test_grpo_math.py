@@ -15,6 +15,7 @@ from llmhpc.rl.grpo import (
     informative,
     kl_k3,
     loss_sum_and_units,
+    overlong_penalty,
 )
 
 
@@ -81,6 +82,17 @@ def test_loss_normalizations_of_grpo_dapo_and_dr_grpo():
     assert loss_sum_and_units(per_token, mask, "fixed", 4) == (torch.tensor(10.0), 8)
     with pytest.raises(ValueError, match="choose from"):
         loss_sum_and_units(per_token, mask, "mean", 4)
+    # A completion with every token masked (overlong masking) is no unit of GRPO's mean over completions.
+    masked = torch.cat([mask, torch.zeros(1, 4, dtype=mask.dtype)])
+    padded = torch.cat([per_token, torch.ones(1, 4)])
+    assert loss_sum_and_units(padded, masked, "sequence", 4) == (torch.tensor(6.0), 2)
+
+
+def test_overlong_penalty_is_dapos_linear_ramp():
+    lengths = torch.tensor([10, 12, 13, 14, 16])  # max 16 tokens, a buffer of 4: the ramp starts after 12
+    expected = torch.tensor([0, 0, -0.25, -0.5, -1.0], dtype=torch.float64)
+    assert torch.allclose(overlong_penalty(lengths, 16, 4), expected)
+    assert bool((overlong_penalty(lengths, 16, 0) == 0).all())
 
 
 def test_dynamic_sampling_never_keeps_an_all_equal_group():
@@ -104,11 +116,12 @@ def test_dynamic_sampling_never_keeps_an_all_equal_group():
     assert few == [] and short == {"drawn": 12, "dropped": 12, "draws": 3}
 
 
-@pytest.mark.parametrize(("norm", "level"), [("token", "token"), ("sequence", "token"), ("fixed", "token"),
-                                             ("sequence", "sequence")])
-def test_grpo_objective_equals_the_formula_written_out_on_full_logits(norm: str, level: str):
-    """The objective (chunked log-probs through the head) against the same loss spelled out token by token from
-    the model's full logits: value and gradient, for each normalization and both importance levels."""
+@pytest.mark.parametrize(("norm", "level", "temperature"), [("token", "token", 1.0), ("sequence", "token", 1.0),
+                                                            ("fixed", "token", 0.7), ("sequence", "sequence", 1.3)])
+def test_grpo_objective_equals_the_formula_written_out_on_full_logits(norm: str, level: str, temperature: float):
+    """The objective (chunked log-probs through the head, on completion positions only) against the same loss
+    spelled out token by token from the model's full logits divided by the sampling temperature: value and
+    gradient, for each normalization and both importance levels."""
     from llmhpc.config.schema import ModelConfig
     from llmhpc.models import build_model
     from llmhpc.rl.grpo import GRPOObjective
@@ -124,18 +137,18 @@ def test_grpo_objective_equals_the_formula_written_out_on_full_logits(norm: str,
         labels[row, 3:end] = ids[row, 4 : end + 1]
     mask = labels != IGNORE_INDEX
     with torch.no_grad():
-        now = model(ids).log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+        now = (model(ids) / temperature).log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
     shift = torch.randn(4, 12, generator=torch.Generator().manual_seed(1)) * 0.3  # ratios on both sides of the clip
     batch = {"input_ids": ids, "labels": labels, "advantages": torch.tensor([1.0, -1.0, 0.5, -0.5]),
              "old_logprobs": torch.where(mask, now + shift, 0.0), "ref_logprobs": torch.where(mask, now - shift, 0.0)}
     objective = GRPOObjective(clip_low=0.2, clip_high=0.28, beta=0.05, loss_norm=norm, importance=level,
-                              max_completion_tokens=8)
+                              max_completion_tokens=8, temperature=temperature)
     out = objective(model, batch)
     (out.loss / out.count).backward()
     ours_grad = model.layers["0"].attention.wq.weight.grad.clone()
     model.zero_grad()
 
-    logp = model(ids).log_softmax(-1)
+    logp = (model(ids) / temperature).log_softmax(-1)
     per_row = []
     for row in range(4):
         terms = []

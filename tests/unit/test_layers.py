@@ -23,7 +23,7 @@ ALLOWED = {
     "checkpoint": {"config", "errors", "process_group"},
     "data": {"config", "errors", "assets"},
     "peft": {"config", "errors", "models", "metrics"},
-    "rl": {"config", "errors", "models", "data", "train"},
+    "rl": {"config", "errors", "models", "data", "train", "parallel", "peft"},
     "scoring": {"config", "errors", "models", "data", "train", "rl"},
 }
 """config is the bottom (it knows nothing of llmhpc above it); parallel knows no loss, no trainer and no stage;

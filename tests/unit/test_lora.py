@@ -24,6 +24,7 @@ from llmhpc.peft.lora import (
     LoRAConfig,
     LoRALinear,
     adapter_state_dict,
+    adapters_disabled,
     apply_lora,
     base_state_dict,
     fold_adapter,
@@ -100,6 +101,22 @@ def test_fresh_adapters_leave_the_logits_unchanged(name):
     apply_lora(model, VARIANTS[name])
     with torch.no_grad():
         assert torch.equal(model(ids), expected)
+
+
+@pytest.mark.parametrize("name", ["lora", "dora"])
+def test_disabled_adapters_give_the_base_logits_and_come_back_on(name):
+    ids = _ids()
+    with torch.no_grad():
+        base = _model()(ids)
+    model = _model()
+    apply_lora(model, VARIANTS[name])
+    _randomize_adapters(model)
+    with torch.no_grad():
+        adapted = model(ids)
+        assert (adapted - base).abs().max() > 1e-2
+        with adapters_disabled(model):
+            assert torch.equal(model(ids), base)
+        assert torch.equal(model(ids), adapted)
 
 
 def _peft_reference(base_dir, adapter_dir):

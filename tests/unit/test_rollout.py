@@ -100,9 +100,11 @@ def test_sampler_draws_from_the_filtered_distribution():
     def frequencies(params: SamplingParams) -> torch.Tensor:
         counts = torch.zeros(logits.shape[1])
         for i in range(draws):
-            token, logprob = sample(logits, params, [request_generator(params.seed, i)])
+            token, logprob, entropy = sample(logits, params, [request_generator(params.seed, i)])
             counts[token] += 1
-            assert torch.allclose(logprob, (logits / params.temperature).log_softmax(-1)[0, token])
+            log_p = (logits / params.temperature).log_softmax(-1)[0]
+            assert torch.allclose(logprob, log_p[token])
+            assert torch.allclose(entropy, -(log_p.exp() * log_p).sum())  # of the unfiltered softmax
         return counts / draws
 
     probs = (logits[0] / 0.8).softmax(-1)
