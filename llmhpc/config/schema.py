@@ -383,6 +383,59 @@ class PeftConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """Options of `llmhpc grpo` (written without the `grpo.` prefix: `llmhpc grpo reward=correct group_size=8`).
+
+    A rollout batch is trainer.global_batch_size completions: global_batch_size / group_size prompts with
+    group_size sampled answers each."""
+
+    reward: list[str] = field(default_factory=lambda: ["correct"])
+    """Reward functions, each a name ('correct': the final number is right; 'format': ends with "The answer is
+    N.") or the dotted path of a callable (completion text, example row) -> float, optionally with a weight after
+    a colon: reward=[correct,format:0.1]. The reward of a completion is the weighted sum."""
+    group_size: int = 8
+    """G: answers sampled per prompt; advantages are relative to the group."""
+    max_new_tokens: int = 128
+    """Longest answer sampled; a longer one is cut ('length', counted in the truncation rate)."""
+    temperature: float = 1.0
+    """Sampling temperature (the objective trains the same softmax(logits / temperature))."""
+    top_k: int = 0
+    """Sample among the k likeliest tokens only (0: all)."""
+    top_p: float = 1.0
+    """Sample within the smallest nucleus of this probability mass (1: all)."""
+    updates_per_rollout: int = 1
+    """mu: optimizer steps taken on each rollout batch (> 1 makes the clipped ratio matter)."""
+    scale_rewards: bool = True
+    """Divide advantages by the group's reward std (GRPO); false: only subtract the group mean (Dr. GRPO)."""
+    loss_norm: str = "token"
+    """'token' (DAPO: every completion token weighs the same), 'sequence' (GRPO: mean per completion, then over
+    completions) or 'fixed' (Dr. GRPO: token sum / (completions x max_new_tokens))."""
+    importance: str = "token"
+    """'token' (a ratio per token) or 'sequence' (GSPO: one length-normalized ratio per completion)."""
+    clip_low: float = 0.2
+    """The ratio is clipped below at 1 - clip_low."""
+    clip_high: float = 0.2
+    """...and above at 1 + clip_high (DAPO's clip-higher: e.g. 0.28)."""
+    beta: float = 0.0
+    """Weight of the k3 KL to the reference (the starting model; with peft, the base with adapters off). At 0 no
+    reference is loaded or run."""
+    dynamic_sampling: bool = False
+    """DAPO: drop groups whose rewards are all equal (they teach nothing) and sample new prompts until the batch
+    is full (at most max_draws rounds per rollout)."""
+    max_draws: int = 4
+    """dynamic_sampling: rounds of sampling per rollout before training on the informative groups found."""
+    overlong: str = "none"
+    """Answers cut at max_new_tokens: 'none' (trained like any other), 'mask' (no loss on them) or 'penalty'
+    (DAPO's soft punishment: the reward falls linearly by up to 1 over the last overlong_buffer tokens)."""
+    overlong_buffer: int = 32
+    """overlong=penalty: tokens before max_new_tokens where the penalty ramps from 0 to -1."""
+    rollout_batch_size: int = 64
+    """Sequences the rollout engine decodes together (continuous batching refills finished rows)."""
+    eval_problems: int = 32
+    """data.source=arithmetic: held-out problems answered greedily at each eval (trainer.eval_every)."""
+
+
+@dataclass
 class Config:
     """Root of every llmhpc config."""
 
@@ -400,3 +453,4 @@ class Config:
     convert: ConvertConfig = field(default_factory=ConvertConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)

@@ -55,6 +55,31 @@ def validate_model(model, prefix: str = "model") -> None:
         )
 
 
+def validate_grpo(cfg: Config) -> None:
+    """Rules of the grpo section (checked for every stage: its defaults always hold)."""
+    g = cfg.grpo
+    _positive(g, "grpo", ("max_new_tokens", "updates_per_rollout", "max_draws", "rollout_batch_size"))
+    _check(g.group_size >= 2, f"grpo.group_size={g.group_size}: advantages compare answers within a group; use >= 2")
+    _check(g.temperature >= 0, f"grpo.temperature must be >= 0, got {g.temperature}")
+    _check(0 < g.top_p <= 1, f"grpo.top_p must be in (0, 1], got {g.top_p}")
+    _check(g.top_k >= 0, f"grpo.top_k must be >= 0 (0: no top-k), got {g.top_k}")
+    _check(g.clip_low >= 0 and g.clip_high >= 0, f"grpo.clip_low / clip_high must be >= 0, got {g.clip_low} / "
+                                                 f"{g.clip_high}")
+    _check(g.beta >= 0, f"grpo.beta must be >= 0 (0: no reference model), got {g.beta}")
+    _choice("grpo.loss_norm", g.loss_norm, ("token", "sequence", "fixed"))
+    _choice("grpo.importance", g.importance, ("token", "sequence"))
+    _choice("grpo.overlong", g.overlong, ("none", "mask", "penalty"))
+    _check(0 < g.overlong_buffer <= g.max_new_tokens or g.overlong != "penalty",
+           f"grpo.overlong_buffer={g.overlong_buffer} must be in (0, grpo.max_new_tokens={g.max_new_tokens}]")
+    _check(bool(g.reward), "grpo.reward is empty; name at least one reward, e.g. grpo.reward=[correct]")
+    _check(g.eval_problems >= 0, f"grpo.eval_problems must be >= 0, got {g.eval_problems}")
+    if cfg.stage == "grpo":
+        batch = cfg.trainer.global_batch_size
+        _check(batch % g.group_size == 0,
+               f"trainer.global_batch_size={batch} must be a multiple of grpo.group_size={g.group_size} (a rollout "
+               f"batch is whole groups), e.g. {g.group_size * max(1, batch // g.group_size)}")
+
+
 CONVERT_QUANT = {"hf": ("none",), "trtllm": ("none", "int8_wo", "int4_wo", "fp8"),
                  "gguf": ("none", "q8_0", "q4_0", "q4_k")}
 """The quantizations each `llmhpc convert to=...` format writes."""
@@ -124,6 +149,7 @@ def validate(cfg: Config) -> None:
     _choice("precision.fp8_recipe", cfg.precision.fp8_recipe, ("tensorwise", "rowwise"))
     validate_convert(cfg.convert)
     validate_eval(cfg.eval)
+    validate_grpo(cfg)
     _choice("peft", cfg.peft.name, ("none", "lora", "qlora"))
     _positive(cfg.peft, "peft", ("rank", "alpha"))
     _check(0 <= cfg.peft.dropout < 1, f"peft.dropout must be in [0, 1), got {cfg.peft.dropout}")

@@ -42,6 +42,11 @@ def last_number(text: str) -> Fraction | None:
 
 def read_questions(path: str | Path, limit: int = 0) -> list[Question]:
     """Questions from a JSONL file of rows with 'prompt' or 'messages' and 'answer' (the first `limit`; 0: all)."""
+    return [question for question, _ in read_question_rows(path, limit)]
+
+
+def read_question_rows(path: str | Path, limit: int = 0) -> list[tuple[Question, dict]]:
+    """(question, the row it came from) for the rows of a JSONL file (`read_questions`); rewards see the row."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise InputError(f"{path}: question file not found; give a .jsonl file of rows with prompt and answer")
@@ -51,7 +56,8 @@ def read_questions(path: str | Path, limit: int = 0) -> list[Question]:
             if not line.strip():
                 continue
             try:
-                questions.append(question_from_row(json.loads(line)))
+                row = json.loads(line)
+                questions.append((question_from_row(row), row))
             except (ValueError, KeyError, TypeError) as exc:
                 raise InputError(f"{path}, line {number}: not a question row ({exc}); each line needs 'prompt' (or "
                                  "'messages') and 'answer'") from None
@@ -76,7 +82,8 @@ def question_from_row(row: dict) -> Question:
     return Question(chat, answer)
 
 
-def _prompt_ids(tokenizer, question: Question) -> list[int]:
+def prompt_ids(tokenizer, question: Question) -> list[int]:
+    """The question's tokens as the model is asked: its chat template (generation prompt added) when it has one."""
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": role, "content": content} for role, content in question.chat]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -90,7 +97,7 @@ def accuracy(model: torch.nn.Module, tokenizer, questions: list[Question], *, ma
     engine: a finished reply's row is taken by the next question at once)."""
     eos = tokenizer.eos_token_id
     engine = RolloutEngine(model, batch_size=batch_size, eos_token_ids=[] if eos is None else [eos])
-    replies = engine.generate([_prompt_ids(tokenizer, q) for q in questions],
+    replies = engine.generate([prompt_ids(tokenizer, q) for q in questions],
                               SamplingParams(max_new_tokens=max_new_tokens, temperature=0))
     correct = truncated = 0
     for question, reply in zip(questions, replies, strict=True):

@@ -56,6 +56,12 @@ SFT_DEFAULTS = ("data.source=arithmetic", "trainer.lr=2e-5", "trainer.weight_dec
 """What `llmhpc sft` runs unless told otherwise: the package's arithmetic problems, a fine-tuning learning rate
 (2e-5, no weight decay, as TRL's SFTTrainer; with peft=lora raise it to ~2e-4) and 512-token packed rows."""
 
+GRPO_DEFAULTS = ("data.source=arithmetic", "trainer.lr=2e-6", "trainer.weight_decay=0.0", "trainer.warmup_steps=0",
+                 "trainer.schedule=constant", "trainer.max_steps=100", "trainer.seq_len=512",
+                 "trainer.global_batch_size=32", "trainer.eval_every=10", "trainer.ckpt_every=10")
+"""What `llmhpc grpo` runs unless told otherwise: the package's arithmetic problems, 4 prompts x 8 answers per
+step, a constant RL learning rate (TRL's GRPOTrainer default is 1e-6), held-out accuracy every 10 steps."""
+
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in (
@@ -69,6 +75,13 @@ STAGES: dict[str, StageSpec] = {
             "llmhpc.stages.sft:main", sections=(*TRAINING_SECTIONS, "peft"), defaults=SFT_DEFAULTS,
             example="llmhpc sft model.init_from=model.gguf data.source=chats.jsonl peft=lora trainer.lr=2e-4 "
                     "run.dir=runs/sft",
+        ),
+        StageSpec(
+            "grpo", "GRPO on verifiable rewards: groups of sampled answers scored by reward functions (e.g. the "
+            "final number is right), clipped policy-ratio updates; full or peft=lora",
+            "llmhpc.stages.grpo:main", sections=(*TRAINING_SECTIONS, "peft", "grpo"), defaults=GRPO_DEFAULTS,
+            shorthand="grpo",
+            example="llmhpc grpo model.init_from=runs/sft reward=[correct,format:0.1] group_size=8 run.dir=runs/grpo",
         ),
         StageSpec(
             "data prepare", "tokenize data.source into packed token shards (data.path)",

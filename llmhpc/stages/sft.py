@@ -41,7 +41,7 @@ def _is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _data_file(cfg: Config) -> str:
+def arithmetic_or_file(cfg: Config) -> str:
     """data.source, or for 'arithmetic' the package's training problems written once into the cache."""
     if cfg.data.source != ARITHMETIC:
         return cfg.data.source
@@ -54,7 +54,7 @@ def _data_file(cfg: Config) -> str:
     return str(path)
 
 
-def _with_model_tokenizer(cfg: Config) -> Config:
+def with_model_tokenizer(cfg: Config) -> Config:
     """The run's config with data.tokenizer set to the model's own, so checkpoints name it for later stages."""
     from llmhpc.models.loader import tokenizer_spec
 
@@ -69,7 +69,7 @@ def _with_model_tokenizer(cfg: Config) -> Config:
 
 def run(cfg: Config) -> TrainResult:
     """Fine-tune under the layout of cfg.parallel on WORLD_SIZE processes."""
-    cfg = _with_model_tokenizer(cfg)
+    cfg = with_model_tokenizer(cfg)
     with distributed_run(cfg) as where:
         return _train(cfg, where)
 
@@ -84,7 +84,7 @@ def _train(cfg: Config, where: RunContext) -> TrainResult:
     built = build(cfg, where)
     cfg, t, d = built.cfg, built.cfg.trainer, built.cfg.data
     tokenizer = load_tokenizer(d.tokenizer)
-    examples, report = load_sft_examples(_data_file(cfg), tokenizer, t.seq_len, chat_template=d.chat_template,
+    examples, report = load_sft_examples(arithmetic_or_file(cfg), tokenizer, t.seq_len, chat_template=d.chat_template,
                                          last_turn_only=d.last_turn_only, on_error=d.on_error)
     if _is_main():
         print(report.summary(), flush=True)
@@ -100,39 +100,41 @@ def _train(cfg: Config, where: RunContext) -> TrainResult:
     trainer = Trainer(
         cfg, built.engine, loader, NextTokenObjective(), components=built.components, eval_batches=held_out,
         flops_per_token=built.flops_per_token, lineage=built.lineage, lr_scales=built.lr_scales,
-        evaluators=_answer_accuracy(cfg, tokenizer, where),
+        evaluators=answer_accuracy(cfg, tokenizer, where, ARITHMETIC_EVAL, ARITHMETIC_NEW_TOKENS),
     )
     try:
         result = trainer.fit()
         if cfg.peft.name != "none":
-            _save_adapter(built.engine.model, cfg)
+            save_adapter(built.engine.model, cfg)
         return result
     finally:
         built.engine.close()
 
 
-def _answer_accuracy(cfg: Config, tokenizer, where: RunContext) -> list:
-    """For data.source=arithmetic: greedy accuracy on ARITHMETIC_EVAL held-out problems at every eval.
+def answer_accuracy(cfg: Config, tokenizer, where: RunContext, problems: int, max_new_tokens: int) -> list:
+    """For data.source=arithmetic: greedy accuracy on `problems` held-out problems at every eval (answers of at
+    most `max_new_tokens`).
 
     Every rank decodes every problem (same inputs, so all ranks take part in each forward's collectives and
     stop together). Decoding needs the KV cache, which neither a pipeline stage (it holds some layers) nor a
     tensor-parallel model (sequence parallel cannot split one new token) has: under parallel.pp > 1 or
     parallel.tp > 1 only the eval loss is kept; `llmhpc eval task=arithmetic` scores the checkpoint afterwards."""
-    if cfg.data.source != ARITHMETIC or not cfg.trainer.eval_every or where.dims.pp > 1 or where.dims.tp > 1:
+    if (cfg.data.source != ARITHMETIC or not cfg.trainer.eval_every or not problems or where.dims.pp > 1
+            or where.dims.tp > 1):
         return []
     from llmhpc.data.arithmetic import held_out_problems
     from llmhpc.scoring.answers import accuracy, question_from_row
 
-    questions = [question_from_row(p.to_row()) for p in held_out_problems(ARITHMETIC_EVAL, cfg.run.seed)]
+    questions = [question_from_row(p.to_row()) for p in held_out_problems(problems, cfg.run.seed)]
 
     def arithmetic(model) -> dict[str, float]:
-        result = accuracy(model, tokenizer, questions, max_new_tokens=ARITHMETIC_NEW_TOKENS, batch_size=16)
+        result = accuracy(model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=16)
         return {"accuracy": result["accuracy"], "truncated": result["truncated"]}
 
     return [arithmetic]
 
 
-def _save_adapter(model, cfg: Config) -> None:
+def save_adapter(model, cfg: Config) -> None:
     """run.dir/adapter: the adapters in peft's format, loadable onto the HF export of model.init_from."""
     from llmhpc.peft.lora import lora_config, save_peft_adapter
 

@@ -37,7 +37,10 @@ Batch = dict[str, torch.Tensor]
 
 
 class BatchSource(Protocol):
-    """Where training batches come from; its position is saved in every checkpoint, per rank."""
+    """Where training batches come from; its position is saved in every checkpoint, per rank.
+
+    A source that makes its batches (RL rollouts) may also have `metrics() -> dict[str, float]`: numbers about
+    the batches of the last step (the same on every rank), logged with the step's."""
 
     def next_batch(self) -> Batch: ...
     def state_dict(self) -> dict: ...
@@ -139,6 +142,8 @@ class Trainer:
         loss, metrics = _means(StepSums.unflat(names, self.dp.sum(flat)), normalizer)
         grad_norm, stepped = self.engine.update(t.grad_clip if t.grad_clip > 0 else math.inf, math.isfinite(loss))
         out = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "finite": stepped, "tokens": tokens, **metrics}
+        if hasattr(self.batches, "metrics"):
+            out.update(self.batches.metrics())
         if "labels" in micro[0]:  # SFT: how much of what the model reads it learns from (prompts carry no loss)
             out["loss_token_fraction"] = labelled / max(tokens, 1)
         return out

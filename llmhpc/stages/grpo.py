@@ -1,0 +1,187 @@
+"""Recipe: GRPO — reinforcement learning from verifiable rewards, on groups of sampled answers.
+
+    llmhpc grpo model.init_from=<HF dir | .gguf | llmhpc run> [data.source=<.jsonl of prompt/answer>]
+                reward=[correct,format:0.1] group_size=8 [peft=lora] [beta=0.04] [dynamic_sampling=true]
+
+For each prompt of a rollout batch, `group_size` answers are sampled from the weights being trained (the rollout
+engine, `llmhpc.rl.rollout`), scored by the reward functions, and each answer's advantage is its reward relative
+to its group; the clipped policy-ratio objective (`llmhpc.rl.grpo.GRPOObjective`) then takes
+`updates_per_rollout` optimizer steps on that batch (`llmhpc.rl.group_rollouts`). The model, its layout and
+optimizer come from the shared builder and the loop is the shared trainer, so logging, W&B, checkpoints and the
+exact resume are those of every stage. With beta > 0 a reference policy is the starting model: the base with
+adapters switched off under peft=lora / qlora, otherwise a frozen copy read from model.init_from.
+
+Layouts: one process, FSDP2 / DDP / HSDP (each rank samples for its own prompts; under FSDP2 the parameters are
+gathered once per rollout, not once per token, and the time that takes is logged as gather_seconds). Decoding
+needs the KV cache, which a pipeline stage or a tensor-parallel model does not have: parallel.tp and parallel.pp
+must be 1.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmhpc.config import Config, ConfigError
+from llmhpc.errors import InputError
+from llmhpc.parallel import dp_mesh, dp_rank, dp_size
+from llmhpc.stages.sft import answer_accuracy, arithmetic_or_file, with_model_tokenizer
+from llmhpc.train.builder import RunContext, build, distributed_run
+from llmhpc.train.trainer import Trainer, TrainResult
+
+
+def _check_layout(cfg: Config, where: RunContext) -> None:
+    d, g, t = where.dims, cfg.grpo, cfg.trainer
+    if d.tp > 1 or d.pp > 1:
+        raise ConfigError("grpo samples answers with a KV cache, which tensor-parallel and pipeline layouts do not "
+                          "have; use parallel.tp=1 parallel.pp=1 with data parallelism (parallel.dp_shard)")
+    if cfg.parallel.engine != "torch":
+        raise ConfigError("grpo runs on parallel.engine=torch (one process, FSDP2, DDP or HSDP)")
+    if t.global_batch_size % (g.group_size * d.dp_size):
+        raise ConfigError(f"trainer.global_batch_size={t.global_batch_size} must be a multiple of grpo.group_size="
+                          f"{g.group_size} x {d.dp_size} data-parallel ranks (each rank samples whole groups)")
+
+
+def reward_specs(entries: list[str]) -> dict[str, float]:
+    """grpo.reward entries ('correct', 'format:0.1', 'pkg.mod.fn:2') -> {name or path: weight}."""
+    specs: dict[str, float] = {}
+    for entry in entries:
+        name, _, weight = entry.partition(":")
+        try:
+            specs[name.strip()] = float(weight) if weight else 1.0
+        except ValueError:
+            raise ConfigError(f"grpo.reward entry {entry!r}: the weight after ':' must be a number, e.g. "
+                              "format:0.1") from None
+    return specs
+
+
+def load_prompts(cfg: Config, tokenizer) -> list:
+    """The prompt set: rows with 'prompt' (or 'messages') and 'answer', rendered with the model's chat template;
+    a prompt that leaves no room for max_new_tokens within trainer.seq_len is refused."""
+    from llmhpc.rl.group_rollouts import Prompt
+    from llmhpc.scoring.answers import prompt_ids, read_question_rows
+
+    prompts = []
+    for question, row in read_question_rows(arithmetic_or_file(cfg)):
+        ids = prompt_ids(tokenizer, question)
+        room = cfg.trainer.seq_len - cfg.grpo.max_new_tokens
+        if len(ids) > room:
+            raise InputError(f"{cfg.data.source}: a prompt of {len(ids)} tokens leaves no room for "
+                             f"grpo.max_new_tokens={cfg.grpo.max_new_tokens} in trainer.seq_len="
+                             f"{cfg.trainer.seq_len}; raise trainer.seq_len")
+        prompts.append(Prompt(tuple(ids), row))
+    return prompts
+
+
+def _reference(cfg: Config, policy: nn.Module, device: torch.device,
+               autocast: Callable[[], AbstractContextManager]) -> Callable | None:
+    """beta > 0: log-probs of a micro-batch's labels under the starting model (module docstring)."""
+    if cfg.grpo.beta == 0:
+        return None
+    from contextlib import nullcontext
+
+    from llmhpc.rl.grpo import completion_logprobs
+    from llmhpc.train.objective import LMHead
+
+    if cfg.peft.name != "none":
+        from llmhpc.peft.lora import adapters_disabled
+
+        model, switch = policy, (lambda: adapters_disabled(policy))
+    else:
+        from llmhpc.models import load_pretrained
+
+        model, _ = load_pretrained(cfg.model.init_from, device=str(device))
+        model.requires_grad_(False).eval()
+        switch = nullcontext
+
+    def reference(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            with switch(), autocast():
+                batch = {k: v.to(device) for k, v in batch.items()}
+                hidden = model(batch["input_ids"], return_hidden=True)
+                return completion_logprobs(LMHead(model), hidden, batch["labels"], cfg.grpo.temperature).cpu()
+        finally:
+            model.train(was_training)
+
+    return reference
+
+
+def run(cfg: Config) -> TrainResult:
+    """Train with GRPO under the layout of cfg.parallel on WORLD_SIZE processes."""
+    cfg = with_model_tokenizer(cfg)
+    with distributed_run(cfg) as where:
+        _check_layout(cfg, where)
+        return _train(cfg, where)
+
+
+def _train(cfg: Config, where: RunContext) -> TrainResult:
+    from llmhpc.data.tokenizer import load_tokenizer
+    from llmhpc.rl.group_rollouts import GroupRollouts, GroupSettings
+    from llmhpc.rl.grpo import GRPOObjective
+    from llmhpc.rl.rewards import RewardSet
+    from llmhpc.rl.rollout import RolloutEngine
+    from llmhpc.rl.sampling import SamplingParams
+
+    try:
+        rewards = RewardSet.from_specs(reward_specs(cfg.grpo.reward))
+    except ValueError as e:
+        raise ConfigError(f"grpo.reward: {e}") from None
+    built = build(cfg, where)
+    cfg, t, g = built.cfg, built.cfg.trainer, built.cfg.grpo
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    prompts = load_prompts(cfg, tokenizer)
+    model, engine = built.engine.model, built.engine
+    eos = tokenizer.eos_token_id
+    rollout = RolloutEngine(model, batch_size=g.rollout_batch_size, eos_token_ids=[] if eos is None else [eos],
+                            decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+    ranks = dp_size(where.mesh)
+    sampling = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
+                              top_p=g.top_p, seed=cfg.run.seed)
+    settings = GroupSettings(
+        group_size=g.group_size, sampling=sampling, groups=t.global_batch_size // (g.group_size * ranks),
+        micro_batches=t.global_batch_size // (t.micro_batch_size * ranks), updates=g.updates_per_rollout,
+        scale_rewards=g.scale_rewards, dynamic_sampling=g.dynamic_sampling, max_draws=g.max_draws,
+        overlong=g.overlong, overlong_buffer=g.overlong_buffer,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+    )
+    mesh = dp_mesh(where.mesh)
+    source = GroupRollouts(
+        rollout, prompts, rewards, lambda ids: tokenizer.decode(ids, skip_special_tokens=True), settings,
+        seed=cfg.run.seed, rank=dp_rank(where.mesh), ranks=ranks,
+        reference=_reference(cfg, model, where.device, engine.autocast),
+        dp_group=mesh.get_group() if mesh is not None and ranks > 1 else None, context=engine.autocast,
+    )
+    objective = GRPOObjective(clip_low=g.clip_low, clip_high=g.clip_high, beta=g.beta, loss_norm=g.loss_norm,
+                              importance=g.importance, max_completion_tokens=g.max_new_tokens,
+                              temperature=g.temperature)
+    trainer = Trainer(
+        cfg, engine, source, objective, components=built.components, lineage=built.lineage,
+        lr_scales=built.lr_scales,
+        evaluators=answer_accuracy(cfg, tokenizer, where, g.eval_problems, g.max_new_tokens),
+    )
+    try:
+        result = trainer.fit()
+        if cfg.peft.name != "none":
+            from llmhpc.stages.sft import save_adapter
+
+            save_adapter(model, cfg)
+        return result
+    finally:
+        engine.close()
+
+
+def main(cfg: Config, overrides: list[str]) -> int:
+    """`llmhpc grpo`: train, then (rank 0) report where the run ended."""
+    result = run(cfg)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"done: step {result.step}, loss {result.last_loss:.4f}"
+              + (f", checkpoint {result.checkpoint}" if result.checkpoint else "")
+              + (f", adapter {Path(cfg.run.dir) / 'adapter'}" if cfg.peft.name != "none" else ""))
+    return 0
