@@ -187,7 +187,7 @@ class GroupRollouts:
             total = total + overlong_penalty(lengths, s.sampling.max_new_tokens, s.overlong_buffer)
         rewards = total.view(n, g)
         for j, name in enumerate(self.rewards.functions):
-            stats.add(f"reward_{name}", float(per_function[:, j].sum()), len(completions))
+            stats.add(f"reward_{name.rsplit('.', 1)[-1]}", float(per_function[:, j].sum()), len(completions))
         stats.add("zero_std_fraction", float((~informative(rewards)).sum()), n)
         groups = [_Group(p, completions[k * g:(k + 1) * g], rewards[k], per_function[k * g:(k + 1) * g])
                   for k, p in enumerate(prompts)]

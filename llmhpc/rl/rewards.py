@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from llmhpc.data.arithmetic import parse_final_answer
+from llmhpc.errors import InputError
 
 RewardFn = Callable[[str, Mapping], float]
 """(completion text, the example it answers: a dict with at least 'answer' for the answer rewards) -> reward."""
@@ -48,8 +49,9 @@ REWARDS: dict[str, RewardFn] = {"correct": correct_answer, "format": answer_form
 """Rewards chosen by name in a config."""
 
 
-class RewardError(RuntimeError):
-    """A reward function failed or returned something that is not a finite number."""
+class RewardError(InputError):
+    """A reward function failed or returned something that is not a finite number (the CLI prints it as one line
+    naming the function and stops)."""
 
 
 def resolve_reward(spec: str) -> RewardFn:
