@@ -414,8 +414,9 @@ class GRPOConfig:
     """'token' (a ratio per token) or 'sequence' (GSPO: one length-normalized ratio per completion)."""
     clip_low: float = 0.2
     """The ratio is clipped below at 1 - clip_low."""
-    clip_high: float = 0.2
-    """...and above at 1 + clip_high (DAPO's clip-higher: e.g. 0.28)."""
+    clip_high: float = 0.28
+    """...and above at 1 + clip_high: DAPO's clip-higher (0.28) leaves unlikely tokens room to grow; set it to
+    clip_low for GRPO's symmetric clip."""
     beta: float = 0.0
     """Weight of the k3 KL to the reference (the starting model; with peft, the base with adapters off). At 0 no
     reference is loaded or run."""

@@ -6,7 +6,8 @@ sampled token, why it stopped), in prompt order.
 
 How it runs: up to `batch_size` requests decode together, one token per row per forward. A row that finishes (an
 end token, a stop string, or max_new_tokens) is handed to the next waiting prompt (those joining at one step are
-prefilled together), so a long answer never holds a whole batch back; once nothing waits, the rows are halved
+prefilled together, a prompt asked several times at once, as a GRPO group asks it, computed once), so a long
+answer never holds a whole batch back; once nothing waits, the rows are halved
 whenever half of them are done, so the tail never computes more than twice the rows it needs. The rows share
 one KV cache whose columns all rows write together (`_RowCache`): a joining prompt's keys and values are placed
 right-aligned before the current column, and each row's attention mask and RoPE positions cover only its own
@@ -49,6 +50,8 @@ class RolloutStats:
     """Counters of the last `generate` call."""
 
     prompt_tokens: int = 0
+    prefilled_tokens: int = 0
+    """Prompt tokens the prefills computed (a prompt asked several times at once is computed once)."""
     generated_tokens: int = 0
     forwards: int = 0
     """Model forwards: one per decode step plus one per prefill batch."""
@@ -112,16 +115,17 @@ class _RowCache(KVCache):
         first = int(self.start[self.live].min()) if bool(self.live.any()) else self.length
         self._reallocate(max(self.max_len, self.length - first + columns), 0, first)
 
-    def fill(self, rows: list[int], prefill: KVCache, lengths: torch.Tensor) -> None:
-        """Copy a left-padded prefill cache (its row i: a prompt in its last lengths[i] columns) into `rows`."""
+    def fill(self, rows: list[int], prefill: KVCache, lengths: torch.Tensor, source: torch.Tensor) -> None:
+        """Copy rows `source` of a left-padded prefill cache (its row i: a prompt in its last lengths[i] columns)
+        into `rows` (several rows may take the same prefill row: one prompt sampled several times)."""
         width = prefill.length
         if width > self.length:  # room on the left for the longer prompt
             self._reallocate(max(self.max_len, width + 1), width - self.length, 0)
         index = torch.tensor(rows, device=self.start.device)
         for store, new in ((self.keys, prefill.keys), (self.values, prefill.values)):
             for layer, cached in enumerate(store):
-                cached[index, :, self.length - width : self.length] = new[layer][:, :, :width]
-        self.start[index] = self.length - lengths.to(self.start.device)
+                cached[index, :, self.length - width : self.length] = new[layer][source, :, :width]
+        self.start[index] = self.length - lengths[source].to(self.start.device)
         self.live[index] = True
 
     def free(self, row: int) -> None:
@@ -211,6 +215,7 @@ class RolloutEngine:
         """Left-padded prefill of a few prompts: (their cache, their lengths, last-position logits)."""
         device = self.model.tok_embeddings.weight.device
         lengths = torch.tensor([len(p) for p in prompts], device=device)
+        self.stats.prefilled_tokens += int(lengths.sum())
         width = int(lengths.max())
         ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
         mask = torch.zeros(len(prompts), width, dtype=torch.bool, device=device)
@@ -240,10 +245,13 @@ class RolloutEngine:
             if free and waiting:
                 joining = free[: len(waiting)]
                 new = [waiting.pop() for _ in joining]
-                prefill, lengths, logits = self._prefill([prompts[i] for i in new])
-                cache.fill(joining, prefill, lengths)
+                distinct: dict[tuple[int, ...], int] = {}  # a prompt sampled G times is prefilled once
+                source = [distinct.setdefault(tuple(prompts[i]), len(distinct)) for i in new]
+                prefill, lengths, logits = self._prefill(list(distinct))
+                source_rows = torch.tensor(source, device=device)
+                cache.fill(joining, prefill, lengths, source_rows)
                 new_generators = [request_generator(params.seed, request_ids[i]) for i in new]
-                tokens, logprobs, entropy = sample(logits, params, new_generators)
+                tokens, logprobs, entropy = sample(logits[source_rows], params, new_generators)
                 pending[joining] = tokens.to(device)
                 for row, i, gen, token, logprob, ent in zip(joining, new, new_generators, tokens.tolist(),
                                                             logprobs.tolist(), entropy.tolist(), strict=True):

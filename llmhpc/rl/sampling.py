@@ -78,19 +78,21 @@ def sample(
     if params.temperature == 0:
         tokens = logits.argmax(dim=-1)
         log_probs = logits.float().log_softmax(dim=-1)
-        return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(-1), _entropy(log_probs)
+        return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(-1), _entropy(log_probs, log_probs.exp())
     scaled = logits.float() / params.temperature
-    probs = _filtered(scaled, params).softmax(dim=-1)
-    draws = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])
-    cdf = probs.double().cumsum(dim=-1)
-    tokens = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None]).squeeze(-1)
+    log_probs = scaled.log_softmax(dim=-1)
+    full = log_probs.exp()
+    filtered = 0 < params.top_k < scaled.shape[-1] or params.top_p < 1
+    probs = _filtered(scaled, params).softmax(dim=-1) if filtered else full
+    draws = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators]).to(probs.dtype)
+    cdf = probs.cumsum(dim=-1)
+    tokens = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None]).squeeze(-1).clamp(max=probs.shape[-1] - 1)
     # The first token whose CDF reaches the draw has probability > 0, except for a draw of exactly 0.
     stray = probs.gather(-1, tokens[:, None]).squeeze(-1) == 0
     tokens = torch.where(stray, (probs > 0).int().argmax(dim=-1), tokens)
-    log_probs = scaled.log_softmax(dim=-1)
-    return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(-1), _entropy(log_probs)
+    return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(-1), _entropy(log_probs, full)
 
 
-def _entropy(log_probs: torch.Tensor) -> torch.Tensor:
-    """-sum p log p per row of log-probabilities [N, V] (a token of probability 0 adds nothing)."""
-    return -(log_probs.exp() * log_probs.nan_to_num(neginf=0.0)).sum(dim=-1)
+def _entropy(log_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """-sum p log p per row, from log-probabilities [N, V] of finite logits and their exp."""
+    return -(probs * log_probs).sum(dim=-1)

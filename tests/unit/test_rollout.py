@@ -82,6 +82,20 @@ def test_rows_that_join_mid_rollout_sample_what_they_sample_alone(model, prompts
     assert [c.tokens for c in other_seed] != [c.tokens for c in together]
 
 
+def test_a_prompt_asked_several_times_is_prefilled_once(model, prompts):
+    """A GRPO group: each of three prompts sampled four times; their prompts are computed once each and every
+    answer is the one its request samples alone."""
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=2)
+    asked = [p for p in prompts[:3] for _ in range(4)]
+    engine = RolloutEngine(model, batch_size=12, eos_token_ids=EOS)
+    together = engine.generate(asked, params)
+    assert engine.stats.prefilled_tokens == sum(len(p) for p in prompts[:3]) < engine.stats.prompt_tokens
+    assert len({tuple(c.tokens) for c in together}) > 3  # the copies drew different answers
+    for i, prompt in enumerate(asked):
+        alone = RolloutEngine(model, batch_size=1, eos_token_ids=EOS).generate([prompt], params, request_ids=[i])[0]
+        assert together[i].tokens == alone.tokens, i
+
+
 def test_log_probs_of_sampled_tokens_are_the_models(model, prompts):
     """Each sampled token's log-prob is log softmax(logits / T) of the full-sequence forward at its position."""
     params = SamplingParams(max_new_tokens=8, temperature=0.7, seed=1)
