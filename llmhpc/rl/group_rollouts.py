@@ -61,6 +61,9 @@ class GroupSettings:
     overlong: str = "none"
     overlong_buffer: int = 32
     pad_id: int = 0
+    skip_zero_advantage: bool = True
+    """Leave answers whose advantage is 0 out of the micro-batches (their loss and gradient are exactly 0 when no
+    KL term is trained); they still count in the loss normalizer (`GRPOObjective`), so the step is unchanged."""
 
 
 @dataclass
@@ -233,9 +236,16 @@ class GroupRollouts:
     def _micro_batches(self, rows: list[tuple]) -> list[Batch]:
         """The rows, shortest first, split into the step's micro-batches, each padded to its longest row.
 
-        A rank left without rows (dynamic sampling found no informative group) trains on one row of padding with
-        no label: no loss, no gradient, but it takes part in every collective of the step."""
+        A rank left without rows (dynamic sampling found no informative group, or every advantage was 0) trains on
+        one row of padding with no label: no loss, no gradient, but it takes part in every collective of the
+        step."""
         s = self.settings
+        skipped = torch.zeros(3, dtype=torch.long)  # rows, rows with labelled tokens, labelled tokens
+        if s.skip_zero_advantage and self.reference is None:
+            for _, completion, _, masked in (r for r in rows if r[2] == 0):
+                tokens = 0 if masked else len(completion.tokens)
+                skipped += torch.tensor([1, int(tokens > 0), tokens])
+            rows = [r for r in rows if r[2] != 0]
         rows = sorted(rows, key=lambda r: len(r[0]) + len(r[1].tokens))
         chunks = [rows[i * len(rows) // s.micro_batches:(i + 1) * len(rows) // s.micro_batches]
                   for i in range(s.micro_batches)]
@@ -255,7 +265,9 @@ class GroupRollouts:
                     labels[row, start: start + len(completion.tokens)] = torch.tensor(completion.tokens)
                     old[row, start: start + len(completion.tokens)] = torch.tensor(completion.logprobs)
                 advantages[row] = advantage
-            batches.append({"input_ids": ids, "labels": labels, "old_logprobs": old, "advantages": advantages})
+            batches.append({"input_ids": ids, "labels": labels, "old_logprobs": old, "advantages": advantages,
+                            "skipped": torch.zeros(3, dtype=torch.long)})
+        batches[0]["skipped"] = skipped
         return batches
 
     def _reduce(self, stats: _Stats) -> dict[str, float]:

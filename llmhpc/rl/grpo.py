@@ -167,6 +167,9 @@ class GRPOObjective(Objective):
     A batch holds, per completion row [B, S]: `input_ids` (prompt + completion, padded), `labels` (the next token
     at every position that predicts a completion token, IGNORE_INDEX elsewhere), `old_logprobs` (the sampling
     policy's log-probs at those positions; 0 elsewhere), `advantages` [B], and with beta > 0 `ref_logprobs`.
+    Optionally `skipped` [3]: (answers, answers with labelled tokens, their tokens) of answers left out of the batch
+    because their advantage is 0 — with beta = 0 their loss and gradient are exactly 0, so they need no forward,
+    but they stay units of the normalization and the step equals training on them.
 
     Log-probs are those of softmax(logits / temperature), the distribution the completions were sampled from
     (logits = W h, so the hidden states are divided instead). The head runs on the completion tokens only: a
@@ -187,7 +190,12 @@ class GRPOObjective(Objective):
         self.temperature = temperature if temperature > 0 else 1.0  # greedy rollouts: plain softmax
 
     def normalizer(self, batch: Batch) -> int:
-        return loss_units(batch["labels"] != IGNORE_INDEX, self.loss_norm, self.max_completion_tokens)
+        units = loss_units(batch["labels"] != IGNORE_INDEX, self.loss_norm, self.max_completion_tokens)
+        if "skipped" in batch:  # answers left out for a zero advantage still count (see the class docstring)
+            rows, rows_with_tokens, tokens = (int(x) for x in batch["skipped"])
+            units += {"sequence": rows_with_tokens, "token": tokens,
+                      "fixed": rows * self.max_completion_tokens}[self.loss_norm]
+        return units
 
     def loss(self, head: LMHead, hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, Metric]]:
         labels = batch["labels"]

@@ -61,7 +61,7 @@ def _rows(batches) -> list[tuple[tuple[int, ...], tuple[int, ...], float]]:
 
 
 def test_rows_hold_the_sampled_answers_with_the_training_forwards_logprobs(model):
-    source = _source(model, _prompts())
+    source = _source(model, _prompts(), skip_zero_advantage=False)
     batches = [source.next_batch(), source.next_batch()]
     assert sum(len(b["input_ids"]) for b in batches) == 2 * G
     for b in batches:
@@ -89,8 +89,9 @@ def test_rows_hold_the_sampled_answers_with_the_training_forwards_logprobs(model
 
 def test_two_ranks_sample_what_one_rank_samples(model):
     prompts = _prompts()
-    one = _source(model, prompts, groups=4, micro_batches=1)
-    halves = [_source(model, prompts, groups=2, micro_batches=1, rank=r, ranks=2) for r in range(2)]
+    one = _source(model, prompts, groups=4, micro_batches=1, skip_zero_advantage=False)
+    halves = [_source(model, prompts, groups=2, micro_batches=1, rank=r, ranks=2, skip_zero_advantage=False)
+              for r in range(2)]
     alone = sorted(_rows([one.next_batch()]))
     together = sorted(_rows([halves[0].next_batch()]) + _rows([halves[1].next_batch()]))
     assert [r[:2] for r in alone] == [r[:2] for r in together]
@@ -109,8 +110,9 @@ def test_dynamic_sampling_trains_only_informative_groups(model):
 
 def test_overlong_answers_are_masked_or_penalized(model):
     eos = [7, 8, 9, 10, 11]  # some answers end early, the rest hit max_new_tokens
-    masked = _source(model, _prompts(), groups=2, micro_batches=1, eos=eos, overlong="mask").next_batch()
-    plain = _source(model, _prompts(), groups=2, micro_batches=1, eos=eos).next_batch()
+    keep = {"skip_zero_advantage": False}
+    masked = _source(model, _prompts(), groups=2, micro_batches=1, eos=eos, overlong="mask", **keep).next_batch()
+    plain = _source(model, _prompts(), groups=2, micro_batches=1, eos=eos, **keep).next_batch()
     assert torch.equal(masked["input_ids"], plain["input_ids"])
     lengths = (plain["labels"] != IGNORE_INDEX).sum(dim=1)
     cut = lengths == 6
@@ -125,6 +127,31 @@ def test_overlong_answers_are_masked_or_penalized(model):
     # Answers of 5 tokens lose 0.5 and of 6 lose 1: the mean reward drops by their share.
     expected_drop = (0.5 * float((lengths == 5).sum()) + float(cut.sum())) / len(lengths)
     assert plain_source.metrics()["reward"] - penalized.metrics()["reward"] == pytest.approx(expected_drop)
+
+
+@pytest.mark.parametrize("norm", ["token", "sequence", "fixed"])
+def test_leaving_out_zero_advantage_answers_leaves_the_step_unchanged(model, norm):
+    """Groups whose rewards are all equal have advantages 0: without a KL term their answers add exactly 0 to the
+    loss and its gradient, so they are not computed, but they stay units of the normalization."""
+    from llmhpc.rl.grpo import GRPOObjective
+
+    objective = GRPOObjective(loss_norm=norm, max_completion_tokens=6)
+    prompts = _prompts(fixed={0, 3, 5, 6})
+    results = []
+    for skip in (False, True):
+        source = _source(model, prompts, groups=4, micro_batches=2, skip_zero_advantage=skip, eos=[7, 8, 9])
+        batches = [source.next_batch(), source.next_batch()]
+        normalizer = sum(objective.normalizer(b) for b in batches)
+        model.zero_grad()
+        loss = sum(objective(model, b).loss for b in batches) / normalizer
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        results.append((sum(len(b["input_ids"]) for b in batches), normalizer, float(loss), grads))
+    model.zero_grad()
+    (rows, units, loss, grads), (lean_rows, lean_units, lean_loss, lean_grads) = results
+    assert lean_rows < rows and lean_units == units
+    assert lean_loss == pytest.approx(loss, abs=1e-7) and loss != 0
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads, lean_grads, strict=True))
 
 
 def test_state_resumes_mid_rollout_and_after_it_bitwise(model):
