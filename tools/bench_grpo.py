@@ -1,7 +1,7 @@
 """`llmhpc grpo` side by side with TRL's `GRPOTrainer`, in one run: wall time per GRPO step and peak memory.
 
-    python tools/bench_grpo.py [--steps 6] [--skip 1] [--prompts 2] [--group 8] [--max-new 48] [--work DIR]
-                               [--out table.md]
+    python tools/bench_grpo.py [--steps 6] [--skip 1] [--prompts 2] [--group 8] [--max-new 48]
+                               [--reward correct] [--work DIR] [--out table.md]
 
 Needs TRL next to the pinned torch (see tools/bench_sft.py for the install line).
 
@@ -11,7 +11,11 @@ Both sides, in their own fresh process one after the other:
   GGUF; TRL loads it, ours starts from it).
 - Prompts: the first problems of `python -m llmhpc.data.arithmetic --train 256 --seed 1`, asked as one user turn
   rendered with SmolLM2's chat template (generation prompt added); the same order on both sides (no shuffling).
-- Reward: `llmhpc.rl.rewards.correct_answer` (math-verify on the final answer) on both sides.
+- Reward: `--reward`, a name or dotted path as `llmhpc grpo reward=` takes it, called by both sides:
+  `correct` (math-verify on the final answer; SmolLM2 rarely gets one right within 48 tokens, so most groups score
+  all 0 and teach nothing: ours then skips their forward and backward, which gives exactly the same update, TRL
+  computes them) or `tests.grpo_rewards.odd_length` (1 for an answer of odd character length: nearly every group
+  is informative, so both sides train on every answer).
 - Settings: `--prompts` prompts x `--group` sampled answers per step, at most `--max-new` new tokens, temperature
   1, one optimizer step per rollout (mu = 1), beta 0 (no reference model), clip 0.2, token-level loss normalization
   (TRL's `dapo`, ours `token`), advantages scaled by the group std, AdamW lr 1e-6 constant, no weight decay,
@@ -49,7 +53,7 @@ def run_ours(hf: Path, prompts: Path, args, run_dir: Path) -> dict:
     rows = args.prompts * args.group
     usage = run_logged([
         sys.executable, "-m", "llmhpc", "grpo", f"model.init_from={hf}", f"data.source={prompts}",
-        "reward=[correct]", f"group_size={args.group}", f"max_new_tokens={args.max_new}", "temperature=1.0",
+        f"reward=[{args.reward}]", f"group_size={args.group}", f"max_new_tokens={args.max_new}", "temperature=1.0",
         "updates_per_rollout=1", "beta=0", "loss_norm=token", f"trainer.global_batch_size={rows}",
         f"trainer.micro_batch_size={rows}", f"trainer.max_steps={args.steps}", "trainer.lr=1e-6",
         "trainer.schedule=constant", "trainer.warmup_steps=0", "trainer.weight_decay=0", "trainer.grad_clip=1.0",
@@ -62,8 +66,8 @@ def run_ours(hf: Path, prompts: Path, args, run_dir: Path) -> dict:
 
 
 def run_trl(hf: Path, prompts: list[dict], args, work: Path) -> dict:
-    spec = {"hf": str(hf), "prompts": prompts, "steps": args.steps, "group": args.group, "max_new": args.max_new,
-            "rows": args.prompts * args.group, "out_dir": str(work / "trl")}
+    spec = {"hf": str(hf), "prompts": prompts, "steps": args.steps, "reward": args.reward, "group": args.group,
+            "max_new": args.max_new, "rows": args.prompts * args.group, "out_dir": str(work / "trl")}
     spec_path, result_path = work / "trl.json", work / "trl.result.json"
     spec_path.write_text(json.dumps(spec))
     usage = run_logged([sys.executable, __file__, "--trl-worker", str(spec_path), str(result_path)],
@@ -77,15 +81,16 @@ def trl_worker(spec_path: Path, result_path: Path) -> None:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from llmhpc.rl.rewards import correct_answer
+    from llmhpc.rl.rewards import resolve_reward
 
     spec = json.loads(spec_path.read_text())
+    reward = resolve_reward(spec["reward"])
     torch.manual_seed(SEED)
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p["prompt"]}], "answer": p["answer"]}
                                  for p in spec["prompts"]])
 
-    def correct(prompts, completions, answer, **_) -> list[float]:
-        return [correct_answer(c[0]["content"], {"answer": a}) for c, a in zip(completions, answer, strict=True)]
+    def scored(prompts, completions, answer, **_) -> list[float]:
+        return [reward(c[0]["content"], {"answer": a}) for c, a in zip(completions, answer, strict=True)]
 
     class Clock(TrainerCallback):
         def __init__(self) -> None:
@@ -107,7 +112,7 @@ def trl_worker(spec_path: Path, result_path: Path) -> None:
         dataloader_num_workers=0,
     )
     clock = Clock()
-    trainer = GRPOTrainer(model=spec["hf"], reward_funcs=correct, args=config, train_dataset=dataset,
+    trainer = GRPOTrainer(model=spec["hf"], reward_funcs=scored, args=config, train_dataset=dataset,
                           processing_class=AutoTokenizer.from_pretrained(spec["hf"]), callbacks=[clock])
     clock.last = time.perf_counter()
     trainer.train()
@@ -130,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=2, help="prompts per step (default 2)")
     parser.add_argument("--group", type=int, default=8, help="answers sampled per prompt (default 8)")
     parser.add_argument("--max-new", type=int, default=48, help="longest answer in tokens (default 48)")
+    parser.add_argument("--reward", default="correct", help="reward name or dotted path (default correct)")
     parser.add_argument("--work", type=Path, help="working directory (default: a temporary one, kept)")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     parser.add_argument("--trl-worker", nargs=2, type=Path, help=argparse.SUPPRESS)
@@ -160,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         f"| mean answer length, tokens | {mean(ours['length']):.1f} | {mean(trl['length']):.1f} | |\n"
         f"| mean reward | {mean(ours['reward']):.3f} | {mean(trl['reward']):.3f} | |\n"
         f"| peak RSS | {ours['peak_rss_mib']:.0f} MiB | {trl['peak_rss_mib']:.0f} MiB | |\n"
-        f"\nSmolLM2-135M-Instruct, fp32, {args.prompts} prompts x {args.group} answers per step, at most "
-        f"{args.max_new} new tokens, mu = 1, beta = 0, {args.steps} steps; {os.cpu_count()} CPUs, load average "
+        f"\nSmolLM2-135M-Instruct, fp32, reward {args.reward}, {args.prompts} prompts x {args.group} answers per step, "
+        f"at most {args.max_new} new tokens, mu = 1, beta = 0, {args.steps} steps; {os.cpu_count()} CPUs, load average "
         f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (before ours {load_before:.1f}, before TRL "
         f"{load_between:.1f}).\n"
     )

@@ -1,7 +1,7 @@
 """Rollout speed: our engine (`llmhpc.rl.rollout`) against transformers' `generate`, in one run, same everything.
 
     python tools/bench_rollout.py [--prompts 48] [--batch 8] [--max-new-tokens 128] [--temperature 0]
-                                  [--dtype fp32|bf16]
+                                  [--group 1] [--dtype fp32|bf16]
 
 What is compared:
 
@@ -14,6 +14,9 @@ What is compared:
   transformers takes the prompts in order, `--batch` per `generate` call, left-padded with
   their attention mask (its documented way to batch prompts of different lengths); ours gets them all in one call
   and keeps `--batch` rows busy (continuous batching).
+- `--group G` (GRPO's rollout): each prompt is asked G times. transformers gets `--batch / G` prompts per
+  `generate` call with `num_return_sequences=G` (so `--batch` rows decode at once, as on our side); ours gets every
+  prompt G times in one call, each copy with its own random stream.
 - Counted: the generated tokens each completion keeps (up to and including its end-of-turn token; transformers'
   padding after a finished row does not count) over the wall time of all prompts. Both sides' completions are
   compared token for token (greedy: they must agree; a near-tie can flip a token, reported as the count of
@@ -56,7 +59,8 @@ def arithmetic_prompts(tokenizer, count: int) -> list[list[int]]:
     return prompts
 
 
-def run_ours(model, prompts: list[list[int]], batch: int, max_new: int, eos: int, temperature: float):
+def run_ours(model, prompts: list[list[int]], batch: int, max_new: int, eos: int, temperature: float,
+             group: int = 1):
     from llmhpc.rl.rollout import RolloutEngine
     from llmhpc.rl.sampling import SamplingParams
 
@@ -64,14 +68,16 @@ def run_ours(model, prompts: list[list[int]], batch: int, max_new: int, eos: int
     params = SamplingParams(max_new_tokens=max_new, temperature=temperature)
     engine.generate(prompts[:1], params)  # warm-up
     began = time.perf_counter()
-    completions = engine.generate(prompts, params)
+    completions = engine.generate([p for p in prompts for _ in range(group)], params)
     return [c.tokens for c in completions], time.perf_counter() - began
 
 
 @torch.no_grad()
 def run_transformers(model, prompts: list[list[int]], batch: int, max_new: int, eos: int, pad: int,
-                     temperature: float):
+                     temperature: float, group: int = 1):
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature else {"do_sample": False}
+    if group > 1:
+        sampling["num_return_sequences"] = group
 
     def chunk(rows: list[list[int]]) -> list[list[int]]:
         width = max(len(p) for p in rows)
@@ -84,7 +90,8 @@ def run_transformers(model, prompts: list[list[int]], batch: int, max_new: int, 
     chunk(prompts[:1])  # warm-up
     torch.manual_seed(0)  # transformers samples from the global generator
     began = time.perf_counter()
-    completions = [c for start in range(0, len(prompts), batch) for c in chunk(prompts[start : start + batch])]
+    per_call = max(batch // group, 1)
+    completions = [c for start in range(0, len(prompts), per_call) for c in chunk(prompts[start : start + per_call])]
     return completions, time.perf_counter() - began
 
 
@@ -94,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="prompts decoding at once, both sides (default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="per prompt (default 128)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    parser.add_argument("--group", type=int, default=1, help="times each prompt is asked (GRPO's G; default 1)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="both models' dtype")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
@@ -106,15 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     if pad is None:
         pad = eos
     load_before = os.getloadavg()[0]
-    theirs, their_s = run_transformers(hf_model, prompts, args.batch, args.max_new_tokens, eos, pad, args.temperature)
-    mine, my_s = run_ours(ours_model, prompts, args.batch, args.max_new_tokens, eos, args.temperature)
+    theirs, their_s = run_transformers(hf_model, prompts, args.batch, args.max_new_tokens, eos, pad, args.temperature,
+                                       args.group)
+    mine, my_s = run_ours(ours_model, prompts, args.batch, args.max_new_tokens, eos, args.temperature, args.group)
     load_after = os.getloadavg()[0]
     my_tokens, their_tokens = sum(map(len, mine)), sum(map(len, theirs))
     differ = sum(a != b for a, b in zip(mine, theirs, strict=True))
     ours_tps, their_tps = my_tokens / my_s, their_tokens / their_s
-    print("| model | dtype | temperature | prompts | batch | max new | ours tok/s | transformers tok/s | ratio "
+    print("| model | dtype | temperature | prompts x group | batch | max new | ours tok/s | transformers tok/s | ratio "
           "| tokens ours / theirs | completions that differ |\n|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| SmolLM2-135M-Instruct | {args.dtype} | {args.temperature:g} | {len(prompts)} | {args.batch} "
+    print(f"| SmolLM2-135M-Instruct | {args.dtype} | {args.temperature:g} | {len(prompts)} x {args.group} "
+          f"| {args.batch} "
           f"| {args.max_new_tokens} "
           f"| {ours_tps:.1f} | {their_tps:.1f} | **{ours_tps / their_tps:.2f}×** | {my_tokens} / {their_tokens} "
           f"| {differ} |")

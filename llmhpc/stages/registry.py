@@ -56,12 +56,12 @@ SFT_DEFAULTS = ("data.source=arithmetic", "trainer.lr=2e-5", "trainer.weight_dec
 """What `llmhpc sft` runs unless told otherwise: the package's arithmetic problems, a fine-tuning learning rate
 (2e-5, no weight decay, as TRL's SFTTrainer; with peft=lora raise it to ~2e-4) and 512-token packed rows."""
 
-GRPO_DEFAULTS = ("data.source=arithmetic", "trainer.lr=1e-5", "trainer.weight_decay=0.0", "trainer.warmup_steps=0",
+GRPO_DEFAULTS = ("data.source=arithmetic", "trainer.lr=5e-6", "trainer.weight_decay=0.0", "trainer.warmup_steps=0",
                  "trainer.schedule=constant", "trainer.max_steps=100", "trainer.seq_len=512",
                  "trainer.global_batch_size=32", "trainer.micro_batch_size=8", "trainer.eval_every=10",
                  "trainer.ckpt_every=10")
 """What `llmhpc grpo` runs unless told otherwise: the package's arithmetic problems, 4 prompts x 8 answers per
-step in micro-batches of 8 answers, a constant learning rate of 1e-5 (full fine-tuning of a small model right
+step in micro-batches of 8 answers, a constant learning rate of 5e-6 (full fine-tuning of a small model right
 after SFT; TRL's GRPOTrainer defaults to 1e-6), held-out accuracy every 10 steps."""
 
 STAGES: dict[str, StageSpec] = {
