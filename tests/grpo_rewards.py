@@ -12,3 +12,9 @@ def odd_length(completion: str, example: dict) -> float:
 def broken(completion: str, example: dict) -> float:
     """A reward with a bug: it fails on every answer."""
     raise KeyError("score")
+
+
+def odd_length_unless_even_answer(completion: str, example: dict) -> float:
+    """`odd_length`, except that a problem whose answer is even scores 1 for every answer: its group teaches
+    nothing, so dynamic sampling drops it and each rank needs its own number of sampling rounds."""
+    return 1.0 if int(example["answer"]) % 2 == 0 else odd_length(completion, example)

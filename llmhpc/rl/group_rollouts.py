@@ -196,6 +196,14 @@ class GroupRollouts:
                   for k, p in enumerate(prompts)]
         return groups, rewards
 
+    def _any_rank_missing(self, missing: int) -> bool:
+        """Whether any dp rank still misses groups (every rank then samples another round)."""
+        if self.dp_group is None:
+            return missing > 0
+        most = torch.tensor([missing])
+        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.dp_group)
+        return int(most) > 0
+
     def _rollout(self) -> None:
         s = self.settings
         stats = _Stats()
@@ -204,7 +212,7 @@ class GroupRollouts:
         stats.maxima["completion_length_max"] = 0.0
         if s.dynamic_sampling:
             groups, rewards, counts = fill_with_informative_groups(lambda n: self._draw(n, stats), s.groups,
-                                                                   s.max_draws)
+                                                                   s.max_draws, self._any_rank_missing)
             stats.add("dynamic_dropped", counts["dropped"], counts["drawn"])
         else:
             groups, rewards = self._draw(s.groups, stats)

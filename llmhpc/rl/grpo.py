@@ -122,17 +122,22 @@ def informative(rewards: torch.Tensor) -> torch.Tensor:
 
 
 def fill_with_informative_groups(
-    draw: Callable[[int], tuple[list[T], torch.Tensor]], groups: int, max_draws: int
+    draw: Callable[[int], tuple[list[T], torch.Tensor]], groups: int, max_draws: int,
+    any_missing: Callable[[int], bool] = lambda missing: missing > 0,
 ) -> tuple[list[T], torch.Tensor, dict[str, int]]:
     """Dynamic sampling (DAPO): call `draw(n)` -> (n payloads, rewards [n, G]) for as many groups as are still
     missing, keep only informative groups, until `groups` are kept or `max_draws` calls were made.
+
+    `any_missing(missing)` decides whether another round runs; data-parallel ranks pass one that asks every rank
+    (a rank already full then draws 0 groups), so all ranks sample the same number of rounds: sampling under FSDP2
+    gathers parameters, a collective every rank must join.
 
     Returns (kept payloads, their rewards [kept, G], {'drawn', 'dropped', 'draws'}), in the order drawn; fewer than
     `groups` only when the draws ran out (the step then trains on what it has, and the counts say so)."""
     kept: list[T] = []
     kept_rewards: list[torch.Tensor] = []
     drawn = draws = 0
-    while len(kept) < groups and draws < max_draws:
+    while draws < max_draws and any_missing(groups - len(kept)):
         payloads, rewards = draw(groups - len(kept))
         draws += 1
         drawn += len(payloads)

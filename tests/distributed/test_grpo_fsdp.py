@@ -75,3 +75,17 @@ def test_grpo_under_fsdp2_trains_the_losses_of_one_process(tp2_pp2_checkpoint, l
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
         assert b["completion_length"] == a["completion_length"]
     assert all(r["gather_seconds"] > 0 for r in two) and all(r["gather_seconds"] == 0 for r in one)
+
+
+def test_dynamic_sampling_under_fsdp2_keeps_the_ranks_in_step(tp2_pp2_checkpoint, llmhpc_cache, tmp_path):
+    """Ranks drop different numbers of groups, so they need different numbers of sampling rounds; every round
+    gathers the sharded parameters (a collective), so a rank already full keeps sampling nothing until all are
+    full. Without that the run hangs."""
+    run = tmp_path / "dynamic"
+    run_torchrun(2, ["grpo", f"model.init_from={tp2_pp2_checkpoint}", *GRPO, "trainer.max_steps=3",
+                     "trainer.ckpt_every=0", "dynamic_sampling=true", "max_draws=6",
+                     "reward=[tests.grpo_rewards.odd_length_unless_even_answer]", "parallel.dp_shard=2",
+                     f"run.dir={run}"], llmhpc_cache, timeout=600)
+    records = read_metrics(run / "metrics.jsonl")
+    assert len(records) == 3 and any(r["dynamic_dropped"] > 0 for r in records)
+    assert all(0 < r["reward"] < 1 for r in records)  # only informative groups trained
