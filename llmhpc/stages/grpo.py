@@ -99,6 +99,8 @@ def _reference(cfg: Config, policy: nn.Module, device: torch.device,
         model.requires_grad_(False).eval()
         switch = nullcontext
 
+    temperature = cfg.grpo.temperature if cfg.grpo.temperature > 0 else 1.0  # as GRPOObjective: greedy = softmax
+
     def reference(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         was_training = model.training
         model.eval()
@@ -106,7 +108,7 @@ def _reference(cfg: Config, policy: nn.Module, device: torch.device,
             with switch(), autocast():
                 batch = {k: v.to(device) for k, v in batch.items()}
                 hidden = model(batch["input_ids"], return_hidden=True)
-                return completion_logprobs(LMHead(model), hidden, batch["labels"], cfg.grpo.temperature).cpu()
+                return completion_logprobs(LMHead(model), hidden, batch["labels"], temperature).cpu()
         finally:
             model.train(was_training)
 
