@@ -29,7 +29,7 @@ from torch import nn
 
 from llmhpc.config import Config, ConfigError
 from llmhpc.errors import InputError
-from llmhpc.parallel import dp_mesh, dp_rank, dp_size
+from llmhpc.parallel import dp_rank
 from llmhpc.stages.sft import answer_accuracy, arithmetic_or_file, with_model_tokenizer
 from llmhpc.train.builder import RunContext, build, distributed_run
 from llmhpc.train.trainer import Trainer, TrainResult
@@ -141,9 +141,13 @@ def _train(cfg: Config, where: RunContext) -> TrainResult:
     prompts = load_prompts(cfg, tokenizer)
     model, engine = built.engine.model, built.engine
     eos = tokenizer.eos_token_id
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
     rollout = RolloutEngine(model, batch_size=g.rollout_batch_size, eos_token_ids=[] if eos is None else [eos],
-                            decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
-    ranks = dp_size(where.mesh)
+                            decode=decode)
+    ranks = engine.dp.size
     sampling = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
                               top_p=g.top_p, seed=cfg.run.seed)
     settings = GroupSettings(
@@ -153,12 +157,10 @@ def _train(cfg: Config, where: RunContext) -> TrainResult:
         overlong=g.overlong, overlong_buffer=g.overlong_buffer,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
     )
-    mesh = dp_mesh(where.mesh)
     source = GroupRollouts(
-        rollout, prompts, rewards, lambda ids: tokenizer.decode(ids, skip_special_tokens=True), settings,
-        seed=cfg.run.seed, rank=dp_rank(where.mesh), ranks=ranks,
-        reference=_reference(cfg, model, where.device, engine.autocast),
-        dp_group=mesh.get_group() if mesh is not None and ranks > 1 else None, context=engine.autocast,
+        rollout, prompts, rewards, decode, settings, seed=cfg.run.seed, rank=dp_rank(where.mesh), ranks=ranks,
+        reference=_reference(cfg, model, where.device, engine.autocast), dp_group=engine.dp.group,
+        context=engine.autocast,
     )
     objective = GRPOObjective(clip_low=g.clip_low, clip_high=g.clip_high, beta=g.beta, loss_norm=g.loss_norm,
                               importance=g.importance, max_completion_tokens=g.max_new_tokens,
