@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -103,3 +104,15 @@ def tp2_pp2_checkpoint(tmp_path_factory, llmhpc_cache) -> Path:
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def pairs_file(tmp_path_factory) -> Path:
+    """24 arithmetic preference pairs (a right worked answer over a flawed one) as JSONL, for DPO runs."""
+    from llmhpc.data.arithmetic import train_eval_split
+    from llmhpc.data.arithmetic_preferences import preference_rows
+
+    path = tmp_path_factory.mktemp("dpo_data") / "pairs.jsonl"
+    rows = preference_rows(train_eval_split(24, 0, seed=5)[0], seed=5)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path

@@ -437,6 +437,28 @@ class GRPOConfig:
 
 
 @dataclass
+class DPOConfig:
+    """Options of `llmhpc dpo` (written without the `dpo.` prefix: `llmhpc dpo loss=ipo beta=0.5`). Batches count
+    pairs: trainer.global_batch_size pairs per optimizer step, trainer.micro_batch_size pairs per forward."""
+
+    loss: str = "sigmoid"
+    """'sigmoid' (DPO), 'ipo', 'hinge' (SLiC) or 'simpo' (reference-free, length-normalized)."""
+    beta: float = 0.1
+    """Temperature of the implicit reward beta * (log pi - log ref): higher keeps the policy nearer the reference
+    (simpo: its reward scale, typically 2-10)."""
+    label_smoothing: float = 0.0
+    """sigmoid / simpo: the assumed chance that a pair's label is flipped (conservative DPO); 0: trust labels."""
+    simpo_gamma: float = 0.5
+    """simpo: the target reward margin between chosen and rejected."""
+    arithmetic_pairs: int = 512
+    """data.source=arithmetic: training pairs written (one per training problem; every pair's reference log-probs
+    are computed before the first step, so more pairs cost a longer start)."""
+    eval_pairs: int = 64
+    """data.source=arithmetic: held-out pairs (from the held-out problems) scored at each eval; other data holds
+    out data.val_fraction of its pairs."""
+
+
+@dataclass
 class Config:
     """Root of every llmhpc config."""
 
@@ -455,3 +477,4 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)

@@ -80,6 +80,19 @@ def validate_grpo(cfg: Config) -> None:
                f"batch is whole groups), e.g. {g.group_size * max(1, batch // g.group_size)}")
 
 
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo")
+
+
+def validate_dpo(cfg: Config) -> None:
+    """Rules of the dpo section (checked for every stage: its defaults always hold)."""
+    d = cfg.dpo
+    _choice("dpo.loss", d.loss, DPO_LOSSES)
+    _check(d.beta > 0, f"dpo.beta must be > 0, got {d.beta}")
+    _check(0 <= d.label_smoothing < 0.5, f"dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}")
+    _check(d.eval_pairs >= 0, f"dpo.eval_pairs must be >= 0, got {d.eval_pairs}")
+    _check(d.arithmetic_pairs > 0, f"dpo.arithmetic_pairs must be > 0, got {d.arithmetic_pairs}")
+
+
 CONVERT_QUANT = {"hf": ("none",), "trtllm": ("none", "int8_wo", "int4_wo", "fp8"),
                  "gguf": ("none", "q8_0", "q4_0", "q4_k")}
 """The quantizations each `llmhpc convert to=...` format writes."""
@@ -150,6 +163,7 @@ def validate(cfg: Config) -> None:
     validate_convert(cfg.convert)
     validate_eval(cfg.eval)
     validate_grpo(cfg)
+    validate_dpo(cfg)
     _choice("peft", cfg.peft.name, ("none", "lora", "qlora"))
     _positive(cfg.peft, "peft", ("rank", "alpha"))
     _check(0 <= cfg.peft.dropout < 1, f"peft.dropout must be in [0, 1), got {cfg.peft.dropout}")

@@ -402,7 +402,12 @@ def held_out_problems(n: int, seed: int) -> list[Problem]:
 
 
 def write_jsonl(problems: Iterable[Problem], path: str | os.PathLike[str]) -> Path:
-    """Write one :meth:`Problem.to_row` per line, atomically: a reader sees the old file or the whole new one.
+    """Write one :meth:`Problem.to_row` per line, atomically (:func:`write_rows`)."""
+    return write_rows((problem.to_row() for problem in problems), path)
+
+
+def write_rows(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """Write one JSON object per line, atomically: a reader sees the old file or the whole new one.
 
     The rows go to a temporary file next to ``path``, which is flushed to disk and renamed over it.
     """
@@ -411,8 +416,8 @@ def write_jsonl(problems: Iterable[Problem], path: str | os.PathLike[str]) -> Pa
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            for problem in problems:
-                f.write(json.dumps(problem.to_row(), ensure_ascii=False) + "\n")
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -66,6 +66,8 @@ REASONS = {
     "empty_assistant": "has an empty assistant turn",
     "too_long": "is longer than the sequence length",
     "render": "cannot be rendered with the chat template",
+    "no_pair": "has no 'chosen' and 'rejected'",
+    "same_pair": "has the same chosen and rejected answer",
 }
 """Why a row is malformed: the keys of `DataReport.skipped`."""
 
@@ -76,6 +78,10 @@ class DataReport:
 
     rows: int = 0
     kept: int = 0
+    label: str = "sft data"
+    """What was read, for the summary line ('sft data', 'preference data')."""
+    unit: str = "examples"
+    """What a kept row became ('examples', 'pairs')."""
     skipped: Counter[str] = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)
     """The first MAX_PROBLEMS problems, each 'path, line N: what is wrong'."""
@@ -89,7 +95,8 @@ class DataReport:
         """One log line, e.g. 'sft data: 1200 rows, 1195 examples, 5 skipped (too_long 3, bad_json 2)'."""
         total = sum(self.skipped.values())
         reasons = ", ".join(f"{reason} {n}" for reason, n in self.skipped.most_common())
-        return f"sft data: {self.rows} rows, {self.kept} examples, {total} skipped" + (f" ({reasons})" if total else "")
+        return (f"{self.label}: {self.rows} rows, {self.kept} {self.unit}, {total} skipped"
+                + (f" ({reasons})" if total else ""))
 
 
 class RowError(ValueError):
@@ -133,11 +140,11 @@ class SFTExample:
 # ---- reading rows -----------------------------------------------------------------------------------
 
 
-def sft_files(source: str | Path) -> list[Path]:
+def sft_files(source: str | Path, what: str = "SFT data") -> list[Path]:
     """The .jsonl / .parquet files of a file or directory (recursively, sorted, hidden files skipped)."""
     path = Path(source).expanduser()
     if not path.exists():
-        raise InputError(f"{path}: SFT data not found; set data.source to a .jsonl / .parquet file or a directory")
+        raise InputError(f"{path}: {what} not found; set data.source to a .jsonl / .parquet file or a directory")
     path = path.resolve()
     if path.is_dir():
         files = sorted(
@@ -151,7 +158,7 @@ def sft_files(source: str | Path) -> list[Path]:
             raise InputError(f"{path}: no .jsonl or .parquet files under this directory; point data.source at some")
         return files
     if path.suffix.lower() not in SUFFIXES:
-        raise InputError(f"{path}: SFT rows must be in a .jsonl or .parquet file (or a directory of them)")
+        raise InputError(f"{path}: {what} must be in a .jsonl or .parquet file (or a directory of them)")
     return [path]
 
 
@@ -173,8 +180,9 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
                 yield where, RowError("bad_json", f"invalid JSON ({e.msg} at column {e.colno})")
 
 
-def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """(where, row) per Parquet row; 'row N' counts from 1 over the whole file."""
+def _parquet_rows(path: Path, columns: Sequence[str] = ("messages", "prompt", "completion")
+                  ) -> Iterator[tuple[str, Any]]:
+    """(where, row) per Parquet row, with those of `columns` the file has; 'row N' counts from 1 over the file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -183,9 +191,9 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
     except pa.ArrowException as e:
         raise InputError(f"{path}: not a readable Parquet file ({e}); re-export it or convert it to .jsonl") from None
     names = parquet.schema_arrow.names
-    wanted = [c for c in ("messages", "prompt", "completion") if c in names]
+    wanted = [c for c in columns if c in names]
     if not wanted:
-        raise InputError(f"{path}: no 'messages' or 'prompt' / 'completion' column (it has {names}); rename them")
+        raise InputError(f"{path}: none of the columns {list(columns)} (it has {names}); rename them")
     row_no = 0
     for group in range(parquet.num_row_groups):
         try:

@@ -64,6 +64,14 @@ GRPO_DEFAULTS = ("data.source=arithmetic", "trainer.lr=5e-6", "trainer.weight_de
 step in micro-batches of 8 answers, a constant learning rate of 5e-6 (full fine-tuning of a small model right
 after SFT; TRL's GRPOTrainer defaults to 1e-6), held-out accuracy every 10 steps."""
 
+DPO_DEFAULTS = ("data.source=arithmetic", "trainer.lr=5e-6", "trainer.weight_decay=0.0", "trainer.warmup_steps=5",
+                "trainer.max_steps=100", "trainer.seq_len=256", "trainer.global_batch_size=8",
+                "trainer.micro_batch_size=4", "trainer.eval_every=20", "trainer.ckpt_every=20",
+                "data.val_fraction=0.05")
+"""What `llmhpc dpo` runs unless told otherwise: the package's arithmetic preference pairs (a right worked answer
+over a flawed one), 8 pairs per step in micro-batches of 4, a full fine-tuning learning rate of 5e-6 (TRL's
+DPOTrainer defaults to 1e-6 for larger models; with peft=lora raise it to ~5e-5)."""
+
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in (
@@ -84,6 +92,13 @@ STAGES: dict[str, StageSpec] = {
             "llmhpc.stages.grpo:main", sections=(*TRAINING_SECTIONS, "peft", "grpo"), defaults=GRPO_DEFAULTS,
             shorthand="grpo",
             example="llmhpc grpo model.init_from=runs/sft reward=[correct,format:0.1] group_size=8 run.dir=runs/grpo",
+        ),
+        StageSpec(
+            "dpo", "DPO from ranked pairs (prompt / chosen / rejected) against a frozen reference whose log-probs "
+            "are computed once and cached; loss=sigmoid|ipo|hinge|simpo; full or peft=lora",
+            "llmhpc.stages.dpo:main", sections=(*TRAINING_SECTIONS, "peft", "dpo"), defaults=DPO_DEFAULTS,
+            shorthand="dpo",
+            example="llmhpc dpo model.init_from=runs/sft data.source=pairs.jsonl beta=0.1 run.dir=runs/dpo",
         ),
         StageSpec(
             "data prepare", "tokenize data.source into packed token shards (data.path)",

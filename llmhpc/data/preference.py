@@ -1,0 +1,248 @@
+"""Preference data: ranked pairs (prompt, chosen, rejected) → tokens with a loss on the two answers → batches.
+
+The reward-model and DPO stages learn from pairs of answers to one prompt, one of them preferred. Rows are JSONL
+lines or Parquet rows in the layouts TRL, Anthropic HH-RLHF and UltraFeedback-binarized use:
+
+- ``prompt`` (a string: one user turn; or a list of messages) with ``chosen`` and ``rejected`` (strings: one
+  assistant turn each; or lists of messages, whose last message is the answer);
+- no ``prompt``: ``chosen`` and ``rejected`` are whole conversations (message lists) that share every message but
+  the last (HH-RLHF's "implicit prompt"); the shared part is the prompt.
+
+Each side is rendered with the model's chat template (`llmhpc.data.chat`) as prompt + answer; only the answer's
+tokens (its last assistant turn, end-of-turn marker included) carry the loss, so both sides of a pair are scored
+on what differs. Malformed rows are reported with file and line exactly as SFT rows are (`llmhpc.data.sft`), and
+`on_error` decides: 'fail' stops at the first, 'skip' leaves it out and counts it. A pair whose two answers are
+the same is malformed ('same_pair'): it can teach nothing and only dilutes the batch.
+
+Batches (`pair_batch`): P pairs become 2P right-padded rows, the P chosen answers first, then the P rejected ones
+in the same order; ``labels`` are shifted (labels[t] is the token after input_ids[t] where that token belongs to
+the answer, IGNORE_INDEX elsewhere). Right padding needs no attention mask: a causal model never looks ahead,
+so the padding cannot change a real token's logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from llmhpc.data.chat import ChatRenderer, Message, RenderError
+from llmhpc.data.sft import (
+    IGNORE_INDEX,
+    ON_ERROR,
+    DataReport,
+    RowError,
+    _check_messages,
+    _jsonl_rows,
+    _parquet_rows,
+    _problem,
+    _side,
+    sft_files,
+)
+from llmhpc.errors import InputError
+
+COLUMNS = ("prompt", "chosen", "rejected")
+
+
+@dataclass(frozen=True)
+class Side:
+    """One rendered answer in its prompt: the tokens and which of them are the answer's."""
+
+    tokens: np.ndarray
+    answer: np.ndarray
+
+    @property
+    def n_labels(self) -> int:
+        """Answer tokens that are predicted (all but a first-position one, which never is)."""
+        return int(self.answer[1:].sum())
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """A validated, tokenized pair: where it comes from ('path, line N'), both sides and a digest of its text."""
+
+    where: str
+    chosen: Side
+    rejected: Side
+    digest: str
+
+    @property
+    def length(self) -> int:
+        """Positions the longer side fills in a row (its tokens but the last, which is only ever a label)."""
+        return max(len(self.chosen.tokens), len(self.rejected.tokens)) - 1
+
+
+def row_pair(row: Any) -> tuple[list[Message], list[Message], list[Message]]:
+    """(prompt messages, chosen answer messages, rejected answer messages) of one row; RowError if malformed."""
+    if not isinstance(row, dict):
+        raise RowError("not_object", f"the row is {type(row).__name__}, not a JSON object")
+    if "chosen" not in row or "rejected" not in row:
+        raise RowError("no_pair", f"the row has no 'chosen' and 'rejected' ({list(row)})")
+    if "prompt" in row:
+        prompt = _side(row["prompt"], "user", "prompt")
+        chosen, rejected = _side(row["chosen"], "assistant", "chosen"), _side(row["rejected"], "assistant",
+                                                                               "rejected")
+    else:  # implicit prompt: two conversations that differ in their last message only
+        chosen, rejected = _check_messages(row["chosen"], "chosen"), _check_messages(row["rejected"], "rejected")
+        if len(chosen) != len(rejected) or chosen[:-1] != rejected[:-1]:
+            raise RowError("no_pair", "without a 'prompt', 'chosen' and 'rejected' must be conversations that "
+                                      "share every message but the last")
+        prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+    for name, answer in (("chosen", chosen), ("rejected", rejected)):
+        if answer[-1]["role"] != "assistant":
+            raise RowError("no_assistant", f"the last message of '{name}' is not the assistant's")
+    if chosen == rejected:
+        raise RowError("same_pair", "'chosen' and 'rejected' are the same answer")
+    return prompt, chosen, rejected
+
+
+def _render_side(renderer: ChatRenderer, messages: list[Message], seq_len: int, name: str) -> Side:
+    try:
+        rendered = renderer.render(messages)
+    except RenderError as e:
+        raise RowError("render", f"'{name}': {e}") from None
+    mask = np.asarray(rendered.assistant_mask, dtype=bool)
+    if not mask[1:].any():
+        raise RowError("empty_assistant", f"the '{name}' answer renders to no tokens")
+    end = int(np.flatnonzero(mask)[-1]) + 1  # what follows the answer carries no loss and changes nothing before it
+    if end - 1 > seq_len:
+        raise RowError("too_long", f"'{name}' is {end} tokens, more than seq_len + 1 = {seq_len + 1}")
+    return Side(np.asarray(rendered.input_ids[:end], dtype=np.int64), mask[:end])
+
+
+def _digest(*parts: list[Message]) -> str:
+    text = json.dumps([[[m["role"], m["content"]] for m in part] for part in parts], ensure_ascii=False)
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def load_preference_pairs(
+    source: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    seq_len: int,
+    *,
+    chat_template: str | None = None,
+    on_error: str = "skip",
+) -> tuple[list[PreferencePair], DataReport]:
+    """Read, validate, render and tokenize every row of `source` (a .jsonl / .parquet file or a directory).
+
+    Returns the pairs in file / line order and a report to log; InputError at the first malformed row with
+    on_error='fail', when the tokenizer has no chat template and none is given, or when no row is usable."""
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    renderer = ChatRenderer(tokenizer, chat_template, last_turn_only=True)
+    report = DataReport(label="preference data", unit="pairs")
+    pairs = []
+    for path in sft_files(source, "preference data"):
+        rows = _jsonl_rows(path) if path.suffix.lower() == ".jsonl" else _parquet_rows(path, COLUMNS)
+        for where, row in rows:
+            report.rows += 1
+            try:
+                if isinstance(row, RowError):
+                    raise row
+                prompt, chosen, rejected = row_pair(row)
+                pairs.append(PreferencePair(where, _render_side(renderer, prompt + chosen, seq_len, "chosen"),
+                                            _render_side(renderer, prompt + rejected, seq_len, "rejected"),
+                                            _digest(prompt, chosen, rejected)))
+            except RowError as e:
+                _problem(report, on_error, where, e)
+    report.kept = len(pairs)
+    if not pairs:
+        raise InputError(f"{source}: no usable preference pair ({report.summary()}; first problem: "
+                         f"{report.problems[0] if report.problems else 'the source has no rows'}); fix the data")
+    return pairs, report
+
+
+def pairs_digest(pairs: Sequence[PreferencePair]) -> str:
+    """Hex digest of every pair's tokens and answer masks, in order: what a cache of per-pair numbers is keyed on."""
+    h = hashlib.sha256()
+    for pair in pairs:
+        for side in (pair.chosen, pair.rejected):
+            h.update(side.tokens.tobytes() + b"|" + np.packbits(side.answer).tobytes() + b"\0")
+    return h.hexdigest()
+
+
+def pair_batch(pairs: Sequence[PreferencePair], pad_id: int, width_multiple: int = 1) -> dict[str, torch.Tensor]:
+    """{'input_ids', 'labels'} [2P, W]: the chosen sides, then the rejected ones (module docstring); W is the
+    longest side's length rounded up to `width_multiple`."""
+    sides = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    width = max(len(s.tokens) - 1 for s in sides)
+    width = -(-width // width_multiple) * width_multiple
+    input_ids = torch.full((len(sides), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(sides), width), IGNORE_INDEX, dtype=torch.long)
+    for row, side in enumerate(sides):
+        n = len(side.tokens) - 1
+        tokens = torch.from_numpy(side.tokens)
+        input_ids[row, :n] = tokens[:-1]
+        labels[row, :n] = torch.where(torch.from_numpy(side.answer[1:]), tokens[1:], IGNORE_INDEX)
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def _with_reference(batch: dict[str, torch.Tensor], indices: Sequence[int],
+                    reference: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    if reference is not None:
+        batch["ref_logps"] = reference[list(indices)]
+    return batch
+
+
+class PairLoader:
+    """Micro-batches of `pairs_per_batch` pairs for this data-parallel rank, reshuffled every epoch, resumable.
+
+    Epoch e visits the pairs in a permutation drawn from (seed, e); rank r takes every dp_size-th pair of it from
+    position r (the epoch's last len % dp_size pairs are left out, so every rank has as many), and a micro-batch
+    is the next `pairs_per_batch` of those (an epoch's incomplete last micro-batch is left out too). `reference`
+    [N, 2], when given, rides along as each batch's `ref_logps`. The position is (epoch, micro-batch)."""
+
+    def __init__(self, pairs: Sequence[PreferencePair], pairs_per_batch: int, seed: int, *, pad_id: int,
+                 dp_rank: int = 0, dp_size: int = 1, reference: torch.Tensor | None = None,
+                 width_multiple: int = 1) -> None:
+        self.per_rank = len(pairs) // dp_size // pairs_per_batch
+        if self.per_rank == 0:
+            raise InputError(f"{len(pairs)} preference pairs cannot fill one micro-batch of {pairs_per_batch} pairs "
+                             f"on each of {dp_size} data-parallel ranks; add pairs or lower trainer.micro_batch_size")
+        self.pairs, self.size, self.seed = list(pairs), pairs_per_batch, seed
+        self.pad_id, self.rank, self.ranks, self.reference = pad_id, dp_rank, dp_size, reference
+        self.width_multiple = width_multiple
+        self.epoch, self.index = 0, 0
+
+    def epoch_indices(self, epoch: int | None = None) -> list[int]:
+        """The pairs this rank trains in `epoch` (default: the current one), in order."""
+        epoch = self.epoch if epoch is None else epoch
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.pairs), generator=generator).tolist()
+        return order[self.rank::self.ranks][: self.per_rank * self.size]
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if self.index == self.per_rank:
+            self.epoch, self.index = self.epoch + 1, 0
+        indices = self.epoch_indices()[self.index * self.size:(self.index + 1) * self.size]
+        self.index += 1
+        batch = pair_batch([self.pairs[i] for i in indices], self.pad_id, self.width_multiple)
+        return _with_reference(batch, indices, self.reference)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "index": self.index, "pairs": len(self.pairs)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["pairs"] != len(self.pairs):
+            raise InputError(f"the checkpoint was trained on {state['pairs']} preference pairs, this data has "
+                             f"{len(self.pairs)}; resume with the same data.source or start a new run.dir")
+        self.epoch, self.index = state["epoch"], state["index"]
+
+
+def pair_eval_batches(pairs: Sequence[PreferencePair], pairs_per_batch: int, *, pad_id: int,
+                      reference: torch.Tensor | None = None, offset: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Every pair in order, `pairs_per_batch` per batch (the last may be smaller); `reference` rows start at
+    `offset` (the held-out pairs' place in a reference computed over train + held-out)."""
+    batches = []
+    for start in range(0, len(pairs), pairs_per_batch):
+        indices = range(start, min(start + pairs_per_batch, len(pairs)))
+        batch = pair_batch([pairs[i] for i in indices], pad_id)
+        batches.append(_with_reference(batch, [offset + i for i in indices], reference))
+    return batches

@@ -1,0 +1,190 @@
+"""Recipe: DPO — preference optimization from ranked pairs, against a frozen reference, full or with LoRA.
+
+    llmhpc dpo model.init_from=<HF dir | .gguf | llmhpc run> [data.source=<.jsonl | .parquet | dir of pairs>]
+               [loss=sigmoid|ipo|hinge|simpo] [beta=0.1] [label_smoothing=0] [peft=lora]
+
+Pairs (`prompt` / `chosen` / `rejected`, `llmhpc.data.preference`) are rendered with the model's chat template;
+data.source=arithmetic (the default) is the package's own set: for each arithmetic problem its worked answer
+over a flawed one (`llmhpc.data.arithmetic_preferences`), train pairs from the training problems and held-out
+pairs from the held-out pool. The model, layout and optimizer come from the shared builder and the loop is the
+shared trainer; the objective is `llmhpc.rl.dpo.DPOObjective`.
+
+The reference is the starting model. Its log-probs of every pair are computed once, before the first step, by
+the policy itself (under peft=lora with its adapters off) and cached beside the data (in run.dir when that place
+is not writable), keyed on the starting weights, the pairs and the precision: later epochs, resumes and new
+runs on the same data read them back, and no second model is ever held. loss=simpo needs no reference.
+
+Layouts: one process, FSDP2 / DDP / HSDP (parallel.tp and parallel.pp must be 1, parallel.engine=torch).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from llmhpc.config import Config, ConfigError
+from llmhpc.data.preference import PairLoader, PreferencePair, load_preference_pairs, pair_eval_batches, pairs_digest
+from llmhpc.parallel import dp_rank, dp_size
+from llmhpc.stages.sft import ARITHMETIC, save_adapter, with_model_tokenizer
+from llmhpc.train.builder import RunContext, build, distributed_run
+from llmhpc.train.trainer import Trainer, TrainResult
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def pair_sources(cfg: Config) -> tuple[str, str | None]:
+    """(train source, held-out source or None): data.source, or for 'arithmetic' the package's pairs written once
+    into the cache (train from the training problems, held-out from the held-out pool)."""
+    if cfg.data.source != ARITHMETIC:
+        return cfg.data.source, None
+    from llmhpc.assets import cache_root
+    from llmhpc.data.arithmetic import HELD_OUT, held_out_problems, training_problems, write_rows
+    from llmhpc.data.arithmetic_preferences import preference_rows
+
+    seed, root = cfg.run.seed, cache_root() / "arithmetic"
+    n = cfg.dpo.arithmetic_pairs
+    train = root / f"preferences_train_seed{seed}_n{n}_heldout{HELD_OUT}.jsonl"
+    held = root / f"preferences_heldout_seed{seed}_n{cfg.dpo.eval_pairs}.jsonl" if cfg.dpo.eval_pairs else None
+    if not train.is_file():  # every rank may write: the write is atomic and the content the same
+        write_rows(preference_rows(training_problems(n, seed), seed), train)
+    if held is not None and not held.is_file():
+        write_rows(preference_rows(held_out_problems(cfg.dpo.eval_pairs, seed), seed + 1), held)
+    return str(train), str(held) if held else None
+
+
+def _cache_path(source: str, key: str) -> Path:
+    path = Path(source).expanduser().resolve()
+    if path.is_dir():
+        return path / f".llmhpc-reference-{key[:20]}.safetensors"
+    return path.parent / f".{path.name}.reference-{key[:20]}.safetensors"
+
+
+def _everyone_has(found: bool, device: torch.device) -> bool:
+    """True when every rank found the cache (ranks decide together: computing runs collective forwards)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return found
+    flag = torch.tensor([int(found)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def cached_reference(cfg: Config, built, pairs: list[PreferencePair], source: str, pad_id: int,
+                     device: torch.device) -> torch.Tensor:
+    """The reference log-probs [N, 2] of `pairs`: read from the cache, or computed by the starting policy and
+    cached (beside the data; in run.dir when that place is not writable)."""
+    from contextlib import nullcontext
+
+    from tqdm import tqdm
+
+    from llmhpc.checkpoint.lineage import source_fingerprint
+    from llmhpc.rl.dpo import load_cached_reference, reference_key, reference_logprobs, save_cached_reference
+
+    key = reference_key(source_fingerprint(cfg.model.init_from), pairs_digest(pairs), cfg.precision.name)
+    places = [_cache_path(source, key), Path(cfg.run.dir) / f"reference-{key[:20]}.safetensors"]
+    found = next((v for v in (load_cached_reference(p, key, len(pairs)) for p in places) if v is not None), None)
+    if _everyone_has(found is not None, device):
+        if _is_main():
+            print(f"reference log-probs: {len(pairs)} pairs read from the cache", flush=True)
+        return found
+    model = built.engine.model
+    switch = nullcontext
+    if cfg.peft.name != "none":
+        from llmhpc.peft.lora import adapters_disabled
+
+        def switch():
+            return adapters_disabled(model)
+
+    progress = tqdm(total=len(pairs), desc="reference log-probs", unit="pair", file=sys.stderr,
+                    disable=not (_is_main() and cfg.logger.progress_bar))
+    try:
+        with switch():
+            values = reference_logprobs(model, pairs, pairs_per_batch=cfg.trainer.micro_batch_size, pad_id=pad_id,
+                                        device=device, context=built.engine.autocast,
+                                        progress=progress.update)
+    finally:
+        progress.close()
+    if _is_main():
+        for place in places:
+            try:
+                save_cached_reference(place, key, values)
+                print(f"reference log-probs: {len(pairs)} pairs computed, cached in {place}", flush=True)
+                break
+            except OSError:
+                continue
+    return values
+
+
+def _pairs(cfg: Config, tokenizer) -> tuple[list[PreferencePair], list[PreferencePair], str]:
+    """(train pairs, held-out pairs, the train source) with the data report logged."""
+    from llmhpc.data.sft import split_examples
+
+    d, t = cfg.data, cfg.trainer
+    train_source, held_source = pair_sources(cfg)
+    train, report = load_preference_pairs(train_source, tokenizer, t.seq_len, chat_template=d.chat_template,
+                                          on_error=d.on_error)
+    if _is_main():
+        print(report.summary(), flush=True)
+        for problem in report.problems[:10]:
+            print(f"  skipped: {problem}", flush=True)
+    if held_source is not None:
+        held, _ = load_preference_pairs(held_source, tokenizer, t.seq_len, chat_template=d.chat_template,
+                                        on_error=d.on_error)
+    else:
+        train, held = split_examples(train, d.val_fraction, cfg.run.seed)
+    return train, held, train_source
+
+
+def run(cfg: Config) -> TrainResult:
+    """Train with DPO under the layout of cfg.parallel on WORLD_SIZE processes."""
+    cfg = with_model_tokenizer(cfg)
+    with distributed_run(cfg) as where:
+        if where.dims.tp > 1 or where.dims.pp > 1 or cfg.parallel.engine != "torch":
+            raise ConfigError("dpo runs on parallel.engine=torch with parallel.tp=1 parallel.pp=1 (one process, "
+                              "FSDP2, DDP or HSDP); use data parallelism (parallel.dp_shard)")
+        return _train(cfg, where)
+
+
+def _train(cfg: Config, where: RunContext) -> TrainResult:
+    from llmhpc.data.tokenizer import load_tokenizer
+    from llmhpc.rl.dpo import REFERENCE_FREE, DPOObjective
+
+    built = build(cfg, where)
+    cfg, t, o = built.cfg, built.cfg.trainer, built.cfg.dpo
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    train, held, source = _pairs(cfg, tokenizer)
+    reference = None
+    if o.loss not in REFERENCE_FREE:
+        reference = cached_reference(cfg, built, train + held, source, pad, where.device)
+    loader = PairLoader(train, t.micro_batch_size, cfg.run.seed, pad_id=pad, dp_rank=dp_rank(where.mesh),
+                        dp_size=dp_size(where.mesh), reference=reference)
+    eval_batches = pair_eval_batches(held, t.micro_batch_size, pad_id=pad, reference=reference,
+                                     offset=len(train)) if t.eval_every else []
+    objective = DPOObjective(loss=o.loss, beta=o.beta, label_smoothing=o.label_smoothing, simpo_gamma=o.simpo_gamma)
+    trainer = Trainer(cfg, built.engine, loader, objective, components=built.components, eval_batches=eval_batches,
+                      flops_per_token=built.flops_per_token, lineage=built.lineage, lr_scales=built.lr_scales)
+    try:
+        result = trainer.fit()
+        if cfg.peft.name != "none":
+            save_adapter(built.engine.model, cfg)
+        return result
+    finally:
+        built.engine.close()
+
+
+def main(cfg: Config, overrides: list[str]) -> int:
+    """`llmhpc dpo`: train, then (rank 0) report where the run ended."""
+    result = run(cfg)
+    if _is_main():
+        print(f"done: step {result.step}, loss {result.last_loss:.4f}"
+              + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
+              + (f", checkpoint {result.checkpoint}" if result.checkpoint else "")
+              + (f", adapter {Path(cfg.run.dir) / 'adapter'}" if cfg.peft.name != "none" else ""))
+    return 0
