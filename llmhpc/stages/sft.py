@@ -102,13 +102,18 @@ def _train(cfg: Config, where: RunContext) -> TrainResult:
         flops_per_token=built.flops_per_token, lineage=built.lineage, lr_scales=built.lr_scales,
         evaluators=answer_accuracy(cfg, tokenizer, where, ARITHMETIC_EVAL, ARITHMETIC_NEW_TOKENS),
     )
+    return fit_and_close(trainer, cfg)
+
+
+def fit_and_close(trainer: Trainer, cfg: Config) -> TrainResult:
+    """Train; under peft, write the adapter in peft's format; release the engine whatever happens."""
     try:
         result = trainer.fit()
         if cfg.peft.name != "none":
-            save_adapter(built.engine.model, cfg)
+            save_adapter(trainer.engine.model, cfg)
         return result
     finally:
-        built.engine.close()
+        trainer.engine.close()
 
 
 def answer_accuracy(cfg: Config, tokenizer, where: RunContext, problems: int, max_new_tokens: int) -> list:
@@ -142,12 +147,16 @@ def save_adapter(model, cfg: Config) -> None:
                       write=_is_main())
 
 
-def main(cfg: Config, overrides: list[str]) -> int:
-    """`llmhpc sft`: fine-tune, then (rank 0) report where the run ended."""
-    result = run(cfg)
+def report_done(cfg: Config, result: TrainResult) -> None:
+    """Rank 0: one line saying where a fine-tuning run ended (step, losses, checkpoint, adapter)."""
     if _is_main():
         print(f"done: step {result.step}, loss {result.last_loss:.4f}"
               + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
               + (f", checkpoint {result.checkpoint}" if result.checkpoint else "")
               + (f", adapter {Path(cfg.run.dir) / 'adapter'}" if cfg.peft.name != "none" else ""))
+
+
+def main(cfg: Config, overrides: list[str]) -> int:
+    """`llmhpc sft`: fine-tune, then (rank 0) report where the run ended."""
+    report_done(cfg, run(cfg))
     return 0
