@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -65,6 +66,7 @@ def pairs_in_our_order(hf: Path, train: Path, work: Path, batch: int, steps: int
 
 
 def run_ours(hf: Path, pairs: Path, args, run_dir: Path) -> dict:
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run dir left by an earlier bench would be resumed
     began = time.perf_counter()
     usage = run_logged([
         sys.executable, "-m", "llmhpc", "dpo", f"model.init_from={hf}", f"data.source={pairs}", "data.val_fraction=0",

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -50,6 +51,7 @@ def prompt_rows(train: Path, count: int) -> list[dict]:
 
 
 def run_ours(hf: Path, prompts: Path, args, run_dir: Path) -> dict:
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run dir left by an earlier bench would be resumed
     rows = args.prompts * args.group
     usage = run_logged([
         sys.executable, "-m", "llmhpc", "grpo", f"model.init_from={hf}", f"data.source={prompts}",

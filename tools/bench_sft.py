@@ -90,6 +90,8 @@ def run_logged(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> 
 
 def child_env() -> dict[str, str]:
     env = dict(os.environ, WANDB_SILENT="true", WANDB_DISABLE_GIT="true", TOKENIZERS_PARALLELISM="false")
+    # The repository root on the path: rewards named by dotted path (tests.grpo_rewards...) import in any child.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     return env
 
