@@ -46,19 +46,15 @@ def test_dpo_caches_the_reference_and_resumes_bitwise(tp2_pp2_checkpoint, pairs_
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), again.state_dict().values(), strict=True))
 
 
-@pytest.mark.parametrize("extra", [["peft=lora", "peft.rank=4", "peft.dropout=0"],
-                                   ["loss=simpo", "beta=2.0"]], ids=["lora", "simpo"])
-def test_lora_and_reference_free_runs(extra, tp2_pp2_checkpoint, pairs_file, llmhpc_cache, tmp_path):
+def test_lora_run_needs_no_second_model(tp2_pp2_checkpoint, pairs_file, llmhpc_cache, tmp_path):
     run = tmp_path / "run"
-    proc = run_cli(["dpo", f"model.init_from={tp2_pp2_checkpoint}", f"data.source={pairs_file}", *DPO, *extra,
-                    "trainer.max_steps=3", "trainer.eval_every=0", f"run.dir={run}"], llmhpc_cache)
+    run_cli(["dpo", f"model.init_from={tp2_pp2_checkpoint}", f"data.source={pairs_file}", *DPO, "peft=lora",
+             "peft.rank=4", "peft.dropout=0", "trainer.max_steps=3", "trainer.eval_every=0", f"run.dir={run}"],
+            llmhpc_cache)
     records = read_metrics(run / "metrics.jsonl")
-    if "peft=lora" in extra:  # adapters start at 0: the policy is the (adapter-disabled) base at step 1
-        assert abs(records[0]["reward_margin"]) < 1e-5 and (run / "adapter").is_dir()
-        assert records[2]["reward_margin"] != 0
-    else:  # no reference at all
-        assert "reference log-probs" not in proc.stdout
-        assert records[0]["loss"] != pytest.approx(0.693147, abs=1e-3)
+    # Adapters start at 0: the policy is the (adapter-disabled) base at step 1, and moves away from it after.
+    assert abs(records[0]["reward_margin"]) < 1e-5 and records[2]["reward_margin"] != 0
+    assert (run / "adapter").is_dir()
 
 
 def test_dpo_errors_are_one_line(capsys, tmp_path, tp2_pp2_checkpoint):

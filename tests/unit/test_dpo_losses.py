@@ -159,6 +159,9 @@ def test_objective_loss_and_gradients_match_an_independent_computation(loss, pai
         assert (ours[name] - p.grad).norm() <= 1e-4 * p.grad.norm() + 1e-9, name
     accuracy, count = out.metrics["reward_accuracy"]
     assert 0 <= accuracy.item() <= count.item() == 4
+    if loss == "simpo":  # reference-free: a batch without reference log-probs gives the same loss
+        del batch["ref_logps"]
+        assert objective(model, batch).loss.item() == pytest.approx(out.loss.item(), rel=1e-6)
 
 
 def test_cached_reference_equals_a_fresh_one(pairs, tokenizer, tmp_path):
