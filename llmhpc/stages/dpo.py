@@ -118,6 +118,9 @@ def cached_reference(cfg: Config, built, pairs: list[PreferencePair], source: st
                 break
             except OSError:
                 continue
+        else:
+            print(f"warning: reference log-probs could not be cached (none of {[str(p) for p in places]} is "
+                  "writable); a resumed run computes them again", flush=True)
     return values
 
 
