@@ -60,6 +60,9 @@ class ModelConfig:
     """Standard deviation of the normal weight initialization."""
     init_from: str | None = None
     """Start from these weights: a Hugging Face directory, a .gguf file or an llmhpc checkpoint."""
+    score_head: bool = False
+    """Add a scalar head (`score`, dim -> 1) on the final hidden state: a reward model scores a sequence with it
+    at its last token. `llmhpc reward` turns it on; a source without one starts it from the run's seed."""
 
 
 @dataclass
@@ -341,7 +344,8 @@ class EvalConfig:
     task: str = "perplexity"
     """What to measure, several joined by commas: 'perplexity' (on the held-out documents of data.source, the
     split pretraining holds out), 'arithmetic' (greedy exact-answer accuracy on the package's held-out word
-    problems) or a .jsonl file of rows with 'prompt' (or 'messages') and 'answer'."""
+    problems), 'preferences' (a reward model's pairwise accuracy on the held-out arithmetic preference pairs) or a
+    .jsonl file of rows with 'prompt' (or 'messages') and 'answer'."""
     baseline: str | None = None
     """Another model (HF dir, .gguf, llmhpc checkpoint) measured the same way and reported beside model.init_from,
     e.g. the unquantized export next to a quantized one."""
@@ -350,7 +354,7 @@ class EvalConfig:
     max_windows: int = 16
     """perplexity: at most this many windows (0: every window of the held-out split)."""
     problems: int = 100
-    """arithmetic / .jsonl: how many held-out problems are asked (0: all of a .jsonl file)."""
+    """arithmetic / preferences / .jsonl: how many held-out problems are asked or pairs scored (0: all)."""
     max_new_tokens: int = 128
     """arithmetic / .jsonl: longest answer generated; an answer cut off before its number counts as wrong."""
     batch_size: int = 8
@@ -459,6 +463,21 @@ class DPOConfig:
 
 
 @dataclass
+class RewardConfig:
+    """Options of `llmhpc reward` (written without the `reward.` prefix: `llmhpc reward center_coefficient=0.01`).
+    Batches count pairs: trainer.global_batch_size pairs per optimizer step, trainer.micro_batch_size per forward.
+    A pair's optional ``margin`` field (e.g. a rating gap) is the margin of its Bradley-Terry loss."""
+
+    center_coefficient: float = 0.0
+    """Weight of the reward-centering term c (r_chosen + r_rejected)^2 (0: off; ~0.01 keeps scores near zero)."""
+    arithmetic_pairs: int = 512
+    """data.source=arithmetic: training pairs written (one per training problem)."""
+    eval_pairs: int = 64
+    """data.source=arithmetic: held-out pairs (from the held-out problems) whose pairwise accuracy each eval logs;
+    other data holds out data.val_fraction of its pairs."""
+
+
+@dataclass
 class Config:
     """Root of every llmhpc config."""
 
@@ -478,3 +497,4 @@ class Config:
     peft: PeftConfig = field(default_factory=PeftConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)

@@ -93,6 +93,14 @@ def validate_dpo(cfg: Config) -> None:
     _check(d.arithmetic_pairs > 0, f"dpo.arithmetic_pairs must be > 0, got {d.arithmetic_pairs}")
 
 
+def validate_reward(cfg: Config) -> None:
+    """Rules of the reward section (checked for every stage: its defaults always hold)."""
+    r = cfg.reward
+    _check(r.center_coefficient >= 0, f"reward.center_coefficient must be >= 0, got {r.center_coefficient}")
+    _check(r.eval_pairs >= 0, f"reward.eval_pairs must be >= 0, got {r.eval_pairs}")
+    _check(r.arithmetic_pairs > 0, f"reward.arithmetic_pairs must be > 0, got {r.arithmetic_pairs}")
+
+
 CONVERT_QUANT = {"hf": ("none",), "trtllm": ("none", "int8_wo", "int4_wo", "fp8"),
                  "gguf": ("none", "q8_0", "q4_0", "q4_k")}
 """The quantizations each `llmhpc convert to=...` format writes."""
@@ -107,7 +115,7 @@ def validate_convert(c) -> None:
     _positive(c, "convert", ("tp", "pp", "shard_size_gb", "max_batch_size", "max_input_len", "max_seq_len"))
 
 
-EVAL_TASKS = ("perplexity", "arithmetic")
+EVAL_TASKS = ("perplexity", "arithmetic", "preferences")
 """The built-in tasks of `llmhpc eval`; a .jsonl path of prompt / answer rows is a task too."""
 
 
@@ -164,6 +172,7 @@ def validate(cfg: Config) -> None:
     validate_eval(cfg.eval)
     validate_grpo(cfg)
     validate_dpo(cfg)
+    validate_reward(cfg)
     _choice("peft", cfg.peft.name, ("none", "lora", "qlora"))
     _positive(cfg.peft, "peft", ("rank", "alpha"))
     _check(0 <= cfg.peft.dropout < 1, f"peft.dropout must be in [0, 1), got {cfg.peft.dropout}")

@@ -72,6 +72,9 @@ class PreferencePair:
     chosen: Side
     rejected: Side
     digest: str
+    margin: float = 0.0
+    """How much better chosen is (the row's optional ``margin``, e.g. a rating difference); the reward model's
+    Bradley-Terry loss asks for at least this gap (Llama 2's margin loss), 0 when the row has none."""
 
     @property
     def length(self) -> int:
@@ -103,7 +106,16 @@ def row_pair(row: Any) -> tuple[list[Message], list[Message], list[Message]]:
     return prompt, chosen, rejected
 
 
-def _render_side(renderer: ChatRenderer, messages: list[Message], seq_len: int, name: str) -> Side:
+def _margin(row: dict) -> float:
+    margin = row.get("margin", 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or not np.isfinite(margin):
+        raise RowError("bad_margin", f"'margin' must be a finite number, got {margin!r}")
+    return float(margin)
+
+
+def render_side(renderer: ChatRenderer, messages: list[Message], seq_len: int, name: str) -> Side:
+    """One side rendered and tokenized, cut after its answer; RowError if it cannot render, has no answer
+    tokens or is longer than seq_len + 1 tokens."""
     try:
         rendered = renderer.render(messages)
     except RenderError as e:
@@ -147,9 +159,9 @@ def load_preference_pairs(
                 if isinstance(row, RowError):
                     raise row
                 prompt, chosen, rejected = row_pair(row)
-                pairs.append(PreferencePair(where, _render_side(renderer, prompt + chosen, seq_len, "chosen"),
-                                            _render_side(renderer, prompt + rejected, seq_len, "rejected"),
-                                            _digest(prompt, chosen, rejected)))
+                pairs.append(PreferencePair(where, render_side(renderer, prompt + chosen, seq_len, "chosen"),
+                                            render_side(renderer, prompt + rejected, seq_len, "rejected"),
+                                            _digest(prompt, chosen, rejected), _margin(row)))
             except RowError as e:
                 _problem(report, on_error, where, e)
     report.kept = len(pairs)
@@ -168,10 +180,21 @@ def pairs_digest(pairs: Sequence[PreferencePair]) -> str:
     return h.hexdigest()
 
 
-def pair_batch(pairs: Sequence[PreferencePair], pad_id: int, width_multiple: int = 1) -> dict[str, torch.Tensor]:
+def pair_batch(pairs: Sequence[PreferencePair], pad_id: int, width_multiple: int = 1,
+               whole: bool = False) -> dict[str, torch.Tensor]:
     """{'input_ids', 'labels'} [2P, W]: the chosen sides, then the rejected ones (module docstring); W is the
-    longest side's length rounded up to `width_multiple`."""
+    longest side's length rounded up to `width_multiple`.
+
+    whole=True (a reward model, which scores each side at its last token): `input_ids` hold every token of each
+    side, and instead of labels come 'last' [2P] (each row's last token) and 'margin' [P] (each pair's)."""
     sides = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    if whole:
+        width = max(len(s.tokens) for s in sides)
+        input_ids = torch.full((len(sides), -(-width // width_multiple) * width_multiple), pad_id, dtype=torch.long)
+        for row, side in enumerate(sides):
+            input_ids[row, :len(side.tokens)] = torch.from_numpy(side.tokens)
+        return {"input_ids": input_ids, "last": torch.tensor([len(s.tokens) - 1 for s in sides]),
+                "margin": torch.tensor([p.margin for p in pairs], dtype=torch.float32)}
     width = max(len(s.tokens) - 1 for s in sides)
     width = -(-width // width_multiple) * width_multiple
     input_ids = torch.full((len(sides), width), pad_id, dtype=torch.long)
@@ -201,14 +224,14 @@ class PairLoader:
 
     def __init__(self, pairs: Sequence[PreferencePair], pairs_per_batch: int, seed: int, *, pad_id: int,
                  dp_rank: int = 0, dp_size: int = 1, reference: torch.Tensor | None = None,
-                 width_multiple: int = 1) -> None:
+                 width_multiple: int = 1, whole: bool = False) -> None:
         self.per_rank = len(pairs) // dp_size // pairs_per_batch
         if self.per_rank == 0:
             raise InputError(f"{len(pairs)} preference pairs cannot fill one micro-batch of {pairs_per_batch} pairs "
                              f"on each of {dp_size} data-parallel ranks; add pairs or lower trainer.micro_batch_size")
         self.pairs, self.size, self.seed = list(pairs), pairs_per_batch, seed
         self.pad_id, self.rank, self.ranks, self.reference = pad_id, dp_rank, dp_size, reference
-        self.width_multiple = width_multiple
+        self.width_multiple, self.whole = width_multiple, whole
         self.epoch, self.index = 0, 0
 
     def epoch_indices(self, epoch: int | None = None) -> list[int]:
@@ -223,7 +246,7 @@ class PairLoader:
             self.epoch, self.index = self.epoch + 1, 0
         indices = self.epoch_indices()[self.index * self.size:(self.index + 1) * self.size]
         self.index += 1
-        batch = pair_batch([self.pairs[i] for i in indices], self.pad_id, self.width_multiple)
+        batch = pair_batch([self.pairs[i] for i in indices], self.pad_id, self.width_multiple, self.whole)
         return _with_reference(batch, indices, self.reference)
 
     def state_dict(self) -> dict[str, Any]:
@@ -237,12 +260,13 @@ class PairLoader:
 
 
 def pair_eval_batches(pairs: Sequence[PreferencePair], pairs_per_batch: int, *, pad_id: int,
-                      reference: torch.Tensor | None = None, offset: int = 0) -> list[dict[str, torch.Tensor]]:
+                      reference: torch.Tensor | None = None, offset: int = 0,
+                      whole: bool = False) -> list[dict[str, torch.Tensor]]:
     """Every pair in order, `pairs_per_batch` per batch (the last may be smaller); `reference` rows start at
-    `offset` (the held-out pairs' place in a reference computed over train + held-out)."""
+    `offset` (the held-out pairs' place in a reference computed over train + held-out); `whole` as pair_batch."""
     batches = []
     for start in range(0, len(pairs), pairs_per_batch):
         indices = range(start, min(start + pairs_per_batch, len(pairs)))
-        batch = pair_batch([pairs[i] for i in indices], pad_id)
+        batch = pair_batch([pairs[i] for i in indices], pad_id, whole=whole)
         batches.append(_with_reference(batch, [offset + i for i in indices], reference))
     return batches

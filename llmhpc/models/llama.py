@@ -306,6 +306,7 @@ class Llama(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.score = nn.Linear(cfg.dim, 1, bias=False) if cfg.score_head else None
         cos, sin = rope_tables(cfg, device=self.tok_embeddings.weight.device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -421,6 +422,12 @@ class Llama(nn.Module):
         """The [vocab, dim] matrix `logits` multiplies by, for losses that fuse the head with softmax."""
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
+    def score_values(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The scalar head's value at every position [..., S] of hidden states [..., S, dim], in fp32."""
+        if self.score is None:
+            raise ValueError("this model has no score head (model.score_head=false); a reward model has one")
+        return self.score(hidden).squeeze(-1).float()
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -470,6 +477,23 @@ class Llama(nn.Module):
         return KVCache(self.cfg, batch, max_len, dtype=weight.dtype, device=weight.device)
 
 
+SCORE_HEAD = "score.weight"
+"""The scalar head's weight (`ModelConfig.score_head`)."""
+
+
+def score_head_draw(cfg: ModelConfig, seed: int) -> torch.Tensor:
+    """The score head [1, dim] a reward model started from weights without one gets: N(0, init_std) from `seed`."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.empty(1, cfg.dim).normal_(0.0, cfg.init_std, generator=generator)
+
+
+@torch.no_grad()
+def init_score_head(model: nn.Module, seed: int) -> None:
+    """Set the score head to `score_head_draw(seed)` (every rank the same draw, each keeping its shard)."""
+    param = model.get_parameter(SCORE_HEAD)
+    _copy_own_shard(param, score_head_draw(model.cfg, seed).to(param.device))
+
+
 def stored_names(model: nn.Module) -> dict[str, str]:
     """{parameter: the name its values are stored under in weight files and checkpoints}, where they differ.
 
@@ -494,6 +518,8 @@ def _random_weights(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...], float]
         draws += [(f"layers.{index}.{name}.weight", shape, scale) for name, shape, scale in block]
     if not cfg.tie_embeddings:
         draws.append(("output.weight", (cfg.vocab_size, cfg.dim), std))
+    if cfg.score_head:  # drawn last, so a model with the head shares every other weight with one without it
+        draws.append((SCORE_HEAD, (1, cfg.dim), std))
     return draws
 
 

@@ -32,7 +32,7 @@ from torch import nn
 from llmhpc.config.schema import ModelConfig
 from llmhpc.errors import InputError
 from llmhpc.models.adapters import adapter_names
-from llmhpc.models.llama import Llama, stored_names
+from llmhpc.models.llama import SCORE_HEAD, Llama, stored_names
 from llmhpc.models.sources import WeightSource, locate_weights
 
 ReadBox = Callable[[str, tuple[slice, ...]], torch.Tensor]
@@ -105,29 +105,41 @@ def load_into(
         # DCP reads each rank's shards of the sharded state dict
         from llmhpc.checkpoint.manager import stored_shapes
 
-        missing_adapters = adapter_names(model) - set(stored_shapes(source.path, component))  # added on top
-        load_model_state(source.path, model, aliases=stored_names(model), skip=missing_adapters)
+        stored = set(stored_shapes(source.path, component))
+        load_model_state(source.path, model, aliases=stored_names(model), skip=_added_on_top(model, stored))
         lineage["step"] = meta["step"]
     else:
         with _open_source(source, model.cfg) as (read_box, shapes, files):
             _check_names(source, model.cfg, shapes)
             _materialize(model, parts, device)
-            stored = stored_names(model)  # a pipeline's tied head copy reads the embedding
-            adapters = adapter_names(model)
+            stored = set(shapes)
+            aliases = stored_names(model)  # a pipeline's tied head copy reads the embedding
+            added = _added_on_top(model, stored)
             for param_name, param in model.named_parameters():
-                if param_name in adapters:
+                if param_name in added:
                     continue
-                name = stored.get(param_name, param_name)
+                name = aliases.get(param_name, param_name)
                 if tuple(param.shape) != shapes[name]:
                     raise InputError(f"{source.path}: {name} is {list(shapes[name])} there but {list(param.shape)} "
                                      "in the model; build the model from model_config_of(path)")
                 _fill_own_shard(param, lambda box, n=name: read_box(n, box))
         lineage["files"] = {f.name: f.stat().st_size for f in sorted(files)}
+    if model.cfg.score_head:
+        lineage["score_head"] = "loaded" if SCORE_HEAD in stored else "new"
     model.init_rope()
     for part in parts:
         if part is not model:
             part.share_rope_tables(model)
     return lineage
+
+
+def _added_on_top(model: Llama, stored: set[str]) -> set[str]:
+    """Parameters a source need not hold, left for whoever added them to draw: adapters, and a score head when
+    the source has none (a reward model started from a language model)."""
+    names = adapter_names(model)
+    if model.cfg.score_head and SCORE_HEAD not in stored:
+        names.add(SCORE_HEAD)
+    return names
 
 
 def _fill_base(model: Llama, base: dict, checkpoint: Path) -> None:
@@ -207,7 +219,7 @@ def _open_source(source: WeightSource, cfg: ModelConfig) -> Iterator[tuple[ReadB
 def _check_names(source: WeightSource, cfg: ModelConfig, shapes: dict) -> None:
     """The source holds exactly the whole model's tensors (what a strict load_state_dict would demand)."""
     with torch.device("meta"):
-        expected = set(Llama(cfg).state_dict())
+        expected = set(Llama(cfg).state_dict()) - ({SCORE_HEAD} - set(shapes))  # a score head may start fresh
     missing, extra = sorted(expected - set(shapes)), sorted(set(shapes) - expected)
     if missing or extra:
         raise InputError(f"{source.path}: the weights do not fit its config (missing {missing[:5]}, "

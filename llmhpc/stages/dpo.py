@@ -26,35 +26,16 @@ from pathlib import Path
 import torch
 
 from llmhpc.config import Config, ConfigError
-from llmhpc.data.preference import PairLoader, PreferencePair, load_preference_pairs, pair_eval_batches, pairs_digest
+from llmhpc.data.preference import PairLoader, PreferencePair, pair_eval_batches, pairs_digest
 from llmhpc.parallel import dp_rank, dp_size
-from llmhpc.stages.sft import ARITHMETIC, fit_and_close, report_done, with_model_tokenizer
+from llmhpc.stages.pairs import load_pairs
+from llmhpc.stages.sft import fit_and_close, report_done, with_model_tokenizer
 from llmhpc.train.builder import RunContext, build, distributed_run
 from llmhpc.train.trainer import Trainer, TrainResult
 
 
 def _is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
-
-
-def pair_sources(cfg: Config) -> tuple[str, str | None]:
-    """(train source, held-out source or None): data.source, or for 'arithmetic' the package's pairs written once
-    into the cache (train from the training problems, held-out from the held-out pool)."""
-    if cfg.data.source != ARITHMETIC:
-        return cfg.data.source, None
-    from llmhpc.assets import cache_root
-    from llmhpc.data.arithmetic import HELD_OUT, held_out_problems, training_problems, write_rows
-    from llmhpc.data.arithmetic_preferences import preference_rows
-
-    seed, root = cfg.run.seed, cache_root() / "arithmetic"
-    n = cfg.dpo.arithmetic_pairs
-    train = root / f"preferences_train_seed{seed}_n{n}_heldout{HELD_OUT}.jsonl"
-    held = root / f"preferences_heldout_seed{seed}_n{cfg.dpo.eval_pairs}.jsonl" if cfg.dpo.eval_pairs else None
-    if not train.is_file():  # every rank may write: the write is atomic and the content the same
-        write_rows(preference_rows(training_problems(n, seed), seed), train)
-    if held is not None and not held.is_file():
-        write_rows(preference_rows(held_out_problems(cfg.dpo.eval_pairs, seed), seed + 1), held)
-    return str(train), str(held) if held else None
 
 
 def _cache_path(source: str, key: str) -> Path:
@@ -124,26 +105,6 @@ def cached_reference(cfg: Config, built, pairs: list[PreferencePair], source: st
     return values
 
 
-def _pairs(cfg: Config, tokenizer) -> tuple[list[PreferencePair], list[PreferencePair], str]:
-    """(train pairs, held-out pairs, the train source) with the data report logged."""
-    from llmhpc.data.sft import split_examples
-
-    d, t = cfg.data, cfg.trainer
-    train_source, held_source = pair_sources(cfg)
-    train, report = load_preference_pairs(train_source, tokenizer, t.seq_len, chat_template=d.chat_template,
-                                          on_error=d.on_error)
-    if _is_main():
-        print(report.summary(), flush=True)
-        for problem in report.problems[:10]:
-            print(f"  skipped: {problem}", flush=True)
-    if held_source is not None:
-        held, _ = load_preference_pairs(held_source, tokenizer, t.seq_len, chat_template=d.chat_template,
-                                        on_error=d.on_error)
-    else:
-        train, held = split_examples(train, d.val_fraction, cfg.run.seed)
-    return train, held, train_source
-
-
 def run(cfg: Config) -> TrainResult:
     """Train with DPO under the layout of cfg.parallel on WORLD_SIZE processes."""
     cfg = with_model_tokenizer(cfg)
@@ -162,7 +123,7 @@ def _train(cfg: Config, where: RunContext) -> TrainResult:
     cfg, t, o = built.cfg, built.cfg.trainer, built.cfg.dpo
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train, held, source = _pairs(cfg, tokenizer)
+    train, held, source = load_pairs(cfg, tokenizer, o.arithmetic_pairs, o.eval_pairs)
     reference = None
     if o.loss not in REFERENCE_FREE:
         reference = cached_reference(cfg, built, train + held, source, pad, where.device)

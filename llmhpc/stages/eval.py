@@ -3,8 +3,9 @@
     llmhpc eval model.init_from=exports/x-q4_k.gguf baseline=exports/x-f16.gguf task=perplexity,arithmetic
 
 Perplexity is on the held-out documents of data.source (tokenized with data.tokenizer, which must be the
-model's); accuracy is greedy exact-answer accuracy on held-out questions (`llmhpc.scoring`). The results are
-printed as one table, a column per model, and written as JSON with output=FILE.
+model's); accuracy is greedy exact-answer accuracy on held-out questions (`llmhpc.scoring`); 'preferences' scores
+a reward model (`llmhpc reward`) on the held-out arithmetic pairs: how often chosen scores above rejected. The
+results are printed as one table, a column per model, and written as JSON with output=FILE.
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ def _questions(cfg: Config, task: str) -> list[Question]:
     return read_questions(task, e.problems)
 
 
+def _preference_rows(cfg: Config) -> list[dict]:
+    """task=preferences: the package's held-out arithmetic pairs, the ones `llmhpc reward` evaluates on."""
+    from llmhpc.data.arithmetic import HELD_OUT, held_out_problems
+    from llmhpc.data.arithmetic_preferences import preference_rows
+
+    n = min(cfg.eval.problems or HELD_OUT, HELD_OUT)
+    return preference_rows(held_out_problems(n, cfg.run.seed), cfg.run.seed + 1)
+
+
 def _dtype(cfg: Config) -> torch.dtype:
     if cfg.precision.name == "fp8":
         raise ConfigError("precision=fp8 is for training; evaluate with precision=fp32 or precision=bf16")
@@ -50,7 +60,8 @@ def evaluate(cfg: Config) -> dict[str, dict[str, dict[str, float]]]:
         raise ConfigError("model.init_from is not set: name the model to evaluate (HF dir, .gguf or llmhpc run)")
     e, tasks = cfg.eval, _tasks(cfg)
     windows = held_out_windows(cfg.data, cfg.run.seed, e.seq_len, e.max_windows) if "perplexity" in tasks else None
-    questions = {t: _questions(cfg, t) for t in tasks if t != "perplexity"}
+    questions = {t: _questions(cfg, t) for t in tasks if t not in ("perplexity", "preferences")}
+    pairs = _preference_rows(cfg) if "preferences" in tasks else None
     text_vocab = load_tokenizer(cfg.data.tokenizer).get_vocab() if windows is not None else None
     results: dict[str, dict[str, dict[str, float]]] = {}
     for path in [cfg.model.init_from, *([e.baseline] if e.baseline else [])]:
@@ -61,6 +72,15 @@ def evaluate(cfg: Config) -> dict[str, dict[str, dict[str, float]]]:
                 raise InputError(f"{path}: its tokenizer is not data.tokenizer={cfg.data.tokenizer}, so perplexities "
                                  "would not compare; set data.tokenizer to the model's (its .gguf or HF directory)")
             numbers["perplexity"] = perplexity(model, windows, e.batch_size)
+        if pairs is not None:
+            from llmhpc.rl.reward_model import RewardScorer
+
+            if tokenizer is None:
+                raise InputError(f"{path}: has no tokenizer files, so pairs cannot be rendered; add them")
+            try:
+                numbers["preferences"] = RewardScorer(model, tokenizer, batch_size=e.batch_size).pairwise(pairs)
+            except InputError as err:
+                raise InputError(f"{path}: {err}") from None
         for task, asked in questions.items():
             if tokenizer is None:
                 raise InputError(f"{path}: has no tokenizer files, so questions cannot be asked; add them")

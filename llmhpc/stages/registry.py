@@ -72,6 +72,14 @@ DPO_DEFAULTS = ("data.source=arithmetic", "trainer.lr=5e-6", "trainer.weight_dec
 over a flawed one), 8 pairs per step in micro-batches of 4, a full fine-tuning learning rate of 5e-6 (TRL's
 DPOTrainer defaults to 1e-6 for larger models; with peft=lora raise it to ~5e-5)."""
 
+REWARD_DEFAULTS = ("data.source=arithmetic", "model.score_head=true", "trainer.lr=1e-5",
+                   "trainer.weight_decay=0.0", "trainer.warmup_steps=5", "trainer.max_steps=100",
+                   "trainer.seq_len=256", "trainer.global_batch_size=8", "trainer.micro_batch_size=4",
+                   "trainer.eval_every=20", "trainer.ckpt_every=20", "data.val_fraction=0.05")
+"""What `llmhpc reward` runs unless told otherwise: the package's arithmetic preference pairs, a scalar head on the
+model, 8 pairs per step in micro-batches of 4 and a full fine-tuning learning rate of 1e-5 (with peft=lora raise it
+to ~1e-4)."""
+
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in (
@@ -92,6 +100,13 @@ STAGES: dict[str, StageSpec] = {
             "llmhpc.stages.grpo:main", sections=(*TRAINING_SECTIONS, "peft", "grpo"), defaults=GRPO_DEFAULTS,
             shorthand="grpo",
             example="llmhpc grpo model.init_from=runs/sft reward=[correct,format:0.1] group_size=8 run.dir=runs/grpo",
+        ),
+        StageSpec(
+            "reward", "reward model from ranked pairs (prompt / chosen / rejected): a scalar head trained with the "
+            "Bradley-Terry loss (optional margin and centering), held-out pairwise accuracy; full or peft=lora",
+            "llmhpc.stages.reward:main", sections=(*TRAINING_SECTIONS, "peft", "reward"), defaults=REWARD_DEFAULTS,
+            shorthand="reward",
+            example="llmhpc reward model.init_from=runs/sft data.source=pairs.jsonl run.dir=runs/rm",
         ),
         StageSpec(
             "dpo", "DPO from ranked pairs (prompt / chosen / rejected) against a frozen reference whose log-probs "

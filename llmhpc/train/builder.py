@@ -40,6 +40,7 @@ from llmhpc.checkpoint.lineage import source_fingerprint
 from llmhpc.config import Config, ConfigError
 from llmhpc.config.layout import ParallelDims, resolve_layout, world_size_from_env
 from llmhpc.models import build_model, load_pretrained
+from llmhpc.models.llama import init_score_head
 from llmhpc.parallel import dp_mesh, parallelize
 from llmhpc.process_group import destroy_distributed, init_distributed
 from llmhpc.train.engine import DeepSpeedStepEngine, Engine, LocalEngine, PipelineEngine
@@ -111,7 +112,10 @@ def build_model_for(cfg: Config, device: torch.device) -> tuple[nn.Module, dict]
 
         lineage = {"init_from": str(cfg.model.init_from)}
         if device.type == "meta":  # the source's shape only; `initialize_sharded` loads each rank's shards
-            return build_model(model_config_of(cfg.model.init_from), device=device), lineage
+            shape = model_config_of(cfg.model.init_from)
+            if cfg.model.score_head:  # a reward model from a language model: the head starts from the seed
+                shape = dataclasses.replace(shape, score_head=True)
+            return build_model(shape, device=device), lineage
         model, _ = load_pretrained(cfg.model.init_from, device=str(device))  # the whole model (DeepSpeed)
         return model, lineage
     torch.manual_seed(cfg.run.seed)
@@ -125,7 +129,10 @@ def initialize_sharded(model: nn.Module, parts: list[nn.Module], cfg: Config, de
     from llmhpc.models.sharded_load import load_into
 
     if cfg.model.init_from:  # materializes once the source is indexed: its parsed metadata is gone by then
-        return load_into(model, cfg.model.init_from, parts=parts, device=device)
+        lineage = load_into(model, cfg.model.init_from, parts=parts, device=device)
+        if lineage.get("score_head") == "new":
+            init_score_head(model, cfg.run.seed)
+        return lineage
     model.to_empty(device=device)
     for part in parts:  # pipeline stages: FSDP2 re-registers the parameters it manages on their root modules
         if part is not model:
@@ -181,6 +188,8 @@ def _apply_lora(model: nn.Module, cfg: Config, dims: ParallelDims) -> bool:
     from llmhpc.peft.lora import apply_lora, lora_settings
 
     apply_lora(model, lora_settings(cfg.peft))
+    if model.score is not None:  # a reward model's head trains with the adapters (peft's modules_to_save)
+        model.score.weight.requires_grad_(True)
     return True
 
 

@@ -50,6 +50,10 @@ class LMHead:
         """Logits of hidden states (full, or vocabulary-sharded under loss parallel)."""
         return self.module.logits(hidden)
 
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The scalar head's value at every position [B, S] (a reward model's `score`), fp32."""
+        return self.module.score_values(hidden)
+
     def cross_entropy_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Summed next-token cross entropy of `labels` (IGNORE_INDEX excluded), in fp32.
 

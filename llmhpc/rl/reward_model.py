@@ -1,0 +1,133 @@
+"""Reward models: the Bradley-Terry objective that trains one from ranked pairs, and the scorer that uses it.
+
+A reward model is the policy's backbone with a scalar head (`ModelConfig.score_head`): the score of a sequence
+is the head's value at its last token, r = w . h_last. Trained on pairs (chosen preferred over rejected), the
+Bradley-Terry model says P(chosen > rejected) = sigmoid(r_c - r_r), so per pair the loss is
+
+    -log sigmoid(r_c - r_r - m)  +  c (r_c + r_r)^2
+
+with m the pair's margin (0 unless the data gives one: Llama 2's margin loss for graded preferences) and c the
+reward-centering coefficient (0 by default; Eisenstein et al. 2023: keeps the scores near mean zero, which the
+pairwise loss alone leaves free, so they are comparable across prompts). Logged per pair: the loss, the accuracy
+(r_c > r_r), both scores and their gap.
+
+`RewardScorer` loads a trained reward model (an llmhpc run or checkpoint) and scores prompt / answer pairs
+rendered with the chat template: a reward for PPO, for `llmhpc eval` and for best-of-n sampling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llmhpc.train.objective import Batch, LMHead, Metric, Objective
+
+
+def bradley_terry_losses(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
+                         center_coefficient: float = 0.0) -> torch.Tensor:
+    """Per-pair loss [P] from the scores of chosen and rejected [P] (module docstring)."""
+    gap = chosen - rejected if margin is None else chosen - rejected - margin
+    losses = -F.logsigmoid(gap)
+    if center_coefficient:
+        losses = losses + center_coefficient * (chosen + rejected) ** 2
+    return losses
+
+
+def last_token_scores(head: LMHead, hidden: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """The score head at each row's last token [B]; only those B positions go through the head."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return head.scores(hidden[rows, last.to(hidden.device)])
+
+
+class RewardObjective(Objective):
+    """The Bradley-Terry loss of a batch of pairs (`pair_batch(..., whole=True)`: P chosen rows, then the P
+    rejected ones, each scored at its last token). The unit is a pair: the step's loss is the mean over pairs."""
+
+    name = "reward"
+
+    def __init__(self, *, center_coefficient: float = 0.0) -> None:
+        self.center_coefficient = center_coefficient
+
+    def normalizer(self, batch: Batch) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    def loss(self, head: LMHead, hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, Metric]]:
+        scores = last_token_scores(head, hidden, batch["last"])
+        pairs = scores.shape[0] // 2
+        chosen, rejected = scores[:pairs], scores[pairs:]
+        margin = batch["margin"].to(scores.device, scores.dtype)
+        losses = bradley_terry_losses(chosen, rejected, margin, self.center_coefficient)
+        count = torch.tensor(float(pairs), device=scores.device)
+        chosen, rejected = chosen.detach(), rejected.detach()
+        metrics = {
+            "accuracy": ((chosen > rejected).to(scores.dtype).sum(), count),
+            "score_chosen": (chosen.sum(), count), "score_rejected": (rejected.sum(), count),
+            "score_gap": ((chosen - rejected).sum(), count),
+        }
+        return losses.sum(), metrics
+
+
+class RewardScorer:
+    """A reward model that scores answers: `scorer(prompts, answers)` -> one float per answer.
+
+    Each (prompt, answer) is rendered with the chat template as a user turn and an assistant turn, exactly as a
+    training pair's side, and scored at its last token; rows go `batch_size` at a time, right-padded (a causal
+    model's last real token never sees the padding). `RewardScorer.load(path)` reads a trained reward model."""
+
+    def __init__(self, model, tokenizer, *, chat_template: str | None = None, batch_size: int = 8) -> None:
+        from llmhpc.data.chat import ChatRenderer
+        from llmhpc.errors import InputError
+
+        if getattr(model, "score", None) is None:
+            raise InputError("not a reward model (it has no score head); train one with `llmhpc reward`")
+        self.model = model.eval()
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.renderer = ChatRenderer(tokenizer, chat_template, last_turn_only=True)
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(cls, path: str | Path, *, tokenizer: str | None = None, device: str = "cpu",
+             dtype: torch.dtype = torch.float32, **options) -> RewardScorer:
+        """The reward model at `path` (an llmhpc run or checkpoint) with the tokenizer it trained with."""
+        from llmhpc.data.tokenizer import load_tokenizer
+        from llmhpc.errors import InputError
+        from llmhpc.models import load_pretrained
+        from llmhpc.models.loader import tokenizer_spec
+
+        model, _ = load_pretrained(str(path), device=device, dtype=dtype)
+        if model.score is None:
+            raise InputError(f"{path}: not a reward model (it has no score head); train one with `llmhpc reward`")
+        return cls(model, load_tokenizer(tokenizer or tokenizer_spec(path) or "smollm2"), **options)
+
+    def tokens(self, prompt: str, answer: str) -> list[int]:
+        """The rendered conversation's tokens through the end of the answer's turn, as a training pair's side."""
+        from llmhpc.data.preference import render_side
+
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        return render_side(self.renderer, messages, self.model.cfg.max_seq_len, "answer").tokens.tolist()
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+        rows = [self.tokens(p, a) for p, a in zip(prompts, answers, strict=True)]
+        device = self.model.tok_embeddings.weight.device
+        scores: list[float] = []
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start:start + self.batch_size]
+            ids = torch.full((len(chunk), max(map(len, chunk))), self.pad, dtype=torch.long)
+            for i, row in enumerate(chunk):
+                ids[i, :len(row)] = torch.tensor(row)
+            hidden = self.model(ids.to(device), return_hidden=True)
+            last = torch.tensor([len(row) - 1 for row in chunk])
+            scores += last_token_scores(LMHead(self.model), hidden, last).tolist()
+        return scores
+
+    def pairwise(self, rows: Sequence[dict]) -> dict[str, float]:
+        """{'accuracy': share of rows whose chosen scores above rejected, 'gap': mean chosen - rejected score} of
+        rows with string prompt / chosen / rejected."""
+        prompts = [r["prompt"] for r in rows]
+        chosen, rejected = self(prompts, [r["chosen"] for r in rows]), self(prompts, [r["rejected"] for r in rows])
+        gaps = [c - r for c, r in zip(chosen, rejected, strict=True)]
+        return {"accuracy": sum(g > 0 for g in gaps) / len(gaps), "gap": sum(gaps) / len(gaps)}

@@ -1,0 +1,137 @@
+"""Reward models (`llmhpc.rl.reward_model`): the Bradley-Terry loss against numbers worked out by hand, the
+objective's loss and gradients on a tiny model against a gradient derived by hand, last-token scoring unchanged
+by batching and padding, the score head's draw and loading, and the pair reader's margins."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from llmhpc.config.schema import ModelConfig
+from llmhpc.data.arithmetic import train_eval_split
+from llmhpc.data.arithmetic_preferences import preference_rows
+from llmhpc.data.preference import load_preference_pairs, pair_batch
+from llmhpc.data.tokenizer import load_tokenizer
+from llmhpc.errors import InputError
+from llmhpc.models import build_model
+from llmhpc.models.llama import SCORE_HEAD, init_score_head
+from llmhpc.rl.reward_model import RewardObjective, bradley_terry_losses
+
+
+def _neg_log_sigmoid(x: float) -> float:
+    return math.log1p(math.exp(-x))
+
+
+def test_bradley_terry_by_hand():
+    chosen, rejected = torch.tensor([1.0, -0.5, 2.0]), torch.tensor([0.2, 0.5, 2.0])
+    # gaps 0.8, -1.0, 0: -log sigmoid = 0.371101, 1.313262, log 2.
+    want = [_neg_log_sigmoid(0.8), _neg_log_sigmoid(-1.0), math.log(2)]
+    assert bradley_terry_losses(chosen, rejected).tolist() == pytest.approx(want, abs=1e-6)
+    assert want == pytest.approx([0.371101, 1.313262, 0.693147], abs=1e-6)
+    # A margin m asks for a gap of at least m: the loss is that of gap - m.
+    margin = torch.tensor([0.3, 0.0, -1.0])
+    got = bradley_terry_losses(chosen, rejected, margin)
+    assert got.tolist() == pytest.approx([_neg_log_sigmoid(0.5), _neg_log_sigmoid(-1.0), _neg_log_sigmoid(1.0)],
+                                         abs=1e-6)
+    # Centering adds c (r_c + r_r)^2: 0.01 * 1.44, 0, 0.01 * 16.
+    centered = bradley_terry_losses(chosen, rejected, None, 0.01)
+    assert (centered - bradley_terry_losses(chosen, rejected)).tolist() == pytest.approx([0.0144, 0.0, 0.16],
+                                                                                         abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("smollm2")
+
+
+@pytest.fixture(scope="module")
+def pairs(tokenizer, tmp_path_factory):
+    rows = preference_rows(train_eval_split(6, 0, seed=4)[0], seed=4)
+    for i, row in enumerate(rows):
+        row["margin"] = 0.25 * i
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    found, _ = load_preference_pairs(path, tokenizer, 256)
+    assert [p.margin for p in found] == [0.25 * i for i in range(6)]
+    return found
+
+
+def _tiny(vocab: int, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                                   max_seq_len=256, score_head=True))
+
+
+def test_objective_loss_and_gradients_match_a_derivation_by_hand(pairs, tokenizer):
+    """Each side alone (no batch, no padding): r = w . h_last. With g = r_c - r_r - m, the loss sum over pairs is
+    sum softplus(-g) + c (r_c + r_r)^2, so dL/dw = sum -sigmoid(-g) (h_c - h_r) + 2 c (r_c + r_r) (h_c + h_r)."""
+    model, c = _tiny(len(tokenizer)), 0.05
+    chunk = pairs[1:5]
+    out = RewardObjective(center_coefficient=c)(model, pair_batch(chunk, pad_id=0, whole=True))
+    assert out.count == 4
+    out.loss.backward()
+    grad_w = model.score.weight.grad.clone()[0]
+
+    w = model.score.weight.detach()[0]
+    with torch.no_grad():
+        last = {id(side): model(torch.from_numpy(side.tokens)[None], return_hidden=True)[0, -1]
+                for pair in chunk for side in (pair.chosen, pair.rejected)}
+    want_loss, want_grad, accurate = 0.0, torch.zeros_like(w), 0
+    for pair in chunk:
+        h_c, h_r = last[id(pair.chosen)], last[id(pair.rejected)]
+        r_c, r_r = float(w @ h_c), float(w @ h_r)
+        g = r_c - r_r - pair.margin
+        want_loss += _neg_log_sigmoid(g) + c * (r_c + r_r) ** 2
+        want_grad += -(1 - 1 / (1 + math.exp(-g))) * (h_c - h_r) + 2 * c * (r_c + r_r) * (h_c + h_r)
+        accurate += r_c > r_r
+    assert out.loss.item() == pytest.approx(want_loss, rel=1e-5)
+    assert torch.allclose(grad_w, want_grad, rtol=1e-4, atol=1e-6)
+    assert out.metrics["accuracy"][0].item() == accurate
+    # The backbone trains too: its gradient is that of the same loss through the hidden states.
+    assert model.layers["0"].attention.wq.weight.grad.abs().sum() > 0
+
+
+def test_scores_do_not_depend_on_batching_or_padding(pairs, tokenizer):
+    from llmhpc.rl.reward_model import last_token_scores
+    from llmhpc.train.objective import LMHead
+
+    model = _tiny(len(tokenizer), seed=1)
+    with torch.no_grad():
+        batch = pair_batch(pairs, pad_id=0, whole=True, width_multiple=64)
+        assert batch["input_ids"].shape[1] % 64 == 0
+        together = last_token_scores(LMHead(model), model(batch["input_ids"], return_hidden=True), batch["last"])
+        alone = [last_token_scores(LMHead(model), model(torch.from_numpy(s.tokens)[None], return_hidden=True),
+                                   torch.tensor([len(s.tokens) - 1]))[0]
+                 for s in [p.chosen for p in pairs] + [p.rejected for p in pairs]]
+    assert torch.allclose(together, torch.stack(alone), atol=1e-5)
+    assert batch["margin"].tolist() == [p.margin for p in pairs]
+
+
+def test_score_head_draw_and_absence(tokenizer):
+    model = _tiny(len(tokenizer))
+    plain = build_model(ModelConfig(vocab_size=len(tokenizer), dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    ffn_dim=64, max_seq_len=256))
+    assert SCORE_HEAD in dict(model.named_parameters()) and plain.score is None
+    with pytest.raises(ValueError, match="score head"):
+        plain.score_values(torch.zeros(1, 2, 32))
+    # init_weights draws the head last: every other weight is that of the same model without a head.
+    torch.manual_seed(7)
+    model.init_weights()
+    torch.manual_seed(7)
+    plain.init_weights()
+    assert all(torch.equal(p, model.state_dict()[n]) for n, p in plain.state_dict().items())
+    init_score_head(model, seed=3)
+    first = model.score.weight.detach().clone()
+    init_score_head(model, seed=3)
+    assert torch.equal(first, model.score.weight) and first.std().item() == pytest.approx(0.02, rel=0.5)
+
+
+def test_bad_margin_is_a_row_error(tokenizer, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c", "margin": "big"}) + "\n",
+                    encoding="utf-8")
+    with pytest.raises(InputError, match=r"line 1.*margin"):
+        load_preference_pairs(path, tokenizer, 64, on_error="fail")
