@@ -15,9 +15,11 @@ Both sides, in their own fresh process one after the other:
   gets our token ids of each side (`chosen_ids` / `rejected_ids`: the chat template's rendering through the
   answer's <|im_end|>) in that order, unshuffled. Its pad token is <|endoftext|>, so its last non-pad token is
   each side's <|im_end|>, the token ours scores at (SmolLM2's own pad token is <|im_end|>, which would move it).
-- Settings: `--batch` pairs per step in one micro-batch (both sides run chosen and rejected as one forward of
-  2 x batch rows, padded to the longest), Bradley-Terry loss without margin or centering, AdamW lr 1e-5 constant
-  (betas 0.9 / 0.999, eps 1e-8), no weight decay, grad-norm clip 1, fp32, no gradient checkpointing, dropout off.
+- Settings: `--batch` pairs per step in one micro-batch, Bradley-Terry loss without margin or centering, AdamW
+  lr 1e-5 constant (betas 0.9 / 0.999, eps 1e-8), no weight decay, grad-norm clip 1, fp32, no gradient
+  checkpointing, dropout off. TRL runs chosen and rejected as one forward of 2 x batch rows padded to the longest;
+  ours with its default `reward.shared_prefix=true` (one row per pair holding the sides' common prefix once; pass
+  `--ours reward.shared_prefix=false` for a row per side, as TRL).
 
 Speed: pairs per second over steps skip+1..steps (ours: `step_time_s` of metrics.jsonl; TRL: time between
 `on_step_end` callbacks) and the whole run's wall time, process start to exit. Losses are printed step by step.
@@ -56,7 +58,7 @@ def pairs_in_our_order(hf: Path, train: Path, work: Path, batch: int, steps: int
     path = work / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(problems[: steps * batch], SEED)))
     pairs, _ = load_preference_pairs(path, AutoTokenizer.from_pretrained(hf), SEQ_LEN)
-    loader = PairLoader(pairs, batch, SEED, pad_id=0, whole=True)
+    loader = PairLoader(pairs, batch, SEED, pad_id=0)
     if steps > loader.per_rank:
         raise SystemExit(f"--steps {steps} needs more than one epoch ({loader.per_rank} steps); lower it")
     return path, [{"chosen_ids": pairs[i].chosen.tokens.tolist(), "rejected_ids": pairs[i].rejected.tokens.tolist()}
@@ -92,7 +94,7 @@ def run_ours(hf: Path, pairs: Path, args, run_dir: Path) -> dict:
         f"trainer.seq_len={SEQ_LEN}", f"trainer.max_steps={args.steps}", f"trainer.lr={LR}",
         "trainer.schedule=constant", "trainer.warmup_steps=0", "trainer.weight_decay=0", "trainer.beta2=0.999",
         "trainer.grad_clip=1.0", "trainer.eval_every=0", "trainer.ckpt_every=0", "logger.progress_bar=false",
-        "precision=fp32", f"run.seed={SEED}", f"run.dir={run_dir}",
+        "precision=fp32", f"run.seed={SEED}", f"run.dir={run_dir}", *args.ours,
     ], run_dir.with_suffix(".log"), child_env())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {**usage, "step_time_s": [r["step_time_s"] for r in records], "loss": [r["loss"] for r in records],
@@ -161,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4, help="pairs per step (default 4)")
     parser.add_argument("--work", type=Path, help="working directory (default: a temporary one, kept)")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    parser.add_argument("--ours", nargs="*", default=[],
+                        help="extra overrides of our run, e.g. reward.shared_prefix=false")
     parser.add_argument("--trl-worker", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.trl_worker:

@@ -470,6 +470,10 @@ class RewardConfig:
 
     center_coefficient: float = 0.0
     """Weight of the reward-centering term c (r_chosen + r_rejected)^2 (0: off; ~0.01 keeps scores near zero)."""
+    shared_prefix: bool = True
+    """Run both sides of a pair in one row holding their common prefix (the prompt, and any common start of the
+    answers) once, each side masked to see the prefix and itself: the same scores for fewer tokens. False: a row
+    per side."""
     arithmetic_pairs: int = 512
     """data.source=arithmetic: training pairs written (one per training problem)."""
     eval_pairs: int = 64

@@ -180,23 +180,37 @@ def pairs_digest(pairs: Sequence[PreferencePair]) -> str:
     return h.hexdigest()
 
 
-def pair_batch(pairs: Sequence[PreferencePair], pad_id: int, width_multiple: int = 1,
-               whole: bool = False) -> dict[str, torch.Tensor]:
-    """{'input_ids', 'labels'} [2P, W]: the chosen sides, then the rejected ones (module docstring); W is the
-    longest side's length rounded up to `width_multiple`.
+LAYOUTS = ("labels", "whole", "shared_prefix")
+"""How `pair_batch` lays pairs out: 'labels' (DPO: shifted labels on the answers), 'whole' (reward models: every
+token of each side in its own row, scored at its last), 'shared_prefix' (reward models: both sides in one row that
+holds their common prefix once)."""
 
-    whole=True (a reward model, which scores each side at its last token): `input_ids` hold every token of each
-    side, and instead of labels come 'last' [2P] (each row's last token) and 'margin' [P] (each pair's)."""
+
+def pair_batch(pairs: Sequence[PreferencePair], pad_id: int, width_multiple: int = 1,
+               layout: str = "labels") -> dict[str, torch.Tensor]:
+    """A batch of P pairs, right-padded to the longest row rounded up to `width_multiple` (see LAYOUTS).
+
+    'labels': {'input_ids', 'labels'} [2P, W], the chosen sides, then the rejected ones (module docstring).
+    'whole' and 'shared_prefix' are scored at each side's last token: they give 'input_ids', 'row' and 'last' [2P]
+    (where the side's last token is: the P chosen sides, then the P rejected ones) and 'margin' [P]. 'whole' puts
+    every side in a row of its own [2P, W]. 'shared_prefix' puts pair i in row i [P, W] as its sides' common token
+    prefix, the rest of chosen, then the rest of rejected, with 'position_ids' (each side's own positions) and a
+    4-D 'attention_mask' [P, 1, W, W] under which each side sees the prefix and itself only, so every token
+    computes what it computes in its own row while the prefix (prompt and any common start of the answers) is
+    computed once: fewer tokens by the prefix length per pair."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r}; choose from {LAYOUTS}")
+    if layout == "shared_prefix":
+        return _shared_prefix_batch(pairs, pad_id, width_multiple)
     sides = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    if whole:
-        width = max(len(s.tokens) for s in sides)
-        input_ids = torch.full((len(sides), -(-width // width_multiple) * width_multiple), pad_id, dtype=torch.long)
+    if layout == "whole":
+        input_ids = torch.full((len(sides), _width(max(len(s.tokens) for s in sides), width_multiple)), pad_id,
+                               dtype=torch.long)
         for row, side in enumerate(sides):
             input_ids[row, :len(side.tokens)] = torch.from_numpy(side.tokens)
-        return {"input_ids": input_ids, "last": torch.tensor([len(s.tokens) - 1 for s in sides]),
-                "margin": torch.tensor([p.margin for p in pairs], dtype=torch.float32)}
-    width = max(len(s.tokens) - 1 for s in sides)
-    width = -(-width // width_multiple) * width_multiple
+        return {"input_ids": input_ids, "row": torch.arange(len(sides)),
+                "last": torch.tensor([len(s.tokens) - 1 for s in sides]), "margin": _margins(pairs)}
+    width = _width(max(len(s.tokens) - 1 for s in sides), width_multiple)
     input_ids = torch.full((len(sides), width), pad_id, dtype=torch.long)
     labels = torch.full((len(sides), width), IGNORE_INDEX, dtype=torch.long)
     for row, side in enumerate(sides):
@@ -205,6 +219,43 @@ def pair_batch(pairs: Sequence[PreferencePair], pad_id: int, width_multiple: int
         input_ids[row, :n] = tokens[:-1]
         labels[row, :n] = torch.where(torch.from_numpy(side.answer[1:]), tokens[1:], IGNORE_INDEX)
     return {"input_ids": input_ids, "labels": labels}
+
+
+def _width(longest: int, multiple: int) -> int:
+    return -(-longest // multiple) * multiple
+
+
+def _margins(pairs: Sequence[PreferencePair]) -> torch.Tensor:
+    return torch.tensor([p.margin for p in pairs], dtype=torch.float32)
+
+
+def shared_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
+    """Tokens `a` and `b` share at their start, at most min(len) - 1 (each side keeps its last token)."""
+    n = min(len(a), len(b)) - 1
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
+
+
+def _shared_prefix_batch(pairs: Sequence[PreferencePair], pad_id: int, width_multiple: int) -> dict[str, torch.Tensor]:
+    n_pairs = len(pairs)
+    prefixes = [shared_prefix_length(p.chosen.tokens, p.rejected.tokens) for p in pairs]
+    lengths = [len(p.chosen.tokens) + len(p.rejected.tokens) - k for p, k in zip(pairs, prefixes, strict=True)]
+    width = _width(max(lengths), width_multiple)
+    input_ids = torch.full((n_pairs, width), pad_id, dtype=torch.long)
+    positions = torch.zeros((n_pairs, width), dtype=torch.long)
+    segment = torch.full((n_pairs, width), 3, dtype=torch.long)  # 0 prefix, 1 chosen, 2 rejected, 3 padding
+    last = torch.zeros(2 * n_pairs, dtype=torch.long)
+    for row, (pair, k, n) in enumerate(zip(pairs, prefixes, lengths, strict=True)):
+        chosen, rejected = pair.chosen.tokens, pair.rejected.tokens
+        input_ids[row, :n] = torch.from_numpy(np.concatenate([chosen, rejected[k:]]))
+        positions[row, :n] = torch.cat([torch.arange(len(chosen)), torch.arange(k, len(rejected))])
+        segment[row, :k], segment[row, k:len(chosen)], segment[row, len(chosen):n] = 0, 1, 2
+        last[row], last[n_pairs + row] = len(chosen) - 1, n - 1
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    visible = (segment[:, None, :] == segment[:, :, None]) | (segment[:, None, :] == 0)  # [P, query, key]
+    mask = (causal & visible) | torch.eye(width, dtype=torch.bool)  # a padding query still sees itself
+    return {"input_ids": input_ids, "position_ids": positions, "attention_mask": mask[:, None],
+            "row": torch.arange(n_pairs).repeat(2), "last": last, "margin": _margins(pairs)}
 
 
 def _with_reference(batch: dict[str, torch.Tensor], indices: Sequence[int],
@@ -224,14 +275,14 @@ class PairLoader:
 
     def __init__(self, pairs: Sequence[PreferencePair], pairs_per_batch: int, seed: int, *, pad_id: int,
                  dp_rank: int = 0, dp_size: int = 1, reference: torch.Tensor | None = None,
-                 width_multiple: int = 1, whole: bool = False) -> None:
+                 width_multiple: int = 1, layout: str = "labels") -> None:
         self.per_rank = len(pairs) // dp_size // pairs_per_batch
         if self.per_rank == 0:
             raise InputError(f"{len(pairs)} preference pairs cannot fill one micro-batch of {pairs_per_batch} pairs "
                              f"on each of {dp_size} data-parallel ranks; add pairs or lower trainer.micro_batch_size")
         self.pairs, self.size, self.seed = list(pairs), pairs_per_batch, seed
         self.pad_id, self.rank, self.ranks, self.reference = pad_id, dp_rank, dp_size, reference
-        self.width_multiple, self.whole = width_multiple, whole
+        self.width_multiple, self.layout = width_multiple, layout
         self.epoch, self.index = 0, 0
 
     def epoch_indices(self, epoch: int | None = None) -> list[int]:
@@ -246,7 +297,7 @@ class PairLoader:
             self.epoch, self.index = self.epoch + 1, 0
         indices = self.epoch_indices()[self.index * self.size:(self.index + 1) * self.size]
         self.index += 1
-        batch = pair_batch([self.pairs[i] for i in indices], self.pad_id, self.width_multiple, self.whole)
+        batch = pair_batch([self.pairs[i] for i in indices], self.pad_id, self.width_multiple, self.layout)
         return _with_reference(batch, indices, self.reference)
 
     def state_dict(self) -> dict[str, Any]:
@@ -261,12 +312,12 @@ class PairLoader:
 
 def pair_eval_batches(pairs: Sequence[PreferencePair], pairs_per_batch: int, *, pad_id: int,
                       reference: torch.Tensor | None = None, offset: int = 0,
-                      whole: bool = False) -> list[dict[str, torch.Tensor]]:
+                      layout: str = "labels") -> list[dict[str, torch.Tensor]]:
     """Every pair in order, `pairs_per_batch` per batch (the last may be smaller); `reference` rows start at
-    `offset` (the held-out pairs' place in a reference computed over train + held-out); `whole` as pair_batch."""
+    `offset` (the held-out pairs' place in a reference computed over train + held-out); `layout` as pair_batch."""
     batches = []
     for start in range(0, len(pairs), pairs_per_batch):
         indices = range(start, min(start + pairs_per_batch, len(pairs)))
-        batch = pair_batch([pairs[i] for i in indices], pad_id, whole=whole)
+        batch = pair_batch([pairs[i] for i in indices], pad_id, layout=layout)
         batches.append(_with_reference(batch, [offset + i for i in indices], reference))
     return batches

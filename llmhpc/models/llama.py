@@ -152,6 +152,8 @@ def token_positions(
             raise ValueError(f"position_ids must be [{batch}, {seq}], got {tuple(position_ids.shape)}")
         return position_ids
     if attention_mask is not None:
+        if attention_mask.dim() == 4:
+            raise ValueError("a 4-D attention_mask needs position_ids: which position each token is at")
         _check_key_shape("attention_mask", attention_mask, batch, start + seq)
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
     return None
@@ -197,8 +199,16 @@ def attention_mask_for(
     [B, start+S], 1 = real). A padding query could then see no key at all and SDPA would return NaN
     (which poisons gradients even where the loss ignores it), so every query may always see itself.
     Result: [S, start+S] for the chunked-prefill case, [B, 1, S, start+S] otherwise.
+
+    A 4-D boolean `attention_mask` [B, 1, S, start+S] is the mask itself, used as given (e.g. two answers that
+    share one copy of their prompt in a row); it must let every query see at least itself.
     """
     total = start + seq
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if tuple(attention_mask.shape) != (batch, 1, seq, total) or document_ids is not None:
+            raise ValueError(f"a 4-D attention_mask must be [{batch}, 1, {seq}, {total}] (without document_ids), "
+                             f"got {tuple(attention_mask.shape)}")
+        return attention_mask.bool()
     if attention_mask is None and document_ids is None:
         if start > 0 and seq > 1:
             # Chunked prefill after cached positions: query i sees every key up to start + i.

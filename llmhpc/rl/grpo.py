@@ -68,12 +68,12 @@ def clipped_policy_loss(
     ratio: torch.Tensor, advantages: torch.Tensor, *, clip_low: float = 0.2, clip_high: float = 0.2
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-token loss, clipped low, clipped high), each [completions, T], for ratios rho [completions, T] and
-    advantages [completions] (one per completion).
+    advantages [completions] (one per completion, GRPO) or [completions, T] (one per token, PPO).
 
     loss = -min(rho A, clip(rho, 1 - clip_low, 1 + clip_high) A). 'Clipped low' marks tokens whose gradient the
     lower bound removed (A < 0 and rho < 1 - clip_low), 'clipped high' the upper bound (A > 0, rho > 1 + clip_high).
     """
-    adv = advantages[:, None].to(ratio.dtype)
+    adv = (advantages[:, None] if advantages.dim() == 1 else advantages).to(ratio.dtype)
     unclipped = ratio * adv
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
     loss = -torch.minimum(unclipped, clipped)

@@ -36,15 +36,19 @@ def bradley_terry_losses(chosen: torch.Tensor, rejected: torch.Tensor, margin: t
     return losses
 
 
-def last_token_scores(head: LMHead, hidden: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """The score head at each row's last token [B]; only those B positions go through the head."""
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return head.scores(hidden[rows, last.to(hidden.device)])
+def last_token_scores(head: LMHead, hidden: torch.Tensor, last: torch.Tensor,
+                      rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The score head at position last[i] of row rows[i] (default: row i) [N]; only those positions go through
+    the head."""
+    if rows is None:
+        rows = torch.arange(hidden.shape[0])
+    return head.scores(hidden[rows.to(hidden.device), last.to(hidden.device)])
 
 
 class RewardObjective(Objective):
-    """The Bradley-Terry loss of a batch of pairs (`pair_batch(..., whole=True)`: P chosen rows, then the P
-    rejected ones, each scored at its last token). The unit is a pair: the step's loss is the mean over pairs."""
+    """The Bradley-Terry loss of a batch of pairs (`pair_batch` layout 'whole' or 'shared_prefix': each side scored
+    at its last token, 'row' / 'last' the P chosen sides, then the P rejected ones). The unit is a pair: the step's
+    loss is the mean over its pairs."""
 
     name = "reward"
 
@@ -52,10 +56,10 @@ class RewardObjective(Objective):
         self.center_coefficient = center_coefficient
 
     def normalizer(self, batch: Batch) -> int:
-        return batch["input_ids"].shape[0] // 2
+        return batch["last"].shape[0] // 2
 
     def loss(self, head: LMHead, hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, Metric]]:
-        scores = last_token_scores(head, hidden, batch["last"])
+        scores = last_token_scores(head, hidden, batch["last"], batch["row"])
         pairs = scores.shape[0] // 2
         chosen, rejected = scores[:pairs], scores[pairs:]
         margin = batch["margin"].to(scores.device, scores.dtype)

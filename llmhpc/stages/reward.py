@@ -48,9 +48,10 @@ def _train(cfg: Config, where: RunContext) -> TrainResult:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train, held, _ = load_pairs(cfg, tokenizer, r.arithmetic_pairs, r.eval_pairs)
+    layout = "shared_prefix" if r.shared_prefix else "whole"
     loader = PairLoader(train, t.micro_batch_size, cfg.run.seed, pad_id=pad, dp_rank=dp_rank(where.mesh),
-                        dp_size=dp_size(where.mesh), whole=True)
-    eval_batches = pair_eval_batches(held, t.micro_batch_size, pad_id=pad, whole=True) if t.eval_every else []
+                        dp_size=dp_size(where.mesh), layout=layout)
+    eval_batches = pair_eval_batches(held, t.micro_batch_size, pad_id=pad, layout=layout) if t.eval_every else []
     objective = RewardObjective(center_coefficient=r.center_coefficient)
     head_flops = 6 * cfg.model.vocab_size * cfg.model.dim  # no logits: the scalar head replaces the LM head
     trainer = Trainer(cfg, built.engine, loader, objective, components=built.components, eval_batches=eval_batches,

@@ -147,4 +147,4 @@ def labelled_tokens(batch: Batch) -> int:
 def processed_tokens(batch: Batch) -> int:
     """Tokens a forward of `batch` really processes (padding excluded), for throughput."""
     mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    return int(mask.sum()) if mask is not None and mask.dim() == 2 else batch["input_ids"].numel()

@@ -149,7 +149,8 @@ def test_eval_takes_its_keys_without_prefix_beside_preset_choices():
                                      "baseline=y.gguf", "max_windows=0"])
     assert (cfg.eval.task, cfg.eval.baseline, cfg.eval.max_windows) == ("perplexity,arithmetic", "y.gguf", 0)
     assert cfg.precision.name == "bf16"  # a preset choice is not read as eval.precision
-    with pytest.raises(ConfigError, match="task='mmlu' is not a task: choose perplexity, arithmetic, preferences or a .jsonl"):
+    with pytest.raises(ConfigError,
+                       match="task='mmlu' is not a task: choose perplexity, arithmetic, preferences or a .jsonl"):
         load_stage_config("eval", ["task=perplexity,mmlu"])
     with pytest.raises(ConfigError, match="unknown config key 'eval.tsk'; nearest valid keys: eval.task"):
         load_stage_config("eval", ["tsk=perplexity"])

@@ -70,7 +70,7 @@ def test_objective_loss_and_gradients_match_a_derivation_by_hand(pairs, tokenize
     sum softplus(-g) + c (r_c + r_r)^2, so dL/dw = sum -sigmoid(-g) (h_c - h_r) + 2 c (r_c + r_r) (h_c + h_r)."""
     model, c = _tiny(len(tokenizer)), 0.05
     chunk = pairs[1:5]
-    out = RewardObjective(center_coefficient=c)(model, pair_batch(chunk, pad_id=0, whole=True))
+    out = RewardObjective(center_coefficient=c)(model, pair_batch(chunk, pad_id=0, layout="whole"))
     assert out.count == 4
     out.loss.backward()
     grad_w = model.score.weight.grad.clone()[0]
@@ -94,20 +94,51 @@ def test_objective_loss_and_gradients_match_a_derivation_by_hand(pairs, tokenize
     assert model.layers["0"].attention.wq.weight.grad.abs().sum() > 0
 
 
-def test_scores_do_not_depend_on_batching_or_padding(pairs, tokenizer):
+@pytest.mark.parametrize("layout", ["whole", "shared_prefix"])
+def test_scores_do_not_depend_on_batching_padding_or_sharing(layout, pairs, tokenizer):
     from llmhpc.rl.reward_model import last_token_scores
     from llmhpc.train.objective import LMHead
 
     model = _tiny(len(tokenizer), seed=1)
+    objective = RewardObjective()
     with torch.no_grad():
-        batch = pair_batch(pairs, pad_id=0, whole=True, width_multiple=64)
+        batch = pair_batch(pairs, pad_id=0, layout=layout, width_multiple=64)
         assert batch["input_ids"].shape[1] % 64 == 0
-        together = last_token_scores(LMHead(model), model(batch["input_ids"], return_hidden=True), batch["last"])
+        hidden = model(**objective.model_inputs(batch), return_hidden=True)
+        together = last_token_scores(LMHead(model), hidden, batch["last"], batch["row"])
         alone = [last_token_scores(LMHead(model), model(torch.from_numpy(s.tokens)[None], return_hidden=True),
                                    torch.tensor([len(s.tokens) - 1]))[0]
                  for s in [p.chosen for p in pairs] + [p.rejected for p in pairs]]
     assert torch.allclose(together, torch.stack(alone), atol=1e-5)
     assert batch["margin"].tolist() == [p.margin for p in pairs]
+    if layout == "shared_prefix":  # one row per pair, shorter than the two sides by the prompt at least
+        assert batch["input_ids"].shape[0] == len(pairs)
+        real = sum(len(p.chosen.tokens) + len(p.rejected.tokens) for p in pairs)
+        assert int(batch["attention_mask"][:, 0].diagonal(dim1=1, dim2=2).sum()) < real
+
+
+def test_shared_prefix_gives_the_gradients_of_separate_rows(pairs, tokenizer):
+    grads = {}
+    for layout in ("whole", "shared_prefix"):
+        model = _tiny(len(tokenizer), seed=2)
+        out = RewardObjective(center_coefficient=0.1)(model, pair_batch(pairs, pad_id=0, layout=layout))
+        out.loss.backward()
+        grads[layout] = (out.loss.item(), {n: p.grad for n, p in model.named_parameters()})
+    (loss_a, a), (loss_b, b) = grads["whole"], grads["shared_prefix"]
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_shared_prefix_length():
+    import numpy as np
+
+    from llmhpc.data.preference import shared_prefix_length
+
+    a = np.array([1, 2, 3, 4, 5])
+    assert shared_prefix_length(a, np.array([1, 2, 9, 4])) == 2
+    assert shared_prefix_length(a, np.array([1, 2, 3])) == 2  # a side that is a prefix of the other keeps its last
+    assert shared_prefix_length(a, a.copy()) == 4 and shared_prefix_length(a, np.array([7])) == 0
 
 
 def test_score_head_draw_and_absence(tokenizer):
