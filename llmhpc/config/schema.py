@@ -359,6 +359,13 @@ class EvalConfig:
     """arithmetic / .jsonl: longest answer generated; an answer cut off before its number counts as wrong."""
     batch_size: int = 8
     """Windows per forward (perplexity) and prompts decoded together (accuracy)."""
+    best_of: int = 1
+    """arithmetic / .jsonl: 1 answers greedily; n > 1 samples n answers per question at `temperature` and keeps the
+    one `reward_model` scores highest (best-of-n), reported with the accuracy of single samples."""
+    reward_model: str | None = None
+    """best_of > 1: the reward model (an `llmhpc reward` run or checkpoint) that picks among the samples."""
+    temperature: float = 0.7
+    """best_of > 1: the sampling temperature."""
     output: str | None = None
     """Also write the results as JSON to this file."""
 

@@ -125,7 +125,10 @@ def validate_eval(e) -> None:
         _check(task.strip() in EVAL_TASKS or task.strip().endswith(".jsonl"),
                f"task={task.strip()!r} is not a task: choose {', '.join(EVAL_TASKS)} or a .jsonl file of prompt / "
                "answer rows (several joined by commas)")
-    _positive(e, "eval", ("seq_len", "max_new_tokens", "batch_size"))
+    _positive(e, "eval", ("seq_len", "max_new_tokens", "batch_size", "best_of"))
+    _check(e.best_of == 1 or e.reward_model, f"best_of={e.best_of} needs reward_model=<an llmhpc reward run> to "
+           "pick among the samples")
+    _check(e.best_of == 1 or e.temperature > 0, "best_of > 1 samples: temperature must be > 0")
     for name in ("max_windows", "problems"):
         _check(getattr(e, name) >= 0, f"{name} must be >= 0 (0: all), got {getattr(e, name)}")
 

@@ -106,15 +106,17 @@ class RewardScorer:
             raise InputError(f"{path}: not a reward model (it has no score head); train one with `llmhpc reward`")
         return cls(model, load_tokenizer(tokenizer or tokenizer_spec(path) or "smollm2"), **options)
 
-    def tokens(self, prompt: str, answer: str) -> list[int]:
-        """The rendered conversation's tokens through the end of the answer's turn, as a training pair's side."""
+    def tokens(self, prompt: str | list[dict], answer: str) -> list[int]:
+        """The rendered conversation's tokens through the end of the answer's turn, as a training pair's side; the
+        prompt is one user turn or a list of messages."""
         from llmhpc.data.preference import render_side
 
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        messages.append({"role": "assistant", "content": answer})
         return render_side(self.renderer, messages, self.model.cfg.max_seq_len, "answer").tokens.tolist()
 
     @torch.no_grad()
-    def __call__(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+    def __call__(self, prompts: Sequence[str | list[dict]], answers: Sequence[str]) -> list[float]:
         rows = [self.tokens(p, a) for p, a in zip(prompts, answers, strict=True)]
         device = self.model.tok_embeddings.weight.device
         scores: list[float] = []

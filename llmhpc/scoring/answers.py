@@ -4,13 +4,15 @@ A question is a JSONL row with 'prompt' (text) or 'messages' (a chat; the turns 
 asked) and 'answer' (a number). It is rendered with the model's own chat template when the tokenizer has one,
 so a chat model is asked the way it was trained. The reply's answer is the last number it writes (thousands
 separators and a sign allowed). A reply cut off by max_new_tokens is graded on the last number it got to write
-(usually an intermediate one), and the share of such replies is reported as 'truncated'.
+(usually an intermediate one), and the share of such replies is reported as 'truncated'. Best-of-n
+(`best_of_n_accuracy`) samples n replies per question and keeps the one a reward model scores highest.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -91,19 +93,63 @@ def prompt_ids(tokenizer, question: Question) -> list[int]:
     return tokenizer.encode("\n".join(content for _, content in question.chat))
 
 
+def _replies(model: torch.nn.Module, tokenizer, questions: list[Question], params: SamplingParams, batch_size: int,
+             n: int = 1) -> list[tuple[str, bool]]:
+    """(reply text, whether it ended by itself) for each question's n samples, question by question; request
+    q * n + i draws sample i of question q, so a question's samples do not depend on the batch."""
+    eos = tokenizer.eos_token_id
+    engine = RolloutEngine(model, batch_size=batch_size, eos_token_ids=[] if eos is None else [eos])
+    prompts = [prompt_ids(tokenizer, q) for q in questions for _ in range(n)]
+    out = []
+    for reply in engine.generate(prompts, params):
+        ended = reply.finish_reason == "stop"
+        out.append((tokenizer.decode(reply.tokens[:-1] if ended else reply.tokens, skip_special_tokens=True), ended))
+    return out
+
+
+def is_right(question: Question, reply: str) -> bool:
+    """Whether the reply's last number is the question's answer."""
+    got = last_number(reply)
+    return got is not None and got == last_number(question.answer)
+
+
 def accuracy(model: torch.nn.Module, tokenizer, questions: list[Question], *, max_new_tokens: int = 128,
              batch_size: int = 8) -> dict[str, float]:
     """{'accuracy', 'truncated', 'questions'} of greedy replies, `batch_size` of them decoding at once (the rollout
     engine: a finished reply's row is taken by the next question at once)."""
-    eos = tokenizer.eos_token_id
-    engine = RolloutEngine(model, batch_size=batch_size, eos_token_ids=[] if eos is None else [eos])
-    replies = engine.generate([prompt_ids(tokenizer, q) for q in questions],
-                              SamplingParams(max_new_tokens=max_new_tokens, temperature=0))
-    correct = truncated = 0
-    for question, reply in zip(questions, replies, strict=True):
-        ended = reply.finish_reason == "stop"
-        truncated += not ended
-        got = last_number(tokenizer.decode(reply.tokens[:-1] if ended else reply.tokens, skip_special_tokens=True))
-        correct += got is not None and got == last_number(question.answer)
+    replies = _replies(model, tokenizer, questions, SamplingParams(max_new_tokens=max_new_tokens, temperature=0),
+                       batch_size)
     n = len(questions)
-    return {"accuracy": correct / n, "truncated": truncated / n, "questions": float(n)}
+    return {"accuracy": sum(is_right(q, text) for q, (text, _) in zip(questions, replies, strict=True)) / n,
+            "truncated": sum(not ended for _, ended in replies) / n, "questions": float(n)}
+
+
+def best_of_n_accuracy(model: torch.nn.Module, tokenizer, questions: list[Question],
+                       scorer: Callable[[list, list[str]], list[float]], *, n: int, temperature: float = 0.7,
+                       max_new_tokens: int = 128, batch_size: int = 8, seed: int = 0) -> dict[str, float]:
+    """Best-of-n sampling judged by a reward model: n replies per question sampled at `temperature`, each scored by
+    `scorer(prompts, replies)` (prompts as message lists, e.g. `llmhpc.rl.reward_model.RewardScorer`), the best
+    scored kept. Returns {'accuracy': of the kept replies, 'sample_accuracy': of all samples (what one sample
+    scores), 'any_right': share of questions with a right sample among the n (the ceiling), 'questions'}."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    replies = [text for text, _ in _replies(model, tokenizer, questions, params, batch_size, n)]
+    chats = [[{"role": role, "content": content} for role, content in q.chat] for q in questions for _ in range(n)]
+    return grade_best_of_n(questions, replies, scorer(chats, replies), n)
+
+
+def grade_best_of_n(questions: list[Question], replies: list[str], scores: list[float], n: int) -> dict[str, float]:
+    """`best_of_n_accuracy`'s numbers from n replies per question (question by question) and their scores; a tie
+    keeps the first of the best."""
+    if len(replies) != len(questions) * n or len(scores) != len(replies):
+        raise ValueError(f"{len(questions)} questions x {n} need as many replies and scores, got {len(replies)} "
+                         f"replies, {len(scores)} scores")
+    kept = right = any_right = 0
+    for index, question in enumerate(questions):
+        span = range(index * n, (index + 1) * n)
+        verdicts = [is_right(question, replies[i]) for i in span]
+        kept += verdicts[max(range(n), key=lambda i: scores[span[i]])]
+        right += sum(verdicts)
+        any_right += any(verdicts)
+    total = len(questions)
+    return {"accuracy": kept / total, "sample_accuracy": right / (total * n), "any_right": any_right / total,
+            "questions": float(total)}

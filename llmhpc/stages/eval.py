@@ -4,8 +4,9 @@
 
 Perplexity is on the held-out documents of data.source (tokenized with data.tokenizer, which must be the
 model's); accuracy is greedy exact-answer accuracy on held-out questions (`llmhpc.scoring`); 'preferences' scores
-a reward model (`llmhpc reward`) on the held-out arithmetic pairs: how often chosen scores above rejected. The
-results are printed as one table, a column per model, and written as JSON with output=FILE.
+a reward model (`llmhpc reward`) on the held-out arithmetic pairs: how often chosen scores above rejected. With
+best_of=n reward_model=RUN, n answers are sampled per question and the one the reward model scores highest is
+graded (best-of-n). The results are printed as one table, a column per model, and written as JSON with output=FILE.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 
 from llmhpc.config import Config, ConfigError
 from llmhpc.errors import InputError
-from llmhpc.scoring.answers import Question, accuracy, question_from_row, read_questions
+from llmhpc.rl.reward_model import RewardScorer
+from llmhpc.scoring.answers import Question, accuracy, best_of_n_accuracy, question_from_row, read_questions
 from llmhpc.scoring.perplexity import held_out_windows, perplexity
 
 
@@ -64,6 +66,7 @@ def evaluate(cfg: Config) -> dict[str, dict[str, dict[str, float]]]:
     pairs = _preference_rows(cfg) if "preferences" in tasks else None
     text_vocab = load_tokenizer(cfg.data.tokenizer).get_vocab() if windows is not None else None
     results: dict[str, dict[str, dict[str, float]]] = {}
+    scorer = None  # best_of > 1: the reward model, loaded once for every model measured
     for path in [cfg.model.init_from, *([e.baseline] if e.baseline else [])]:
         model, tokenizer = load_pretrained(path, dtype=_dtype(cfg))
         numbers = results.setdefault(path, {})
@@ -73,8 +76,6 @@ def evaluate(cfg: Config) -> dict[str, dict[str, dict[str, float]]]:
                                  "would not compare; set data.tokenizer to the model's (its .gguf or HF directory)")
             numbers["perplexity"] = perplexity(model, windows, e.batch_size)
         if pairs is not None:
-            from llmhpc.rl.reward_model import RewardScorer
-
             if tokenizer is None:
                 raise InputError(f"{path}: has no tokenizer files, so pairs cannot be rendered; add them")
             try:
@@ -84,8 +85,14 @@ def evaluate(cfg: Config) -> dict[str, dict[str, dict[str, float]]]:
         for task, asked in questions.items():
             if tokenizer is None:
                 raise InputError(f"{path}: has no tokenizer files, so questions cannot be asked; add them")
-            numbers[task] = accuracy(model, tokenizer, asked, max_new_tokens=e.max_new_tokens,
-                                     batch_size=e.batch_size)
+            if e.best_of > 1:
+                scorer = scorer or RewardScorer.load(e.reward_model, batch_size=e.batch_size)
+                numbers[task] = best_of_n_accuracy(model, tokenizer, asked, scorer, n=e.best_of,
+                                                   temperature=e.temperature, max_new_tokens=e.max_new_tokens,
+                                                   batch_size=e.batch_size, seed=cfg.run.seed)
+            else:
+                numbers[task] = accuracy(model, tokenizer, asked, max_new_tokens=e.max_new_tokens,
+                                         batch_size=e.batch_size)
         del model
     return results
 

@@ -166,3 +166,20 @@ def test_bad_margin_is_a_row_error(tokenizer, tmp_path):
                     encoding="utf-8")
     with pytest.raises(InputError, match=r"line 1.*margin"):
         load_preference_pairs(path, tokenizer, 64, on_error="fail")
+
+
+def test_best_of_n_keeps_the_best_scored_reply():
+    from llmhpc.scoring.answers import Question, grade_best_of_n
+
+    questions = [Question((("user", "2 + 2?"),), "4"), Question((("user", "3 + 4?"),), "7"),
+                 Question((("user", "9 - 1?"),), "8")]
+    replies = ["It is 5.", "It is 4.", "The answer is 4.",    # question 1: right twice, the best scored is right
+               "7", "It is 6.", "It is 1,007.",            # question 2: right once, the best scored is wrong
+               "It is 3.", "no number", "It is 80."]       # question 3: never right
+    scores = [0.1, 0.9, 0.5, 0.2, 0.8, 0.3, 0.0, 1.0, 0.0]
+    got = grade_best_of_n(questions, replies, scores, n=3)
+    assert got == {"accuracy": 1 / 3, "sample_accuracy": 3 / 9, "any_right": 2 / 3, "questions": 3.0}
+    tie = grade_best_of_n(questions[:1], replies[:3], [0.5, 0.5, 0.5], n=3)
+    assert tie["accuracy"] == 0.0  # a tie keeps the first of the best
+    with pytest.raises(ValueError, match="need as many"):
+        grade_best_of_n(questions, replies[:8], scores[:8], n=3)
