@@ -171,7 +171,8 @@ class GRPOObjective(Objective):
 
     A batch holds, per completion row [B, S]: `input_ids` (prompt + completion, padded), `labels` (the next token
     at every position that predicts a completion token, IGNORE_INDEX elsewhere), `old_logprobs` (the sampling
-    policy's log-probs at those positions; 0 elsewhere), `advantages` [B], and with beta > 0 `ref_logprobs`.
+    policy's log-probs at those positions; 0 elsewhere), `advantages` [B] (or [B, S], one per token: PPO's, on
+    the labelled positions), and with beta > 0 `ref_logprobs`.
     Optionally `skipped` [3]: (answers, answers with labelled tokens, their tokens) of answers left out of the batch
     because their advantage is 0 — with beta = 0 their loss and gradient are exactly 0, so they need no forward,
     but they stay units of the normalization and the step equals training on them.

@@ -13,6 +13,8 @@ answer tokens of B rollouts, with a 0/1 `mask` of the tokens that count (an answ
 - Advantages are whitened over the batch's masked tokens (mean 0, std 1) before the policy loss.
 - Value loss: 0.5 max((V - R)^2, (V_clipped - R)^2), V_clipped = V_old + clip(V - V_old, -c, c): the critic moves
   at most c away from its rollout-time values per update, as the policy's ratio is clipped.
+- The critic trains with `ValueObjective` (a model with a score head, e.g. started from the reward model); the
+  actor with GRPO's objective given one advantage per token (`llmhpc.rl.grpo.GRPOObjective`).
 - KL coefficient: fixed, or adaptive (Ziegler et al.): after each rollout batch with mean KL k and target K,
   coef *= 1 + clip(k / K - 1, -0.2, 0.2) * n / horizon (n: rollouts in the batch), so it grows while the policy
   drifts past the target and shrinks while it stays within.
@@ -23,6 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from llmhpc.train.losses import IGNORE_INDEX
+from llmhpc.train.objective import Batch, LMHead, Metric, Objective
 
 
 def token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
@@ -92,3 +97,33 @@ class KLController:
             error = min(max(kl / self.target - 1.0, -0.2), 0.2)
             self.coef *= 1.0 + error * rollouts / self.horizon
         return self.coef
+
+
+class ValueObjective(Objective):
+    """The critic's clipped value loss (`clipped_value_loss`), on any engine the reward model trains on.
+
+    A batch holds, per rollout row [B, S]: `input_ids` (prompt + answer, padded), `labels` (the next token at every
+    position that predicts an answer token, IGNORE_INDEX elsewhere: the positions the actor's log-probs and the
+    advantages live on), `old_values` and `returns` [B, S] (0 elsewhere). The critic is a model with a score head:
+    its value of a position is the head at that position's hidden state, the state before the next answer token is
+    drawn. The unit is an answer token: the step's loss is the mean over the batch's answer tokens."""
+
+    name = "value"
+
+    def __init__(self, *, clip: float = 0.2) -> None:
+        self.clip = clip
+
+    def normalizer(self, batch: Batch) -> int:
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
+    def loss(self, head: LMHead, hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, Metric]]:
+        mask = batch["labels"] != IGNORE_INDEX
+        values = head.scores(hidden[mask])
+        old, returns = batch["old_values"][mask].to(values.dtype), batch["returns"][mask].to(values.dtype)
+        per_token, clipped = clipped_value_loss(values, old, returns, self.clip)
+        tokens = torch.tensor(float(values.numel()), device=values.device)
+        metrics: dict[str, Metric] = {
+            "value_clipped": (clipped.to(values.dtype).sum(), tokens),
+            "value_error": (((values.detach() - returns) ** 2).sum(), tokens),
+        }
+        return per_token.sum(), metrics

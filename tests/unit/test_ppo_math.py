@@ -107,3 +107,50 @@ def test_kl_controllers():
     down = adaptive.update(5.4, 100)  # below target: it shrinks, in proportion (-0.1)
     assert down == pytest.approx(up * (1 - 0.1 * 100 / 1000)) and down < up
     assert adaptive.update(6.0, 100) == pytest.approx(down)  # on target: unchanged
+
+
+def _tiny_rollouts(score_head: bool):
+    from llmhpc.config.schema import ModelConfig
+    from llmhpc.models import build_model
+    from llmhpc.train.losses import IGNORE_INDEX
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                                    max_seq_len=64, score_head=score_head))
+    input_ids = torch.randint(0, 97, (3, 12))
+    labels = torch.full((3, 12), IGNORE_INDEX)
+    for row, (start, end) in enumerate([(4, 11), (6, 9), (3, 12)]):  # answer tokens predicted at start..end-1
+        labels[row, start - 1:end - 1] = input_ids[row, start:end]
+    return model, input_ids, labels, labels != IGNORE_INDEX
+
+
+def test_value_objective_against_the_formula():
+    from llmhpc.rl.ppo import ValueObjective
+
+    model, input_ids, labels, mask = _tiny_rollouts(score_head=True)
+    old_values, returns = torch.randn(3, 12) * mask, torch.randn(3, 12) * mask
+    out = ValueObjective(clip=0.1)(model, {"input_ids": input_ids, "labels": labels, "old_values": old_values,
+                                           "returns": returns})
+    assert out.count == int(mask.sum())
+    with torch.no_grad():
+        values = model.score(model(input_ids, return_hidden=True)).squeeze(-1)
+    clipped = old_values + (values - old_values).clamp(-0.1, 0.1)
+    want = (0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2))[mask].sum()
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-5)
+    out.loss.backward()
+    assert model.score.weight.grad.abs().sum() > 0
+
+
+def test_actor_objective_takes_one_advantage_per_token():
+    from llmhpc.rl.grpo import GRPOObjective
+
+    model, input_ids, labels, mask = _tiny_rollouts(score_head=False)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] * mask
+    old = (logp + 0.3 * torch.randn(3, 12)) * mask  # ratios on both sides of the clip
+    advantages = torch.randn(3, 12) * mask
+    out = GRPOObjective(loss_norm="token")(model, {"input_ids": input_ids, "labels": labels, "old_logprobs": old,
+                                                   "advantages": advantages})
+    ratio = (logp - old).exp()
+    want = -torch.minimum(ratio * advantages, ratio.clamp(0.8, 1.2) * advantages)[mask].sum()
+    assert out.count == int(mask.sum()) and out.loss.item() == pytest.approx(want.item(), rel=1e-4)
