@@ -18,8 +18,8 @@ Both sides, in their own fresh process one after the other:
 - Settings: `--batch` pairs per step in one micro-batch, Bradley-Terry loss without margin or centering, AdamW
   lr 1e-5 constant (betas 0.9 / 0.999, eps 1e-8), no weight decay, grad-norm clip 1, fp32, no gradient
   checkpointing, dropout off. TRL runs chosen and rejected as one forward of 2 x batch rows padded to the longest;
-  ours with its default `reward.shared_prefix=true` (one row per pair holding the sides' common prefix once; pass
-  `--ours reward.shared_prefix=false` for a row per side, as TRL).
+  ours with its default `reward_model.shared_prefix=true` (one row per pair holding the sides' common prefix once; pass
+  `--ours shared_prefix=false` for a row per side, as TRL).
 
 Speed: pairs per second over steps skip+1..steps (ours: `step_time_s` of metrics.jsonl; TRL: time between
 `on_step_end` callbacks) and the whole run's wall time, process start to exit. Losses are printed step by step.
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="working directory (default: a temporary one, kept)")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     parser.add_argument("--ours", nargs="*", default=[],
-                        help="extra overrides of our run, e.g. reward.shared_prefix=false")
+                        help="extra overrides of our run, e.g. shared_prefix=false")
     parser.add_argument("--trl-worker", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.trl_worker:

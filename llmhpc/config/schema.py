@@ -361,8 +361,8 @@ class EvalConfig:
     """Windows per forward (perplexity) and prompts decoded together (accuracy)."""
     best_of: int = 1
     """arithmetic / .jsonl: 1 answers greedily; n > 1 samples n answers per question at `temperature` and keeps the
-    one `reward_model` scores highest (best-of-n), reported with the accuracy of single samples."""
-    reward_model: str | None = None
+    one `judge` scores highest (best-of-n), reported with the accuracy of single samples."""
+    judge: str | None = None
     """best_of > 1: the reward model (an `llmhpc reward` run or checkpoint) that picks among the samples."""
     temperature: float = 0.7
     """best_of > 1: the sampling temperature."""
@@ -470,8 +470,9 @@ class DPOConfig:
 
 
 @dataclass
-class RewardConfig:
-    """Options of `llmhpc reward` (written without the `reward.` prefix: `llmhpc reward center_coefficient=0.01`).
+class RewardModelConfig:
+    """Options of `llmhpc reward`, section reward_model (written without the prefix: `llmhpc reward
+    center_coefficient=0.01`; not `reward`, which is GRPO's key for its reward functions).
     Batches count pairs: trainer.global_batch_size pairs per optimizer step, trainer.micro_batch_size per forward.
     A pair's optional ``margin`` field (e.g. a rating gap) is the margin of its Bradley-Terry loss."""
 
@@ -508,4 +509,4 @@ class Config:
     peft: PeftConfig = field(default_factory=PeftConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)

@@ -94,11 +94,11 @@ def validate_dpo(cfg: Config) -> None:
 
 
 def validate_reward(cfg: Config) -> None:
-    """Rules of the reward section (checked for every stage: its defaults always hold)."""
-    r = cfg.reward
-    _check(r.center_coefficient >= 0, f"reward.center_coefficient must be >= 0, got {r.center_coefficient}")
-    _check(r.eval_pairs >= 0, f"reward.eval_pairs must be >= 0, got {r.eval_pairs}")
-    _check(r.arithmetic_pairs > 0, f"reward.arithmetic_pairs must be > 0, got {r.arithmetic_pairs}")
+    """Rules of the reward_model section (checked for every stage: its defaults always hold)."""
+    r = cfg.reward_model
+    _check(r.center_coefficient >= 0, f"reward_model.center_coefficient must be >= 0, got {r.center_coefficient}")
+    _check(r.eval_pairs >= 0, f"reward_model.eval_pairs must be >= 0, got {r.eval_pairs}")
+    _check(r.arithmetic_pairs > 0, f"reward_model.arithmetic_pairs must be > 0, got {r.arithmetic_pairs}")
 
 
 CONVERT_QUANT = {"hf": ("none",), "trtllm": ("none", "int8_wo", "int4_wo", "fp8"),
@@ -126,7 +126,7 @@ def validate_eval(e) -> None:
                f"task={task.strip()!r} is not a task: choose {', '.join(EVAL_TASKS)} or a .jsonl file of prompt / "
                "answer rows (several joined by commas)")
     _positive(e, "eval", ("seq_len", "max_new_tokens", "batch_size", "best_of"))
-    _check(e.best_of == 1 or e.reward_model, f"best_of={e.best_of} needs reward_model=<an llmhpc reward run> to "
+    _check(e.best_of == 1 or e.judge, f"best_of={e.best_of} needs judge=<an llmhpc reward run> (the reward model) to "
            "pick among the samples")
     _check(e.best_of == 1 or e.temperature > 0, "best_of > 1 samples: temperature must be > 0")
     for name in ("max_windows", "problems"):

@@ -5,7 +5,7 @@
 Perplexity is on the held-out documents of data.source (tokenized with data.tokenizer, which must be the
 model's); accuracy is greedy exact-answer accuracy on held-out questions (`llmhpc.scoring`); 'preferences' scores
 a reward model (`llmhpc reward`) on the held-out arithmetic pairs: how often chosen scores above rejected. With
-best_of=n reward_model=RUN, n answers are sampled per question and the one the reward model scores highest is
+best_of=n judge=RUN (a reward model), n answers are sampled per question and the one the reward model scores highest is
 graded (best-of-n). The results are printed as one table, a column per model, and written as JSON with output=FILE.
 """
 
@@ -86,7 +86,7 @@ def evaluate(cfg: Config) -> dict[str, dict[str, dict[str, float]]]:
             if tokenizer is None:
                 raise InputError(f"{path}: has no tokenizer files, so questions cannot be asked; add them")
             if e.best_of > 1:
-                scorer = scorer or RewardScorer.load(e.reward_model, batch_size=e.batch_size)
+                scorer = scorer or RewardScorer.load(e.judge, batch_size=e.batch_size)
                 numbers[task] = best_of_n_accuracy(model, tokenizer, asked, scorer, n=e.best_of,
                                                    temperature=e.temperature, max_new_tokens=e.max_new_tokens,
                                                    batch_size=e.batch_size, seed=cfg.run.seed)

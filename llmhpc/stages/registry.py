@@ -104,8 +104,8 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             "reward", "reward model from ranked pairs (prompt / chosen / rejected): a scalar head trained with the "
             "Bradley-Terry loss (optional margin and centering), held-out pairwise accuracy; full or peft=lora",
-            "llmhpc.stages.reward:main", sections=(*TRAINING_SECTIONS, "peft", "reward"), defaults=REWARD_DEFAULTS,
-            shorthand="reward",
+            "llmhpc.stages.reward:main", sections=(*TRAINING_SECTIONS, "peft", "reward_model"),
+            defaults=REWARD_DEFAULTS, shorthand="reward_model",
             example="llmhpc reward model.init_from=runs/sft data.source=pairs.jsonl run.dir=runs/rm",
         ),
         StageSpec(

@@ -44,7 +44,7 @@ def _train(cfg: Config, where: RunContext) -> TrainResult:
     from llmhpc.rl.reward_model import RewardObjective
 
     built = build(cfg, where)
-    cfg, t, r = built.cfg, built.cfg.trainer, built.cfg.reward
+    cfg, t, r = built.cfg, built.cfg.trainer, built.cfg.reward_model
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train, held, _ = load_pairs(cfg, tokenizer, r.arithmetic_pairs, r.eval_pairs)

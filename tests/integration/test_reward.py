@@ -69,7 +69,7 @@ def test_reward_trains_resumes_bitwise_and_scores(tp2_pp2_checkpoint, pairs_file
 
     # Best-of-n with the run as the judge: n samples per question, the best scored graded.
     run_cli(["eval", f"model.init_from={tp2_pp2_checkpoint}", "task=arithmetic", "problems=2", "best_of=2",
-             f"reward_model={run}", "max_new_tokens=8", f"output={out}"], llmhpc_cache)
+             f"judge={run}", "max_new_tokens=8", f"output={out}"], llmhpc_cache)
     best = json.loads(out.read_text())[str(tp2_pp2_checkpoint)]["arithmetic"]
     assert set(best) == {"accuracy", "sample_accuracy", "any_right", "questions"} and best["questions"] == 2
     assert best["accuracy"] <= best["any_right"] and best["sample_accuracy"] <= best["any_right"]
@@ -91,8 +91,8 @@ def test_lora_reward_trains_head_and_adapters(tp2_pp2_checkpoint, pairs_file, ll
 
 def test_reward_errors_are_one_line(capsys, tp2_pp2_checkpoint):
     one_line_error(capsys, ["reward", "center_coefficient=-1", f"model.init_from={tp2_pp2_checkpoint}"],
-                   "reward.center_coefficient")
+                   "reward_model.center_coefficient")
     one_line_error(capsys, ["reward", "model.score_head=false", f"model.init_from={tp2_pp2_checkpoint}",
                             "run.device=cpu"], "model.score_head=true")
     one_line_error(capsys, ["eval", "best_of=4", f"model.init_from={tp2_pp2_checkpoint}"], "best_of=4",
-                   "reward_model")
+                   "judge=")

@@ -90,6 +90,24 @@ def test_help_lists_every_key_with_its_doc():
     assert "llama3_405b" in proc.stdout
 
 
+def test_every_command_shorthand_key_is_its_own():
+    """A command's undotted keys expand into its own section, never into a top-level section of the same name
+    (GRPO's `reward=` is its reward functions, not the reward model's section)."""
+    from dataclasses import fields
+
+    from llmhpc.config.schema import Config
+    from llmhpc.stages.registry import STAGES, load_stage_config
+
+    top = {f.name for f in fields(Config)}
+    for spec in STAGES.values():
+        if spec.shorthand:
+            section = {f.name for f in fields(getattr(Config(), spec.shorthand))}
+            assert not section & top, (spec.name, section & top)
+    assert load_stage_config("grpo", ["reward=[correct]"]).grpo.reward == ["correct"]
+    assert load_stage_config("reward", ["center_coefficient=0.01"]).reward_model.center_coefficient == 0.01
+    assert load_stage_config("eval", ["best_of=2", "judge=runs/rm"]).eval.judge == "runs/rm"
+
+
 def test_a_key_of_another_command_is_refused_naming_that_command():
     from llmhpc.stages.registry import load_stage_config
 
