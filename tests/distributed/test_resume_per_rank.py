@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from llmhpc.checkpoint import latest_checkpoint
 from llmhpc.metrics.jsonl import read_metrics
 from tests.conftest import REPO, SMALL_RUN, cli_env
@@ -29,6 +31,7 @@ def args_for(run_dir) -> list[str]:
             f"trainer.ckpt_every={CKPT_EVERY}", "trainer.keep_last=2", f"run.dir={run_dir}"]
 
 
+@pytest.mark.slow  # SIGKILL resume is tier 1 (tests/integration/test_resume_sigkill.py); this adds per-rank sampling
 def test_fsdp_with_per_rank_sampling_resumes_after_sigkill(tmp_path, llmhpc_cache):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     run_torchrun(2, args_for(reference), llmhpc_cache)

@@ -78,7 +78,8 @@ def test_the_readme_shows_commands_of_every_kind() -> None:
     assert len(readme_errors()) >= 2
 
 
-@pytest.mark.parametrize("command", readme_commands())
+@pytest.mark.parametrize("command", [  # the 8-process 3D command is long: the slow tier (3D parity is tier 1)
+    pytest.param(c, marks=pytest.mark.slow) if "--nproc-per-node 8" in c else c for c in readme_commands()])
 def test_readme_command_runs(command: str, tmp_path, llmhpc_cache) -> None:
     env = dict(cli_env(llmhpc_cache), OMP_NUM_THREADS="1")
     proc = subprocess.run(_argv(command, tmp_path / "run"), cwd=tmp_path, env=env, capture_output=True, text=True,
