@@ -81,29 +81,22 @@ def run_ours(hf: Path, pairs: Path, args, run_dir: Path) -> dict:
             "loss": [r["loss"] for r in records], "accuracy": [r["reward_accuracy"] for r in records]}
 
 
-def run_trl(hf: Path, rows: list[dict], args, work: Path) -> dict:
-    spec = {"hf": str(hf), "rows": rows, "steps": args.steps, "batch": args.batch, "out_dir": str(work / "trl")}
+def run_trl_worker(script: str, spec: dict, work: Path) -> dict:
+    """Run `script --trl-worker` on `spec` in a fresh process; its usage (wall time, peak RSS) and its results."""
     spec_path, result_path = work / "trl.json", work / "trl.result.json"
     spec_path.write_text(json.dumps(spec))
-    began = time.perf_counter()
-    usage = run_logged([sys.executable, __file__, "--trl-worker", str(spec_path), str(result_path)],
-                       work / "trl.log", child_env())
-    return {**usage, "wall_s": time.perf_counter() - began, **json.loads(result_path.read_text())}
+    usage = run_logged([sys.executable, script, "--trl-worker", str(spec_path), str(result_path)], work / "trl.log",
+                       child_env())
+    return {**usage, **json.loads(result_path.read_text())}
 
 
-def trl_worker(spec_path: Path, result_path: Path) -> None:
-    import torch
-    from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+def step_recorder(metric: str):
+    """(a transformers TrainerCallback, what it records): per optimizer step the logged loss and `metric`, and the
+    clock at the start of training and at each step's end. `results(steps)` turns them into lists."""
+    from transformers import TrainerCallback
 
-    spec = json.loads(spec_path.read_text())
-    torch.manual_seed(SEED)
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
-                                  "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                                  "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in spec["rows"]])
     losses: dict[int, float] = {}
-    accuracy: dict[int, float] = {}
+    metrics: dict[int, float] = {}
     ends: list[float] = []
 
     class Record(TrainerCallback):
@@ -116,8 +109,33 @@ def trl_worker(spec_path: Path, result_path: Path) -> None:
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 losses[state.global_step] = float(logs["loss"])
-                accuracy[state.global_step] = float(logs.get("rewards/accuracies", float("nan")))
+                metrics[state.global_step] = float(logs.get(metric, float("nan")))
 
+    def results(steps: int) -> dict:
+        return {"loss": [losses.get(s, float("nan")) for s in range(1, steps + 1)],
+                "accuracy": [metrics.get(s, float("nan")) for s in range(1, steps + 1)],
+                "step_time_s": [b - a for a, b in zip(ends, ends[1:], strict=False)]}
+
+    return Record(), results
+
+
+def run_trl(hf: Path, rows: list[dict], args, work: Path) -> dict:
+    spec = {"hf": str(hf), "rows": rows, "steps": args.steps, "batch": args.batch, "out_dir": str(work / "trl")}
+    return run_trl_worker(__file__, spec, work)
+
+
+def trl_worker(spec_path: Path, result_path: Path) -> None:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    spec = json.loads(spec_path.read_text())
+    torch.manual_seed(SEED)
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                                  "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                                  "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in spec["rows"]])
+    record, results = step_recorder("rewards/accuracies")
     config = DPOConfig(
         output_dir=spec["out_dir"], max_steps=spec["steps"], per_device_train_batch_size=spec["batch"],
         gradient_accumulation_steps=1, learning_rate=1e-6, lr_scheduler_type="constant", warmup_steps=0,
@@ -128,57 +146,50 @@ def trl_worker(spec_path: Path, result_path: Path) -> None:
         seed=SEED, use_cpu=True, disable_dropout=True,
     )
     trainer = DPOTrainer(model=spec["hf"], args=config, train_dataset=dataset,
-                         processing_class=AutoTokenizer.from_pretrained(spec["hf"]), callbacks=[Record()])
+                         processing_class=AutoTokenizer.from_pretrained(spec["hf"]), callbacks=[record])
     trainer.train()
-    result_path.write_text(json.dumps({
-        "loss": [losses.get(s, float("nan")) for s in range(1, spec["steps"] + 1)],
-        "accuracy": [accuracy.get(s, float("nan")) for s in range(1, spec["steps"] + 1)],
-        "step_time_s": [b - a for a, b in zip(ends, ends[1:], strict=False)],
-    }))
+    result_path.write_text(json.dumps(results(spec["steps"])))
 
 
 def mean(values: list[float]) -> float:
     return sum(values) / max(len(values), 1)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def pair_bench_args(argv: list[str] | None, doc: str, *, extra=None) -> argparse.Namespace:
+    """The command line of a pair bench (DPO, reward model): steps, skip, batch, work, out (+ `extra(parser)`)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per side (default 8)")
     parser.add_argument("--skip", type=int, default=1, help="first steps left out of the step times (default 1)")
     parser.add_argument("--batch", type=int, default=4, help="pairs per step (default 4)")
     parser.add_argument("--work", type=Path, help="working directory (default: a temporary one, kept)")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     parser.add_argument("--trl-worker", nargs=2, type=Path, help=argparse.SUPPRESS)
+    if extra is not None:
+        extra(parser)
     args = parser.parse_args(argv)
-    if args.trl_worker:
-        trl_worker(*args.trl_worker)
-        return 0
-    if not 0 <= args.skip < args.steps:
+    if not args.trl_worker and not 0 <= args.skip < args.steps:
         parser.error("--skip must be in [0, --steps)")
-    work = args.work or Path(tempfile.mkdtemp(prefix="bench_dpo_"))
-    work.mkdir(parents=True, exist_ok=True)
-    hf, train = prepare(work)
-    pairs, rows = pairs_in_our_order(hf, train, work, args.batch, args.steps)
-    load_before = os.getloadavg()[0]
-    ours = run_ours(hf, pairs, args, work / "ours")
-    print(f"ours done ({ours['wall_s']:.0f} s)", flush=True)
-    trl = run_trl(hf, rows, args, work)
-    print(f"TRL done ({trl['wall_s']:.0f} s)", flush=True)
+    return args
+
+
+def report(args: argparse.Namespace, ours: dict, trl: dict, *, header: str, whole_run: str, setting: str,
+           load_before: float) -> None:
+    """Print (and with --out write) the side-by-side table, then the per-step losses and step times."""
     ours_rate = args.batch / mean(ours["step_time_s"][args.skip:])
     trl_rate = args.batch / mean(trl["step_time_s"][args.skip:])
+    gap = max(abs(a - b) for a, b in zip(ours["loss"], trl["loss"], strict=True))
     load = os.getloadavg()
     table = (
-        "| DPO | ours | TRL DPOTrainer | ratio |\n|---|---|---|---|\n"
+        f"{header}\n|---|---|---|---|\n"
         f"| pairs/s (steps {args.skip + 1}-{args.steps}) | {ours_rate:.2f} | {trl_rate:.2f} "
         f"| **{ours_rate / trl_rate:.2f}x** |\n"
-        f"| whole run, process start to exit (reference pass included) | {ours['wall_s']:.0f} s | "
-        f"{trl['wall_s']:.0f} s | {trl['wall_s'] / ours['wall_s']:.2f}x |\n"
-        f"| loss, step 1 / step {args.steps} | {ours['loss'][0]:.4f} / {ours['loss'][-1]:.4f} | "
-        f"{trl['loss'][0]:.4f} / {trl['loss'][-1]:.4f} | |\n"
+        f"| {whole_run} | {ours['wall_s']:.0f} s | {trl['wall_s']:.0f} s | {trl['wall_s'] / ours['wall_s']:.2f}x |\n"
+        f"| loss, step 1 / step {args.steps} (max abs difference {gap:.1e}) | {ours['loss'][0]:.4f} / "
+        f"{ours['loss'][-1]:.4f} | {trl['loss'][0]:.4f} / {trl['loss'][-1]:.4f} | |\n"
         f"| peak RSS | {ours['peak_rss_mib']:.0f} MiB | {trl['peak_rss_mib']:.0f} MiB | |\n"
-        f"\nSmolLM2-135M-Instruct, fp32, full fine-tuning, sigmoid loss, beta 0.1, {args.batch} pairs per step, "
-        f"{args.steps} steps, the same pairs in the same order; {os.cpu_count()} CPUs, load average "
-        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (before ours {load_before:.1f}).\n"
+        f"\n{setting}, {args.batch} pairs per step, {args.steps} steps, the same pairs in the same order; "
+        f"{os.cpu_count()} CPUs, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+        f"(before ours {load_before:.1f}).\n"
     )
     details = (f"losses, ours: {' '.join(f'{v:.4f}' for v in ours['loss'])}\n"
                f"losses, TRL:  {' '.join(f'{v:.4f}' for v in trl['loss'])}\n"
@@ -188,6 +199,25 @@ def main(argv: list[str] | None = None) -> int:
     print(details)
     if args.out:
         args.out.write_text(table + "\n```\n" + details + "\n```\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = pair_bench_args(argv, __doc__)
+    if args.trl_worker:
+        trl_worker(*args.trl_worker)
+        return 0
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_dpo_"))
+    work.mkdir(parents=True, exist_ok=True)
+    hf, train = prepare(work)
+    pairs, rows = pairs_in_our_order(hf, train, work, args.batch, args.steps)
+    load_before = os.getloadavg()[0]
+    ours = run_ours(hf, pairs, args, work / "ours")
+    print(f"ours done ({ours['wall_s']:.0f} s)", flush=True)
+    trl = run_trl(hf, rows, args, work)
+    print(f"TRL done ({trl['wall_s']:.0f} s)", flush=True)
+    report(args, ours, trl, header="| DPO | ours | TRL DPOTrainer | ratio |",
+           whole_run="whole run, process start to exit (reference pass included)",
+           setting="SmolLM2-135M-Instruct, fp32, full fine-tuning, sigmoid loss, beta 0.1", load_before=load_before)
     return 0
 
 

@@ -33,11 +33,10 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_dpo import mean  # noqa: E402
+from bench_dpo import pair_bench_args, report, run_trl_worker, step_recorder  # noqa: E402
 from bench_sft import child_env, prepare, run_logged  # noqa: E402
 
 SEED = 1234
@@ -104,36 +103,18 @@ def run_ours(hf: Path, pairs: Path, args, run_dir: Path) -> dict:
 def run_trl(classifier: Path, rows: list[dict], args, work: Path) -> dict:
     spec = {"model": str(classifier), "rows": rows, "steps": args.steps, "batch": args.batch,
             "out_dir": str(work / "trl")}
-    spec_path, result_path = work / "trl.json", work / "trl.result.json"
-    spec_path.write_text(json.dumps(spec))
-    usage = run_logged([sys.executable, __file__, "--trl-worker", str(spec_path), str(result_path)],
-                       work / "trl.log", child_env())
-    return {**usage, **json.loads(result_path.read_text())}
+    return run_trl_worker(__file__, spec, work)
 
 
 def trl_worker(spec_path: Path, result_path: Path) -> None:
     import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     spec = json.loads(spec_path.read_text())
     torch.manual_seed(SEED)
-    losses: dict[int, float] = {}
-    accuracy: dict[int, float] = {}
-    ends: list[float] = []
-
-    class Record(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            ends.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kwargs):
-            ends.append(time.perf_counter())
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses[state.global_step] = float(logs["loss"])
-                accuracy[state.global_step] = float(logs.get("accuracy", float("nan")))
+    record, results = step_recorder("accuracy")
 
     config = RewardConfig(
         output_dir=spec["out_dir"], max_steps=spec["steps"], per_device_train_batch_size=spec["batch"],
@@ -147,31 +128,20 @@ def trl_worker(spec_path: Path, result_path: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     tokenizer.pad_token = "<|endoftext|>"  # not <|im_end|>: the last non-pad token must be each side's <|im_end|>
     trainer = RewardTrainer(model=spec["model"], args=config, train_dataset=Dataset.from_list(spec["rows"]),
-                            processing_class=tokenizer, callbacks=[Record()])
+                            processing_class=tokenizer, callbacks=[record])
     trainer.train()
-    result_path.write_text(json.dumps({
-        "loss": [losses.get(s, float("nan")) for s in range(1, spec["steps"] + 1)],
-        "accuracy": [accuracy.get(s, float("nan")) for s in range(1, spec["steps"] + 1)],
-        "step_time_s": [b - a for a, b in zip(ends, ends[1:], strict=False)],
-    }))
+    result_path.write_text(json.dumps(results(spec["steps"])))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per side (default 8)")
-    parser.add_argument("--skip", type=int, default=1, help="first steps left out of the step times (default 1)")
-    parser.add_argument("--batch", type=int, default=4, help="pairs per step (default 4)")
-    parser.add_argument("--work", type=Path, help="working directory (default: a temporary one, kept)")
-    parser.add_argument("--out", type=Path, help="also write the markdown table here")
-    parser.add_argument("--ours", nargs="*", default=[],
-                        help="extra overrides of our run, e.g. shared_prefix=false")
-    parser.add_argument("--trl-worker", nargs=2, type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    def ours_overrides(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--ours", nargs="*", default=[],
+                            help="extra overrides of our run, e.g. shared_prefix=false")
+
+    args = pair_bench_args(argv, __doc__, extra=ours_overrides)
     if args.trl_worker:
         trl_worker(*args.trl_worker)
         return 0
-    if not 0 <= args.skip < args.steps:
-        parser.error("--skip must be in [0, --steps)")
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_reward_"))
     work.mkdir(parents=True, exist_ok=True)
     hf, train = prepare(work)
@@ -182,31 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ours done ({ours['wall_s']:.0f} s)", flush=True)
     trl = run_trl(classifier, rows, args, work)
     print(f"TRL done ({trl['wall_s']:.0f} s)", flush=True)
-    ours_rate = args.batch / mean(ours["step_time_s"][args.skip:])
-    trl_rate = args.batch / mean(trl["step_time_s"][args.skip:])
-    load = os.getloadavg()
-    gap = max(abs(a - b) for a, b in zip(ours["loss"], trl["loss"], strict=True))
-    table = (
-        "| reward model | ours | TRL RewardTrainer | ratio |\n|---|---|---|---|\n"
-        f"| pairs/s (steps {args.skip + 1}-{args.steps}) | {ours_rate:.2f} | {trl_rate:.2f} "
-        f"| **{ours_rate / trl_rate:.2f}x** |\n"
-        f"| whole run, process start to exit | {ours['wall_s']:.0f} s | {trl['wall_s']:.0f} s "
-        f"| {trl['wall_s'] / ours['wall_s']:.2f}x |\n"
-        f"| loss, step 1 / step {args.steps} (max abs difference {gap:.1e}) | {ours['loss'][0]:.4f} / "
-        f"{ours['loss'][-1]:.4f} | {trl['loss'][0]:.4f} / {trl['loss'][-1]:.4f} | |\n"
-        f"| peak RSS | {ours['peak_rss_mib']:.0f} MiB | {trl['peak_rss_mib']:.0f} MiB | |\n"
-        f"\nSmolLM2-135M-Instruct + a scalar head, fp32, full fine-tuning, Bradley-Terry loss, {args.batch} pairs per "
-        f"step, {args.steps} steps, the same tokens in the same order; {os.cpu_count()} CPUs, load average "
-        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (before ours {load_before:.1f}).\n"
-    )
-    details = (f"losses, ours: {' '.join(f'{v:.4f}' for v in ours['loss'])}\n"
-               f"losses, TRL:  {' '.join(f'{v:.4f}' for v in trl['loss'])}\n"
-               f"step times s, ours: {' '.join(f'{t:.2f}' for t in ours['step_time_s'])}; "
-               f"TRL: {' '.join(f'{t:.2f}' for t in trl['step_time_s'])}")
-    print(table)
-    print(details)
-    if args.out:
-        args.out.write_text(table + "\n```\n" + details + "\n```\n")
+    report(args, ours, trl, header="| reward model | ours | TRL RewardTrainer | ratio |",
+           whole_run="whole run, process start to exit",
+           setting="SmolLM2-135M-Instruct + a scalar head, fp32, full fine-tuning, Bradley-Terry loss",
+           load_before=load_before)
     return 0
 
 

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from llmhpc.config import Config, ConfigError
+from llmhpc.config import Config
 from llmhpc.data.preference import PairLoader, PreferencePair, pair_eval_batches, pairs_digest
 from llmhpc.parallel import dp_rank, dp_size
-from llmhpc.stages.pairs import load_pairs
+from llmhpc.stages.pairs import load_pairs, require_data_parallel
 from llmhpc.stages.sft import fit_and_close, report_done, with_model_tokenizer
 from llmhpc.train.builder import RunContext, build, distributed_run
 from llmhpc.train.trainer import Trainer, TrainResult
@@ -109,9 +109,7 @@ def run(cfg: Config) -> TrainResult:
     """Train with DPO under the layout of cfg.parallel on WORLD_SIZE processes."""
     cfg = with_model_tokenizer(cfg)
     with distributed_run(cfg) as where:
-        if where.dims.tp > 1 or where.dims.pp > 1 or cfg.parallel.engine != "torch":
-            raise ConfigError("dpo runs on parallel.engine=torch with parallel.tp=1 parallel.pp=1 (one process, "
-                              "FSDP2, DDP or HSDP); use data parallelism (parallel.dp_shard)")
+        require_data_parallel(cfg, where, "dpo")
         return _train(cfg, where)
 
 

@@ -5,9 +5,18 @@ from __future__ import annotations
 
 import os
 
-from llmhpc.config import Config
+from llmhpc.config import Config, ConfigError
 from llmhpc.data.preference import PreferencePair, load_preference_pairs
 from llmhpc.stages.sft import ARITHMETIC
+from llmhpc.train.builder import RunContext
+
+
+def require_data_parallel(cfg: Config, where: RunContext, stage: str) -> None:
+    """The pair stages run on one process or under FSDP2 / DDP / HSDP (torch engine), not under tensor or pipeline
+    parallelism or DeepSpeed: ConfigError naming the fix otherwise."""
+    if where.dims.tp > 1 or where.dims.pp > 1 or cfg.parallel.engine != "torch":
+        raise ConfigError(f"{stage} runs on parallel.engine=torch with parallel.tp=1 parallel.pp=1 (one process, "
+                          "FSDP2, DDP or HSDP); use data parallelism (parallel.dp_shard)")
 
 
 def pair_sources(cfg: Config, n_train: int, n_eval: int) -> tuple[str, str | None]:

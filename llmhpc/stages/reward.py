@@ -21,7 +21,7 @@ from __future__ import annotations
 from llmhpc.config import Config, ConfigError
 from llmhpc.data.preference import PairLoader, pair_eval_batches
 from llmhpc.parallel import dp_rank, dp_size
-from llmhpc.stages.pairs import load_pairs
+from llmhpc.stages.pairs import load_pairs, require_data_parallel
 from llmhpc.stages.sft import fit_and_close, report_done, with_model_tokenizer
 from llmhpc.train.builder import RunContext, build, distributed_run
 from llmhpc.train.trainer import Trainer, TrainResult
@@ -33,9 +33,7 @@ def run(cfg: Config) -> TrainResult:
     if not cfg.model.score_head:
         raise ConfigError("a reward model needs its scalar head: model.score_head=true (the reward default)")
     with distributed_run(cfg) as where:
-        if where.dims.tp > 1 or where.dims.pp > 1 or cfg.parallel.engine != "torch":
-            raise ConfigError("reward runs on parallel.engine=torch with parallel.tp=1 parallel.pp=1 (one process, "
-                              "FSDP2, DDP or HSDP); use data parallelism (parallel.dp_shard)")
+        require_data_parallel(cfg, where, "reward")
         return _train(cfg, where)
 
 
