@@ -85,6 +85,9 @@ def open_source(path: str | Path, *, need_tokenizer: bool = False) -> ExportSour
             "llmhpc_version": llmhpc.__version__,
         }
     )
+    if source.config.score_head:
+        raise InputError(f"{located.path}: a reward model (it has a score head); the export formats hold language "
+                         "models only: convert the policy it scores, or score with llmhpc.rl.reward_model.RewardScorer")
     if need_tokenizer and source.tokenizer is None:
         raise InputError(
             f"{located.path}: no tokenizer found next to the weights (tokenizer.json); add the "

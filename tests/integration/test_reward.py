@@ -25,7 +25,7 @@ REWARD = ["trainer.global_batch_size=4", "trainer.micro_batch_size=2", "trainer.
           "trainer.warmup_steps=0", "logger.progress_bar=false", "run.device=cpu"]
 
 
-def test_reward_trains_resumes_bitwise_and_scores(tp2_pp2_checkpoint, pairs_file, llmhpc_cache, tmp_path):
+def test_reward_trains_resumes_bitwise_and_scores(tp2_pp2_checkpoint, pairs_file, llmhpc_cache, tmp_path, capsys):
     common = ["reward", f"model.init_from={tp2_pp2_checkpoint}", f"data.source={pairs_file}", *REWARD,
               "data.val_fraction=0.25", "trainer.max_steps=4", "trainer.ckpt_every=2", "trainer.eval_every=4"]
     run, resumed = tmp_path / "run", tmp_path / "resumed"
@@ -73,6 +73,9 @@ def test_reward_trains_resumes_bitwise_and_scores(tp2_pp2_checkpoint, pairs_file
     best = json.loads(out.read_text())[str(tp2_pp2_checkpoint)]["arithmetic"]
     assert set(best) == {"accuracy", "sample_accuracy", "any_right", "questions"} and best["questions"] == 2
     assert best["accuracy"] <= best["any_right"] and best["sample_accuracy"] <= best["any_right"]
+    # The export formats hold language models: a reward model is refused in one line, nothing written.
+    one_line_error(capsys, ["convert", f"src={run}", f"dst={tmp_path / 'export'}"], "a reward model")
+    assert not (tmp_path / "export").exists()
 
 
 def test_lora_reward_trains_head_and_adapters(tp2_pp2_checkpoint, pairs_file, llmhpc_cache, tmp_path):
