@@ -28,6 +28,7 @@ import torch
 
 from llmhpc.models.llama import KVCache, Llama, head_dim_of
 from llmhpc.parallel.fsdp import parameters_gathered
+from llmhpc.rl.packed_weights import PackedWeights, packed_linears, packing_available
 from llmhpc.rl.sampling import SamplingParams, request_generator, sample
 
 
@@ -56,6 +57,8 @@ class RolloutStats:
     forwards: int = 0
     """Model forwards: one per decode step plus one per prefill batch."""
     seconds: float = 0.0
+    packed_bytes: int = 0
+    """The most bytes of packed weights held while decoding (`llmhpc.rl.packed_weights`; 0 without packing)."""
     gather_seconds: float = 0.0
     """Time spent gathering FSDP2-sharded parameters before decoding (once per call; 0 without FSDP2)."""
     timeline: list[int] = field(default_factory=list)
@@ -157,11 +160,15 @@ class RolloutEngine:
         batch_size: int = 16,
         eos_token_ids: Sequence[int] = (),
         decode: Callable[[list[int]], str] | None = None,
+        pack_weights: bool = True,
     ) -> None:
-        """`eos_token_ids` end a completion; `decode` (token ids -> text) is needed for stop strings only."""
+        """`eos_token_ids` end a completion; `decode` (token ids -> text) is needed for stop strings only;
+        `pack_weights` lays fp32 weights out once per call for MKL's packed GEMM (`llmhpc.rl.packed_weights`)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.batch_size, self.decode = model, batch_size, decode
+        self.pack_weights = pack_weights and packing_available()
+        self._packer: PackedWeights | None = None
         self.eos_token_ids = set(eos_token_ids)
         self.stats = RolloutStats()
 
@@ -197,8 +204,15 @@ class RolloutEngine:
         self.stats = RolloutStats(prompt_tokens=sum(len(p) for p in prompts))
         try:
             with parameters_gathered(self.model) as gather:
-                completions = self._run(prompts, params, longest, request_ids)
+                if self.pack_weights:
+                    self._packer = PackedWeights(min(self.batch_size, len(prompts)))
+                    with packed_linears(self.model, self._packer):
+                        completions = self._run(prompts, params, longest, request_ids)
+                    self.stats.packed_bytes = self._packer.peak_bytes
+                else:
+                    completions = self._run(prompts, params, longest, request_ids)
         finally:
+            self._packer = None
             self.model.train(was_training)
         self.stats.gather_seconds = gather.seconds
         self.stats.seconds = time.perf_counter() - began
@@ -208,8 +222,10 @@ class RolloutEngine:
     def _forward_last(self, ids: torch.Tensor, cache: KVCache, **inputs) -> torch.Tensor:
         """Logits [rows, vocab] of the last position, through the model's forward."""
         self.stats.forwards += 1
-        model = self.model
-        return model(ids, cache=cache, on_hidden=lambda h: model.logits(h[:, -1]), **inputs)
+        model, packer = self.model, self._packer
+        if packer is None:
+            return model(ids, cache=cache, on_hidden=lambda h: model.logits(h[:, -1]), **inputs)
+        return model(ids, cache=cache, on_hidden=lambda h: packer.linear(h[:, -1], model.lm_head_weight()), **inputs)
 
     def _prefill(self, prompts: list[Sequence[int]]) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
         """Left-padded prefill of a few prompts: (their cache, their lengths, last-position logits)."""
@@ -267,6 +283,8 @@ class RolloutEngine:
                     out_entropy = [out_entropy[r] for r in active]
                     pending = pending[torch.tensor(active, device=device)]
                     active = list(range(len(active)))
+                    if self._packer is not None:
+                        self._packer.rows = len(active)
                 cache.make_room(1)
                 mask, positions = cache.step_inputs()
                 self.stats.timeline.append(len(active))

@@ -1,0 +1,102 @@
+"""Decode-time weight packing: during a rollout, the linear layers multiply by weights laid out once for MKL.
+
+Why: a decode step multiplies a few rows (one token per request) by every weight matrix of the model. For each
+call, MKL's ordinary sgemm first copies the whole weight into its blocked layout, and at 8 rows that copy costs more
+than the multiply itself. The weights do not change during a rollout, so the rollout lays each one out once
+(`mkl::_mkl_reorder_linear_weight`, the packed GEMM `torch.compile` uses for frozen fp32 weights) and multiplies with
+`mkl::_mkl_linear`: the same product (summed in another order: logits differ by ~1e-5), at 8 rows 1.5-2.7x faster
+per matrix of SmolLM2's shapes (docs/rollout.md).
+
+What is packed: the weight of every plain `nn.Linear` and the output head, when it is an fp32 CPU tensor (not an
+FSDP2 shard; those are gathered before decoding), in no-grad mode, within `budget_bytes` of packed buffers (a packed
+buffer is about four times its weight: PyTorch allocates MKL's byte count as floats). Everything else (LoRA layers,
+NF4 weights, bf16, other devices) runs as before. A packed product is used only for the row count it was packed for
+(MKL's packed GEMM is laid out for one M); other shapes, like the prefills, fall back to the plain product inside
+the same call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.nn import functional as F
+
+DEFAULT_BUDGET_BYTES = 4 << 30
+"""Packed buffers held at most (4 GiB: every weight of a ~250M-parameter fp32 model)."""
+
+
+def packing_available() -> bool:
+    """Whether this torch build has MKL's packed GEMM."""
+    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
+def _packable(weight: torch.Tensor) -> bool:
+    return (type(weight) in (torch.Tensor, nn.Parameter) and not isinstance(weight, DTensor)
+            and weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 2)
+
+
+class PackedWeights:
+    """Packed copies of weights for products of `rows` rows, made on first use and kept until `rows` changes."""
+
+    def __init__(self, rows: int, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
+        self.budget_bytes = budget_bytes
+        self._rows = rows
+        self._packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._refused: set[int] = set()
+        self.held_bytes = 0
+        self.peak_bytes = 0
+        """The most packed-buffer bytes held at once."""
+
+    @property
+    def rows(self) -> int:
+        return self._rows
+
+    @rows.setter
+    def rows(self, rows: int) -> None:
+        """A new row count: the packs made for the old one are useless to MKL, drop them."""
+        if rows != self._rows:
+            self._rows, self._packed, self._refused, self.held_bytes = rows, {}, set(), 0
+
+    def _pack(self, weight: torch.Tensor) -> torch.Tensor | None:
+        key = id(weight)
+        entry = self._packed.get(key)
+        if entry is not None and entry[0] is weight:
+            return entry[1]
+        if key in self._refused or not _packable(weight):
+            return None
+        size = 4 * weight.numel() * weight.element_size()  # see the module docstring
+        if self.held_bytes + size > self.budget_bytes:
+            self._refused.add(key)
+            return None
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), self._rows)
+        self._packed[key] = (weight, packed)
+        self.held_bytes += packed.numel() * packed.element_size()
+        self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+        return packed
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """F.linear(x, weight), through the packed weight when there is one (x [..., K], weight [N, K])."""
+        if torch.is_grad_enabled() or x.dtype != torch.float32:
+            return F.linear(x, weight)
+        packed = self._pack(weight)
+        if packed is None:
+            return F.linear(x, weight)
+        return torch.ops.mkl._mkl_linear(x, packed, weight, None, self._rows)
+
+
+@contextmanager
+def packed_linears(model: nn.Module, packer: PackedWeights) -> Iterator[PackedWeights]:
+    """Within the block, every bias-free plain `nn.Linear` of `model` multiplies through `packer` (its forward is
+    replaced on the instance, so module hooks still run, and restored on exit)."""
+    linears = [m for m in model.modules() if type(m) is nn.Linear and m.bias is None]
+    try:
+        for module in linears:
+            module.forward = lambda x, module=module: packer.linear(x, module.weight)
+        yield packer
+    finally:
+        for module in linears:
+            module.__dict__.pop("forward", None)
