@@ -323,6 +323,11 @@ class ConvertConfig:
     """trtllm: pipeline-parallel ranks the checkpoint is split for (must divide the layers)."""
     overwrite: bool = False
     """Replace an existing dst (it is replaced only once the new output is complete)."""
+    keep_adapters: bool = False
+    """hf, from a run trained with peft=lora|qlora (DoRA too): write the base unmerged and the adapters as a peft
+    adapter in dst/adapter (`PeftModel.from_pretrained(base, dst/adapter)`, vLLM's and TensorRT-LLM's LoRA
+    serving), instead of folding them into the weights. A QLoRA run's base is written as the NF4 values it was
+    trained on."""
     shard_size_gb: float = 5.0
     """hf: the largest model-*.safetensors file; bigger models are sharded with a model.safetensors.index.json."""
     build_engine: bool = False

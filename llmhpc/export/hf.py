@@ -8,6 +8,7 @@
           or model-0000N-of-0000M.safetensors + model.safetensors.index.json (metadata.total_size, weight_map)
         tokenizer.json, tokenizer_config.json (with the chat template), special_tokens_map.json
         lineage.json                     where the weights come from and how they were converted
+        adapter/                         keep_adapters=true: adapter_config.json + adapter_model.safetensors (peft)
 
 The weights stream: each tensor is read from the source (`ExportSource.tensor`, one at a time) and written
 straight into its safetensors file, whose header is known in advance from the model's shapes, so memory holds
@@ -35,6 +36,7 @@ from llmhpc.export.output import ExportSummary, atomic_output, file_sizes, progr
 from llmhpc.export.source import ExportSource
 from llmhpc.models.hf import write_hf_config, write_hf_weights
 from llmhpc.models.llama import Llama
+from llmhpc.peft.lora import write_peft_adapter
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -86,6 +88,10 @@ def export_hf(source: ExportSource, dst: Path, options: ConvertConfig) -> Export
         finally:
             bar.close()
         write_hf_config(tmp, source.config, dtype, source.tokenizer)
+        if source.adapter is not None:
+            lora, tensors = source.adapter()
+            write_peft_adapter(lora, {k: v.to(dtype) for k, v in tensors.items()}, tmp / "adapter", str(dst))
+            summary.tensors += len(tensors)
         summary.files = file_sizes(tmp)
         summary.seconds = time.perf_counter() - start
         write_lineage(tmp, dst, source.lineage, summary, dataclasses.asdict(options))

@@ -22,8 +22,10 @@ import torch
 import llmhpc
 from llmhpc.config.schema import ModelConfig
 from llmhpc.errors import InputError
+from llmhpc.models.adapters import trained_base
 from llmhpc.models.llama import Llama
 from llmhpc.models.sources import locate_weights
+from llmhpc.peft.lora import LoRAConfig, lora_settings, peft_tensor_name
 
 
 @dataclass
@@ -41,6 +43,9 @@ class ExportSource:
     """The model's tokenizer (transformers), or None when the source names none."""
     lineage: dict = field(default_factory=dict)
     """Where the weights come from: source path and format, checkpoint step, config hash, llmhpc version."""
+    adapter: Any = field(default=None, repr=False)
+    """Opened with keep_adapters=True from a LoRA / DoRA run: () -> (LoRAConfig, {peft tensor name: tensor}), its
+    adapters as a peft adapter holds them (the weights `tensor` reads are then the base, unmerged)."""
 
     @property
     def chat_template(self) -> str | None:
@@ -67,16 +72,23 @@ def config_hash(cfg: ModelConfig) -> str:
     return hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def open_source(path: str | Path, *, need_tokenizer: bool = False) -> ExportSource:
+def open_source(path: str | Path, *, need_tokenizer: bool = False, keep_adapters: bool = False) -> ExportSource:
     """The model at `path`, ready to be read tensor by tensor.
 
     `need_tokenizer`: raise InputError when the source names no tokenizer (formats that embed it need one).
+    `keep_adapters`: a LoRA / DoRA run's weights are read unmerged and its adapters offered apart
+    (`ExportSource.adapter`); InputError for a source without adapters.
     """
     located = locate_weights(path)
     if located.format == "pickle":
         raise InputError(f"{located.path}: a pickle file; convert it to safetensors first (pickle can run code)")
-    opener = {"checkpoint": _checkpoint_source, "hf": _hf_source, "gguf": _gguf_source}[located.format]
-    source = opener(located.path)
+    if keep_adapters and located.format != "checkpoint":
+        raise InputError(f"{located.path}: keep_adapters=true needs an llmhpc run trained with peft=lora|qlora, and "
+                         f"this is a {located.format} model without adapters; drop keep_adapters")
+    if located.format == "checkpoint":
+        source = _checkpoint_source(located.path, keep_adapters)
+    else:
+        source = {"hf": _hf_source, "gguf": _gguf_source}[located.format](located.path)
     source.lineage.update(
         {
             "source": str(located.path.resolve()),
@@ -132,7 +144,7 @@ def _gguf_source(path: Path) -> ExportSource:
     return ExportSource(path, "gguf", cfg, read, load_tokenizer(str(path)))
 
 
-def _checkpoint_source(step_dir: Path) -> ExportSource:
+def _checkpoint_source(step_dir: Path, keep_adapters: bool = False) -> ExportSource:
     from torch.distributed.checkpoint.api import CheckpointException
 
     from llmhpc.checkpoint import read_checkpoint_config, read_meta
@@ -148,15 +160,24 @@ def _checkpoint_source(step_dir: Path) -> ExportSource:
     frozen = set(components[component].get("frozen", []))
     base = _base_reader(run_cfg.model, components[component].get("base"), step_dir) if frozen else None
     fold = _adapter_folder(run_cfg)
+    if keep_adapters and fold is None:
+        raise InputError(f"{step_dir}: keep_adapters=true, but this run has no adapters (peft={run_cfg.peft.name}); "
+                         "drop keep_adapters")
 
     def read(name: str) -> torch.Tensor:
         weight = base(name) if name in frozen else read_stored(name)
         module = name.removesuffix(".weight")
-        if fold is not None and f"{module}.lora_A" in shapes:  # LoRA runs are exported merged
+        if fold is not None and f"{module}.lora_A" in shapes:  # LoRA runs are exported merged, or kept apart
+            if keep_adapters:
+                return trained_base(module, weight, run_cfg.peft.name == "qlora", run_cfg.parallel.tp)
             dora = f"{module}.lora_magnitude" in shapes
             weight = fold(module, weight, read_stored(f"{module}.lora_A"), read_stored(f"{module}.lora_B"),
                           read_stored(f"{module}.lora_magnitude") if dora else None)
         return weight
+
+    def adapter() -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+        names = [n for n in shapes if ".lora_" in n]
+        return lora_settings(run_cfg.peft), {peft_tensor_name(n): read_stored(n) for n in names}
 
     def read_stored(name: str) -> torch.Tensor:
         if name not in shapes:
@@ -170,7 +191,8 @@ def _checkpoint_source(step_dir: Path) -> ExportSource:
     tokenizer = None
     with contextlib.suppress(FileNotFoundError, InputError):
         tokenizer = load_tokenizer(run_cfg.data.tokenizer)
-    source = ExportSource(step_dir, "checkpoint", run_cfg.model, read, tokenizer)
+    source = ExportSource(step_dir, "checkpoint", run_cfg.model, read, tokenizer,
+                          adapter=adapter if keep_adapters else None)
     source.lineage.update({"step": meta["step"], "run_lineage": meta.get("lineage")})
     return source
 
@@ -187,7 +209,7 @@ def _adapter_folder(run_cfg):
     """For a run trained with peft=lora / qlora: fold(module, weight, A, B, magnitude) -> the merged weight."""
     if run_cfg.peft.name == "none":
         return None
-    from llmhpc.models.adapters import fold_adapter, lora_scaling, trained_base
+    from llmhpc.models.adapters import fold_adapter, lora_scaling
 
     scaling = lora_scaling(run_cfg.peft.rank, run_cfg.peft.alpha, run_cfg.peft.rslora)
     qlora, tp = run_cfg.peft.name == "qlora", run_cfg.parallel.tp  # a QLoRA run trained on NF4 values of the base

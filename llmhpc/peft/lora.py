@@ -388,22 +388,27 @@ def _peft_prefix(name: str) -> str:
     return PEFT_PREFIX + hf_tensor_name(f"{name}.weight").removesuffix(".weight")
 
 
-def adapter_state_dict(model: nn.Module, peft_names: bool = True) -> dict[str, torch.Tensor]:
-    """Adapter tensors only: under peft's names (what `save_peft_adapter` writes), or ours with peft_names=False.
+_PEFT_SUFFIXES = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_magnitude_vector": "lora_magnitude"}
+_OURS_TO_PEFT = {v: k for k, v in _PEFT_SUFFIXES.items()}
 
-    peft names: `<prefix>.lora_A.weight`, `<prefix>.lora_B.weight`, DoRA `<prefix>.lora_magnitude_vector` (no
-    `.weight`: peft strips it so that its file format stayed the same when the magnitude became a module).
-    """
+
+def peft_tensor_name(name: str) -> str:
+    """Our adapter tensor's name -> peft's: `layers.0.attention.wq.lora_A` ->
+    `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`; `lora_B` likewise; DoRA's `lora_magnitude` ->
+    `<prefix>.lora_magnitude_vector` (no `.weight`: peft strips it so that its file format stayed the same when the
+    magnitude became a module). The values need no change: our q/k rows are in HF's order (module docstring)."""
+    module, kind = name.rsplit(".", 1)
+    return _peft_prefix(module) + _OURS_TO_PEFT[kind]
+
+
+def adapter_state_dict(model: nn.Module, peft_names: bool = True) -> dict[str, torch.Tensor]:
+    """Adapter tensors only: under peft's names (`peft_tensor_name`; what `save_peft_adapter` writes), or ours
+    with peft_names=False."""
     out: dict[str, torch.Tensor] = {}
     for name, m in lora_modules(model):
-        if not peft_names:
-            out.update({f"{name}.{k}": _full(p) for k, p in m.named_parameters(recurse=False) if k != "weight"})
-            continue
-        prefix = _peft_prefix(name)
-        out[f"{prefix}.lora_A.weight"] = _full(m.lora_A)
-        out[f"{prefix}.lora_B.weight"] = _full(m.lora_B)  # q/k rows: ours are HF's order (module docstring)
-        if m.lora_magnitude is not None:
-            out[f"{prefix}.lora_magnitude_vector"] = _full(m.lora_magnitude)
+        for kind, param in m.named_parameters(recurse=False):
+            if kind != "weight":
+                out[peft_tensor_name(f"{name}.{kind}") if peft_names else f"{name}.{kind}"] = _full(param)
     return out
 
 
@@ -420,12 +425,18 @@ def save_peft_adapter(
         raise ValueError("the model has no LoRA adapters (apply_lora first)")
     if not cfg.same_adapter(used):
         raise ValueError(f"cfg {cfg} does not describe the model's adapters ({used})")
+    tensors = adapter_state_dict(model)
+    return write_peft_adapter(cfg, tensors, out_dir, base_model_name_or_path) if write else Path(out_dir)
+
+
+def write_peft_adapter(
+    cfg: LoRAConfig, tensors: dict[str, torch.Tensor], out_dir: str | Path, base_model_name_or_path: str | None
+) -> Path:
+    """Write peft's two files for adapter tensors already under peft's names (`peft_tensor_name`)."""
     out = Path(out_dir)
-    tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
-    if not write:
-        return out
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_file({k: v.to("cpu").contiguous() for k, v in tensors.items()}, str(out / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
     (out / ADAPTER_CONFIG).write_text(json.dumps(cfg.to_peft(base_model_name_or_path), indent=2) + "\n")
     return out
 
@@ -454,7 +465,6 @@ def _read_adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
         raise InputError(f"{weights}: not a readable safetensors file ({e})") from None
 
 
-_PEFT_SUFFIXES = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_magnitude_vector": "lora_magnitude"}
 
 
 def read_peft_adapter(directory: str | Path) -> tuple[LoRAConfig, dict[str, dict[str, torch.Tensor]]]:

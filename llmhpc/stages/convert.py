@@ -1,6 +1,7 @@
 """Recipe: convert a trained model to a deployable format.
 
     llmhpc convert src=runs/x to=hf dst=exports/x-hf
+    llmhpc convert src=runs/x-lora to=hf keep_adapters=true dst=exports/x-hf     # base + dst/adapter (peft)
     llmhpc convert src=runs/x to=trtllm tp=2 dtype=bfloat16 quant=int8_wo dst=exports/x-trt [build_engine=true]
     llmhpc convert src=runs/x to=gguf quant=q8_0 dst=exports/x-q8_0.gguf
 
@@ -23,9 +24,12 @@ def convert(cfg: Config) -> ExportSummary:
     c = cfg.convert
     if not c.src:
         raise ConfigError("src is not set: name a run directory, checkpoint, HF directory or .gguf file (src=...)")
+    if c.keep_adapters and c.to != "hf":
+        raise ConfigError(f"keep_adapters=true writes a peft adapter beside an HF base; to={c.to} takes the merged "
+                          "model: drop keep_adapters, or use to=hf")
     dst = Path(c.dst).expanduser()
     check_destination(dst, c.overwrite)  # before any reading: a refused destination costs nothing
-    source = open_source(c.src, need_tokenizer=c.to == "gguf")
+    source = open_source(c.src, need_tokenizer=c.to == "gguf", keep_adapters=c.keep_adapters)
     if c.to == "hf":
         from llmhpc.export.hf import export_hf as write
     elif c.to == "trtllm":

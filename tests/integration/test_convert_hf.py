@@ -162,6 +162,14 @@ def test_bad_inputs_fail_in_one_line_and_leave_nothing(tmp_path, llmhpc_cache, c
     # An existing dst is refused without overwrite, and left as it was.
     one_line_error(capsys, ["convert", f"src={run_dir}", f"dst={dst}"], str(dst), "overwrite=true")
     assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
+    # keep_adapters=true on a model without adapters, or for a format that takes the merged model: refused.
+    one_line_error(capsys, ["convert", f"src={run_dir}", f"dst={tmp_path / 'new'}", "keep_adapters=true"],
+                   "keep_adapters", "peft=none")
+    one_line_error(capsys, ["convert", f"src={dst}", f"dst={tmp_path / 'new'}", "keep_adapters=true"],
+                   "keep_adapters", "hf model without adapters")
+    one_line_error(capsys, ["convert", f"src={run_dir}", "to=gguf", f"dst={tmp_path / 'new.gguf'}",
+                            "keep_adapters=true"], "keep_adapters", "to=hf")
+    assert not (tmp_path / "new").exists() and not (tmp_path / "new.gguf").exists()
     # A missing source: nothing is created.
     one_line_error(capsys, ["convert", f"src={tmp_path / 'nope'}", f"dst={tmp_path / 'new'}"], str(tmp_path / "nope"))
     assert not (tmp_path / "new").exists()

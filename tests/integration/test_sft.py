@@ -115,11 +115,21 @@ def test_lora_sft_keeps_adapters_only_resumes_bitwise_and_exports_them(
     assert (theirs - ours).abs().max() <= 1e-4 < moved
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 4
 
-    # The converter folds the adapters into the weights it writes.
+    # The converter folds the adapters into the weights it writes; with keep_adapters=true it writes the base as it
+    # was and the adapters beside it, which peft puts back on.
     run_cli(["convert", f"src={run}", "to=hf", f"dst={tmp_path / 'merged_hf'}"], llmhpc_cache)
+    kept = tmp_path / "kept_hf"
+    run_cli(["convert", f"src={run}", "to=hf", "keep_adapters=true", f"dst={kept}"], llmhpc_cache)
     with torch.no_grad():
         exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged_hf")(ids).logits
+        kept_base = AutoModelForCausalLM.from_pretrained(kept)
+        unmerged = kept_base(ids).logits
+        with_adapter = PeftModel.from_pretrained(kept_base, kept / "adapter")(ids).logits
     assert (exported - ours).abs().max() <= 1e-4
+    assert (unmerged - base(ids)).abs().max() <= 1e-4
+    assert (with_adapter - ours).abs().max() <= 1e-4
+    assert load_file(kept / "adapter" / "adapter_model.safetensors").keys() == load_file(
+        run / "adapter" / "adapter_model.safetensors").keys()
 
 
 def test_arithmetic_runs_log_held_out_answer_accuracy(tp2_pp2_checkpoint, llmhpc_cache, tmp_path):
