@@ -1,8 +1,9 @@
 """The local Slurm of `tools/slurm_local.sh`: a real slurmctld + slurmd + munge that jobs are submitted to.
 
-What `llmhpc submit` will stand on, checked on the real thing: a batch job's two tasks start as Slurm ranks 0 and
-1 and join one torch.distributed gloo group through the environment Slurm gives them; a job sent USR1 runs its
-trap, requeues itself and comes back as restart 1. The fixture starts the cluster (about 15 s, once); it needs
+Checked on the real thing: `slurm/stage.sbatch` runs a 2-process pretraining job (torchrun under srun, c10d
+rendezvous on the job's first host) that trains the losses of one process; a batch job's two tasks start as Slurm
+ranks 0 and 1 and join one torch.distributed gloo group through the environment Slurm gives them; a job sent USR1
+runs its trap, requeues itself and comes back as restart 1. The fixture starts the cluster (about 15 s, once); it needs
 root and apt-get, and skips only where the packages cannot be installed.
 """
 
@@ -17,6 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import SMALL_RUN, cli_env, run_cli
+from tests.distributed.launch import step_losses
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0 or shutil.which("apt-get") is None,
@@ -90,3 +94,22 @@ wait
     state = _wait(job, lambda s: s["JobState"] == "COMPLETED", timeout=180)
     assert int(state["Restarts"]) == 1
     assert log.read_text().split() == ["start", "restart=0", "usr1", "start", "restart=1", "done"]
+
+
+def test_stage_template_trains_two_processes_with_the_losses_of_one(slurm, tmp_path, llmhpc_cache):
+    common = [*SMALL_RUN, "trainer.max_steps=3", "trainer.global_batch_size=8", "trainer.ckpt_every=0"]
+    single = tmp_path / "single"
+    run_cli(["pretrain", *common, "trainer.micro_batch_size=4", f"run.dir={single}"], llmhpc_cache)
+    run_dir, log = tmp_path / "slurm_run", tmp_path / "job.out"
+    env = dict(cli_env(llmhpc_cache), LLMHPC_PROCS_PER_NODE="2", LLMHPC_PYTHON=sys.executable, OMP_NUM_THREADS="1",
+               LLMHPC_RDZV_PORT=str(29500 + os.getpid() % 1000))
+    proc = subprocess.run(
+        ["sbatch", "--wait", "--gpus-per-node=0", f"--output={log}", str(REPO / "slurm" / "stage.sbatch"), "pretrain",
+         *common, "parallel.dp_shard=2", "trainer.micro_batch_size=2", f"run.dir={run_dir}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, log.read_text()[-4000:] if log.exists() else proc.stderr
+    header = log.read_text()
+    assert "stage pretrain: 1 node(s) x 2 worker(s)" in header and "parallel.dp_shard=2" in header
+    got, expected = step_losses(run_dir), step_losses(single)
+    assert sorted(got) == [1, 2, 3]
+    assert max(abs(got[s] - expected[s]) for s in got) < 1e-5
