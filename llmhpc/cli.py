@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     from llmhpc.train.trainer import TrainingAborted
 
     try:
+        if STAGES[name].raw:  # it composes its configs from its own words
+            return STAGES[name].run(None, overrides)
         cfg = load_stage_config(name, overrides)  # a bad config fails here, before any heavy import
         return STAGES[name].run(cfg, overrides)
     except ConfigError as exc:

@@ -265,7 +265,8 @@ class RunConfig:
 
 @dataclass
 class ClusterConfig:
-    """The machines a run is planned for (`llmhpc plan`); presets in conf/cluster/."""
+    """The machines a run is planned for (`llmhpc plan`) and submitted to (`llmhpc submit`); presets in
+    conf/cluster/."""
 
     name: str = "local"
     """Preset name, for reports."""
@@ -279,6 +280,17 @@ class ClusterConfig:
     """Intra-node bandwidth per GPU and direction in GB/s; None uses the GPU preset's NVLink figure."""
     inter_node_gbs: float | None = None
     """Inter-node bandwidth per GPU and direction in GB/s; None uses the preset's (50 = one 400 Gb/s NIC per GPU)."""
+    partition: str = ""
+    """`llmhpc submit`: the Slurm partition (sbatch --partition); empty: the cluster's default."""
+    account: str = ""
+    """`llmhpc submit`: the account the job is charged to (sbatch --account); empty: yours by default."""
+    qos: str = ""
+    """`llmhpc submit`: the quality of service (sbatch --qos); empty: the default."""
+    time: str = "04:00:00"
+    """`llmhpc submit`: the job's time limit (sbatch --time), e.g. '2-00:00:00' for two days."""
+    workers_per_node: int = 0
+    """`llmhpc submit`: processes per node; 0 means one per GPU (gpus_per_node). Set it with gpus_per_node=0 for a
+    CPU-only cluster."""
 
 
 @dataclass

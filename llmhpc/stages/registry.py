@@ -37,10 +37,12 @@ class StageSpec:
     """A section whose keys the command takes without its prefix (`llmhpc convert src=...` is `convert.src=...`)."""
     example: str = ""
     """A typical command line, shown in `llmhpc --help`."""
+    raw: bool = False
+    """The command composes its configs itself from its words (`llmhpc submit STAGE ...`); it gets cfg=None."""
 
-    def run(self, cfg: Config, overrides: list[str]) -> int:
+    def run(self, cfg: Config | None, overrides: list[str]) -> int:
         module, function = self.entry.split(":")
-        entry: Callable[[Config, list[str]], int] = getattr(importlib.import_module(module), function)
+        entry: Callable[[Config | None, list[str]], int] = getattr(importlib.import_module(module), function)
         return entry(cfg, overrides)
 
 
@@ -138,6 +140,13 @@ STAGES: dict[str, StageSpec] = {
                     "task=perplexity,arithmetic",
         ),
         StageSpec(
+            "submit", "run a stage as a Slurm job: its config checked (layout, planner memory on GPUs), an sbatch "
+            "script rendered from cluster.* into run.dir/slurm, sbatch called (--dry-run: print it)",
+            "llmhpc.stages.submit:main", sections=(), check_layout=False, raw=True,
+            example="llmhpc submit pretrain model=llama3_8b parallel.tp=8 cluster=h100_8x8 cluster.partition=gpu "
+                    "run.dir=runs/x",
+        ),
+        StageSpec(
             "plan", "GPU-free planner: is a layout valid, memory per GPU, step time, tokens/s, MFU (no parallel.dp_*/"
             "tp/pp given: ranks the fastest layouts that fit)",
             "llmhpc.stages.plan:main", sections=("model", "trainer", "parallel", "precision", "cluster", "plan"),
@@ -184,10 +193,11 @@ def _expand(spec: StageSpec, override: str) -> str:
 _TOP_LEVEL = frozenset(f.name for f in fields(Config))
 
 
-def load_stage_config(name: str, overrides: list[str]) -> Config:
-    """The validated config of command `name` (its defaults, then `overrides`); `ConfigError` in one line."""
+def load_stage_config(name: str, overrides: list[str], check_layout: bool = True) -> Config:
+    """The validated config of command `name` (its defaults, then `overrides`); `ConfigError` in one line.
+    `check_layout=False` leaves the layout unchecked (a job checks it against its own world size)."""
     from llmhpc.config.load import load_config
 
     spec = STAGES[name]
     return load_config(name, with_defaults(spec, overrides), sections=spec.sections, owners=section_readers(),
-                       check_layout=spec.check_layout)
+                       check_layout=spec.check_layout and check_layout)

@@ -1,10 +1,10 @@
 """The local Slurm of `tools/slurm_local.sh`: a real slurmctld + slurmd + munge that jobs are submitted to.
 
-Checked on the real thing: `slurm/stage.sbatch` runs a 2-process pretraining job (torchrun under srun, c10d
-rendezvous on the job's first host) that trains the losses of one process; a batch job's two tasks start as Slurm
-ranks 0 and 1 and join one torch.distributed gloo group through the environment Slurm gives them; a job sent USR1
-runs its trap, requeues itself and comes back as restart 1. The fixture starts the cluster (about 15 s, once); it needs
-root and apt-get, and skips only where the packages cannot be installed.
+Checked on the real thing: `llmhpc submit` sends a 2-process pretraining job (`slurm/stage.sbatch`: torchrun
+under srun, c10d rendezvous on the job's first host) that completes and trains the losses of one process; a batch
+job's two tasks start as Slurm ranks 0 and 1 and join one torch.distributed gloo group through the environment
+Slurm gives them; a job sent USR1 runs its trap, requeues itself and comes back as restart 1. The fixture starts
+the cluster (about 15 s, once); it needs root and apt-get, and skips only where the packages cannot be installed.
 """
 
 from __future__ import annotations
@@ -96,18 +96,25 @@ wait
     assert log.read_text().split() == ["start", "restart=0", "usr1", "start", "restart=1", "done"]
 
 
-def test_stage_template_trains_two_processes_with_the_losses_of_one(slurm, tmp_path, llmhpc_cache):
+def test_submitted_two_process_pretraining_trains_the_losses_of_one(slurm, tmp_path, llmhpc_cache):
     common = [*SMALL_RUN, "trainer.max_steps=3", "trainer.global_batch_size=8", "trainer.ckpt_every=0"]
     single = tmp_path / "single"
     run_cli(["pretrain", *common, "trainer.micro_batch_size=4", f"run.dir={single}"], llmhpc_cache)
-    run_dir, log = tmp_path / "slurm_run", tmp_path / "job.out"
-    env = dict(cli_env(llmhpc_cache), LLMHPC_PROCS_PER_NODE="2", LLMHPC_PYTHON=sys.executable, OMP_NUM_THREADS="1",
-               LLMHPC_RDZV_PORT=str(29500 + os.getpid() % 1000))
+    run_dir = tmp_path / "slurm_run"
+    env = dict(cli_env(llmhpc_cache), OMP_NUM_THREADS="1", LLMHPC_RDZV_PORT=str(29500 + os.getpid() % 1000))
     proc = subprocess.run(
-        ["sbatch", "--wait", "--gpus-per-node=0", f"--output={log}", str(REPO / "slurm" / "stage.sbatch"), "pretrain",
-         *common, "parallel.dp_shard=2", "trainer.micro_batch_size=2", f"run.dir={run_dir}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, log.read_text()[-4000:] if log.exists() else proc.stderr
+        [sys.executable, "-m", "llmhpc", "submit", "pretrain", *common, "parallel.dp_shard=2",
+         "trainer.micro_batch_size=2", f"run.dir={run_dir}", "cluster.gpus_per_node=0", "cluster.workers_per_node=2",
+         "cluster.time=00:10:00"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.split("submitted job ", 1)[1].split(":", 1)[0]
+    log = run_dir / "slurm" / f"{job}.out"
+    assert f"log {log}" in proc.stdout
+    assert (run_dir / "slurm" / "pretrain.sbatch").is_file() and (run_dir / "slurm" / "config.yaml").is_file()
+    state = _wait(job, lambda s: s["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=600)
+    assert state["JobState"] == "COMPLETED", log.read_text()[-4000:]
+    assert state["TimeLimit"] == "00:10:00"
     header = log.read_text()
     assert "stage pretrain: 1 node(s) x 2 worker(s)" in header and "parallel.dp_shard=2" in header
     got, expected = step_losses(run_dir), step_losses(single)

@@ -1,0 +1,65 @@
+"""`llmhpc submit` without a cluster: the script it renders from `cluster.*`, and what it refuses in one line.
+
+The real submission (a job that runs and trains) is in tests/integration/test_slurm_local.py.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+
+import pytest
+
+from llmhpc.cli import main
+from llmhpc.stages.submit import TEMPLATE
+from tests.conftest import REPO, one_line_error
+
+TINY = ["model=tiny", "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2"]
+
+
+def test_dry_run_renders_cluster_options_and_bakes_in_the_overrides(capsys, tmp_path):
+    run_dir = tmp_path / "run one"
+    argv = ["submit", "pretrain", *TINY, "trainer.max_steps=7", f"run.dir={run_dir}", "cluster.nodes=2",
+            "cluster.gpus_per_node=4", "cluster.partition=gpu", "cluster.account=proj", "cluster.qos=high",
+            "cluster.time=1-00:00:00", "parallel.dp_shard=8", "--dry-run"]
+    assert main(argv) == 0
+    script = capsys.readouterr().out
+    directives = [line.removeprefix("#SBATCH ") for line in script.splitlines() if line.startswith("#SBATCH")]
+    assert directives == ["--job-name=llmhpc-pretrain", "--nodes=2", "--ntasks-per-node=1", "--time=1-00:00:00",
+                          f'--output="{run_dir}/slurm/%j.out"', "--gpus-per-node=4", "--exclusive",
+                          "--partition=gpu", "--account=proj", "--qos=high"]
+    assert "export LLMHPC_PROCS_PER_NODE=4" in script.splitlines()
+    stage_line = next(line for line in script.splitlines() if line.startswith("set -- "))
+    assert shlex.split(stage_line)[2:] == ["pretrain", *TINY, "trainer.max_steps=7", f"run.dir={run_dir}",
+                                           "parallel.dp_shard=8"]  # cluster.* stay out of the job's overrides
+    assert script.endswith(TEMPLATE.read_text()[TEMPLATE.read_text().index("set -euo pipefail"):])
+    assert not run_dir.exists()  # a dry run writes nothing
+    # The rendered script is valid bash.
+    (tmp_path / "job.sh").write_text(script)
+    assert subprocess.run(["bash", "-n", str(tmp_path / "job.sh")]).returncode == 0
+
+
+def test_the_source_tree_template_is_the_packaged_one():
+    assert (REPO / "slurm" / "stage.sbatch").resolve() == TEMPLATE.resolve()
+
+
+@pytest.mark.parametrize(("args", "mentions"), [
+    (["model=tiny"], ["name the stage"]),
+    (["plan", "model=tiny"], ["'plan' is not a stage", "pretrain"]),
+    (["pretrain", *TINY, "parallel.tp=3", "cluster.gpus_per_node=0", "cluster.workers_per_node=3"],
+     ["parallel.tp=3", "n_heads"]),
+    (["pretrain", *TINY, "cluster.gpus_per_node=0"], ["cluster.workers_per_node"]),
+    (["pretrain", *TINY, "cluster.nodez=2"], ["cluster.nodez", "cluster.nodes"]),
+    (["pretrain", "model=llama3_70b", "cluster=h100_8x8", "parallel.dp_shard=1", "parallel.dp_replicate=64",
+      "trainer.global_batch_size=64"], ["planner", "GiB", "llmhpc plan"]),
+])
+def test_bad_submissions_are_refused_in_one_line_and_write_nothing(capsys, tmp_path, args, mentions):
+    run_dir = tmp_path / "run"
+    one_line_error(capsys, ["submit", *args, f"run.dir={run_dir}"], *mentions)
+    assert not run_dir.exists()
+
+
+def test_without_sbatch_the_error_says_how_to_get_slurm(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch on it
+    one_line_error(capsys, ["submit", "pretrain", *TINY, "cluster.gpus_per_node=0", "cluster.workers_per_node=1",
+                            f"run.dir={tmp_path / 'run'}"], "sbatch not found", "tools/slurm_local.sh")
