@@ -30,6 +30,10 @@ def _print_keys(name: str) -> None:
 
     spec = STAGES[name]
     print(f"llmhpc {name}: {spec.summary}\n")
+    if spec.raw:  # its words are not only keys: its module's first paragraph says how it is called
+        import importlib
+
+        print((importlib.import_module(spec.entry.split(":")[0]).__doc__ or "").split("\n\n")[0] + "\n")
     groups = [group for group in GROUPS if group in spec.sections]
     if groups:
         print("config groups (group=preset):")

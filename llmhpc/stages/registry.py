@@ -142,7 +142,7 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             "submit", "run a stage as a Slurm job: its config checked (layout, planner memory on GPUs), an sbatch "
             "script rendered from cluster.* into run.dir/slurm, sbatch called (--dry-run: print it)",
-            "llmhpc.stages.submit:main", sections=(), check_layout=False, raw=True,
+            "llmhpc.stages.submit:main", sections=("cluster",), check_layout=False, raw=True,
             example="llmhpc submit pretrain model=llama3_8b parallel.tp=8 cluster=h100_8x8 cluster.partition=gpu "
                     "run.dir=runs/x",
         ),

@@ -63,3 +63,10 @@ def test_without_sbatch_the_error_says_how_to_get_slurm(capsys, tmp_path, monkey
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch on it
     one_line_error(capsys, ["submit", "pretrain", *TINY, "cluster.gpus_per_node=0", "cluster.workers_per_node=1",
                             f"run.dir={tmp_path / 'run'}"], "sbatch not found", "tools/slurm_local.sh")
+
+
+def test_help_says_how_it_is_called_and_lists_the_cluster_keys(capsys):
+    assert main(["submit", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "llmhpc submit STAGE [key=value ...] [cluster.key=value ...] [--dry-run]" in out
+    assert "cluster.partition" in out and "cluster.workers_per_node" in out
