@@ -17,10 +17,19 @@ CONF=/etc/slurm/slurm.conf
 
 running() { sinfo -h -o %T 2>/dev/null | grep -q -E '^(idle|mixed|allocated)'; }
 
+daemons_left() { pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || pgrep -x munged >/dev/null; }
+
 stop() {
     pkill -x slurmd 2>/dev/null || true
     pkill -x slurmctld 2>/dev/null || true
     pkill -x munged 2>/dev/null || true
+    for _ in $(seq 40); do  # until they are gone, so that a start right after does not find them
+        daemons_left || return 0
+        sleep 0.5
+    done
+    echo "slurm: daemons still running after 20 s:$(for d in slurmd slurmctld munged; do pgrep -x "$d" >/dev/null \
+        && printf ' %s' "$d"; done)" >&2
+    return 1
 }
 
 install_packages() {

@@ -465,8 +465,6 @@ def _read_adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
         raise InputError(f"{weights}: not a readable safetensors file ({e})") from None
 
 
-
-
 def read_peft_adapter(directory: str | Path) -> tuple[LoRAConfig, dict[str, dict[str, torch.Tensor]]]:
     """(config, {our module name: {'lora_A', 'lora_B'[, 'lora_magnitude']: tensor}}) of a peft adapter directory,
     without a model: what a streaming converter needs to `fold_adapter` into each base weight it reads."""
