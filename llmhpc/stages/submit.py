@@ -55,13 +55,14 @@ def workers_per_node(cluster: ClusterConfig) -> int:
     return workers
 
 
-def check_plan(cfg: Config, cluster: ClusterConfig, world: int) -> None:
-    """The layout on the job's world size, and on GPUs the planner's memory estimate; ConfigError in one line."""
+def check_plan(cfg: Config, cluster: ClusterConfig, world: int) -> Config:
+    """The layout on the job's world size, and on GPUs the planner's memory estimate; ConfigError in one line.
+    Returns cfg resolved for that world size (trainer.micro_batch_size filled in), as the job will resolve it."""
     from llmhpc.config.layout import resolve_layout
 
-    resolve_layout(cfg, world)
+    cfg, _ = resolve_layout(cfg, world)
     if cluster.gpus_per_node == 0:
-        return
+        return cfg
     from llmhpc.plan.cluster import Cluster
     from llmhpc.plan.efficiency import stack
     from llmhpc.plan.layout import Layout
@@ -74,6 +75,7 @@ def check_plan(cfg: Config, cluster: ClusterConfig, world: int) -> None:
         raise ConfigError(f"the planner estimates {need:.1f} GiB per GPU for this layout, more than "
                           f"{cfg.plan.memory_margin:.0%} of the {cluster.gpu}'s {have:.0f} GiB: not submitted; "
                           f"see `llmhpc plan` with the same overrides for a layout that fits")
+    return cfg
 
 
 def render(stage: str, overrides: list[str], cluster: ClusterConfig, log_dir: Path) -> str:
@@ -102,7 +104,7 @@ def submit(args: list[str]) -> tuple[str, Path | None]:
     stage, overrides, cluster_overrides, dry_run = split_args(args)
     cfg = load_stage_config(stage, overrides, check_layout=False)
     cluster = load_config("plan", cluster_overrides, sections=("cluster",), check_layout=False).cluster
-    check_plan(cfg, cluster, cluster.nodes * workers_per_node(cluster))
+    cfg = check_plan(cfg, cluster, cluster.nodes * workers_per_node(cluster))
     log_dir = Path(cfg.run.dir).expanduser().resolve() / "slurm"
     script = render(stage, overrides, cluster, log_dir)
     if dry_run:
