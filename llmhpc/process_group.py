@@ -7,19 +7,21 @@ env:// rendezvous reads them, so nothing here assumes one node. LOCAL_RANK picks
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 
-def init_distributed(device: torch.device, world_size: int) -> torch.device:
-    """Init the process group when world_size > 1 (NCCL on CUDA, gloo on CPU); returns this rank's device."""
+def init_distributed(device: torch.device, world_size: int, timeout_s: float = 1800) -> torch.device:
+    """Init the process group when world_size > 1 (NCCL on CUDA, gloo on CPU); returns this rank's device.
+    `timeout_s` bounds the wait for every rank to join and every collective after (run.collective_timeout_s)."""
     if world_size <= 1 or dist.is_initialized():
         return device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     return device
 
 

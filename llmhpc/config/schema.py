@@ -261,6 +261,13 @@ class RunConfig:
     """Seed for weights, data order and every random number generator."""
     device: str = "auto"
     """'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'."""
+    collective_timeout_s: float = 1800
+    """Seconds a collective (all-reduce, all-gather, barrier) or joining the process group may wait for the other
+    ranks before it fails the run instead of hanging it (torch.distributed's `timeout`)."""
+    hang_timeout_s: float = 1800
+    """Seconds without training progress (a step, eval or checkpoint moving on) after which the heartbeat watchdog
+    names the rank that stopped, from the records every rank writes to `<run.dir>/heartbeat/`, and ends the run
+    (exit status 124); 0 turns it off. Raise it if one step can legitimately take longer."""
 
 
 @dataclass
@@ -291,6 +298,13 @@ class ClusterConfig:
     workers_per_node: int = 0
     """`llmhpc submit`: processes per node; 0 means one per GPU (gpus_per_node). Set it with gpus_per_node=0 for a
     CPU-only cluster."""
+    signal_lead_s: int = 300
+    """`llmhpc submit`: seconds before the time limit that Slurm sends the job USR1 (sbatch --signal=B:USR1@N), on
+    which every rank finishes its step, checkpoints, and the job requeues itself; leave time for one step and one
+    checkpoint."""
+    max_requeues: int = 3
+    """`llmhpc submit`: how many times a job requeues itself after USR1 before it ends as failed instead (a run that
+    did not get through a step since its last start is never requeued)."""
 
 
 @dataclass

@@ -28,9 +28,9 @@ from torch import nn
 from llmhpc.config import Config, ConfigError
 from llmhpc.errors import InputError
 from llmhpc.parallel import dp_rank
-from llmhpc.stages.sft import answer_accuracy, arithmetic_or_file, fit_and_close, report_done, with_model_tokenizer
+from llmhpc.stages.sft import answer_accuracy, arithmetic_or_file, fit_and_close, with_model_tokenizer
 from llmhpc.train.builder import RunContext, build, distributed_run
-from llmhpc.train.trainer import Trainer, TrainResult
+from llmhpc.train.trainer import Trainer, TrainResult, report_done
 
 
 def _check_layout(cfg: Config, where: RunContext) -> None:
@@ -173,5 +173,4 @@ def _train(cfg: Config, where: RunContext) -> TrainResult:
 
 def main(cfg: Config, overrides: list[str]) -> int:
     """`llmhpc grpo`: train, then (rank 0) report where the run ended."""
-    report_done(cfg, run(cfg))
-    return 0
+    return report_done(cfg, run(cfg))

@@ -10,8 +10,6 @@ Several processes: `torchrun --nproc-per-node N -m llmhpc pretrain ...`.
 
 from __future__ import annotations
 
-import os
-
 from llmhpc.config import Config, ConfigError
 from llmhpc.data.prepare import prepare_on_rank0
 from llmhpc.data.pretrain import PackedTokens, PretrainLoader, RandomWindowLoader, eval_batches
@@ -19,7 +17,7 @@ from llmhpc.data.tokenizer import load_tokenizer
 from llmhpc.parallel import dp_rank, dp_size
 from llmhpc.train.builder import RunContext, build, distributed_run
 from llmhpc.train.objective import NextTokenObjective
-from llmhpc.train.trainer import Trainer, TrainResult
+from llmhpc.train.trainer import Trainer, TrainResult, report_done
 
 
 def run(cfg: Config) -> TrainResult:
@@ -60,9 +58,4 @@ def _train(cfg: Config, where: RunContext) -> TrainResult:
 
 def main(cfg: Config, overrides: list[str]) -> int:
     """`llmhpc pretrain`: train, then (rank 0 only, under torchrun) report where the run ended."""
-    result = run(cfg)
-    if os.environ.get("RANK", "0") == "0":  # the process group is gone: torchrun's RANK says who reports
-        print(f"done: step {result.step}, loss {result.last_loss:.4f}"
-              + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
-              + (f", checkpoint {result.checkpoint}" if result.checkpoint else ""))
-    return 0
+    return report_done(cfg, run(cfg))

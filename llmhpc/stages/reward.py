@@ -22,9 +22,9 @@ from llmhpc.config import Config, ConfigError
 from llmhpc.data.preference import PairLoader, pair_eval_batches
 from llmhpc.parallel import dp_rank, dp_size
 from llmhpc.stages.pairs import load_pairs, require_data_parallel
-from llmhpc.stages.sft import fit_and_close, report_done, with_model_tokenizer
+from llmhpc.stages.sft import fit_and_close, with_model_tokenizer
 from llmhpc.train.builder import RunContext, build, distributed_run
-from llmhpc.train.trainer import Trainer, TrainResult
+from llmhpc.train.trainer import Trainer, TrainResult, report_done
 
 
 def run(cfg: Config) -> TrainResult:
@@ -60,5 +60,4 @@ def _train(cfg: Config, where: RunContext) -> TrainResult:
 
 def main(cfg: Config, overrides: list[str]) -> int:
     """`llmhpc reward`: train, then (rank 0) report where the run ended."""
-    report_done(cfg, run(cfg))
-    return 0
+    return report_done(cfg, run(cfg))

@@ -22,7 +22,7 @@ from llmhpc.errors import InputError
 from llmhpc.parallel import dp_rank, dp_size
 from llmhpc.train.builder import RunContext, build, distributed_run
 from llmhpc.train.objective import NextTokenObjective
-from llmhpc.train.trainer import Trainer, TrainResult
+from llmhpc.train.trainer import Trainer, TrainResult, report_done
 
 ARITHMETIC = "arithmetic"
 """data.source naming the package's own word problems (`llmhpc.data.arithmetic`), the default SFT data."""
@@ -147,16 +147,6 @@ def save_adapter(model, cfg: Config) -> None:
                       write=_is_main())
 
 
-def report_done(cfg: Config, result: TrainResult) -> None:
-    """Rank 0: one line saying where a fine-tuning run ended (step, losses, checkpoint, adapter)."""
-    if _is_main():
-        print(f"done: step {result.step}, loss {result.last_loss:.4f}"
-              + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
-              + (f", checkpoint {result.checkpoint}" if result.checkpoint else "")
-              + (f", adapter {Path(cfg.run.dir) / 'adapter'}" if cfg.peft.name != "none" else ""))
-
-
 def main(cfg: Config, overrides: list[str]) -> int:
     """`llmhpc sft`: fine-tune, then (rank 0) report where the run ended."""
-    report_done(cfg, run(cfg))
-    return 0
+    return report_done(cfg, run(cfg))

@@ -77,7 +77,7 @@ def distributed_run(cfg: Config) -> Iterator[RunContext]:
     if cfg.precision.name == "fp8":
         require_fp8_device(device)
     joined = not dist.is_initialized()  # a caller that set up the group itself keeps it
-    device = init_distributed(device, dims.world_size)
+    device = init_distributed(device, dims.world_size, cfg.run.collective_timeout_s)
     try:
         yield RunContext(device, dims, dims.build_mesh(device.type))
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,9 @@ from llmhpc.metrics.mfu import peak_flops
 from llmhpc.metrics.wandb_logger import WandbLogger, new_run_id
 from llmhpc.process_group import is_main_process
 from llmhpc.train.engine import Engine, StepSums
+from llmhpc.train.heartbeat import Heartbeat
 from llmhpc.train.objective import Objective, labelled_tokens, processed_tokens
+from llmhpc.train.preemption import STOPPED_EXIT_CODE, StopRequests
 from llmhpc.train.schedule import set_lr
 
 Batch = dict[str, torch.Tensor]
@@ -65,6 +68,22 @@ class TrainResult:
     """Last held-out loss, if eval ran."""
     checkpoint: Path | None
     """Newest checkpoint written."""
+    stopped: str | None = None
+    """Why the run stopped before trainer.max_steps (e.g. 'SIGUSR1'; a checkpoint of that step was written), or
+    None when it reached them."""
+
+
+def report_done(cfg: Config, result: TrainResult) -> int:
+    """Rank 0 (the process group is gone: torchrun's RANK says who): one line saying where the run ended; returns
+    the stage's exit status: 0, or STOPPED_EXIT_CODE for a run stopped early outside torchrun."""
+    if os.environ.get("RANK", "0") == "0":
+        head = f"stopped on {result.stopped}" if result.stopped else "done"
+        print(f"{head}: step {result.step}, loss {result.last_loss:.4f}"
+              + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
+              + (f", checkpoint {result.checkpoint}" if result.checkpoint else "")
+              + (f", adapter {Path(cfg.run.dir) / 'adapter'}" if cfg.peft.name != "none" else "")
+              + ("; run the same command to resume" if result.stopped else ""), flush=True)
+    return STOPPED_EXIT_CODE if result.stopped and "TORCHELASTIC_RUN_ID" not in os.environ else 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -122,6 +141,9 @@ class Trainer:
         self.dp = engine.dp
         self.main = is_main_process()
         self.accum_steps = cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * self.dp.size)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self.heartbeat = Heartbeat(self.run_dir / "heartbeat", rank, self.world_size, cfg.run.hang_timeout_s)
+        """Where this rank is in its loop, for the hang watchdog (started by `fit`)."""
         bf16 = cfg.precision.name in ("bf16", "fp8")  # fp8: float8 block matmuls inside bf16 autocast; MFU vs bf16 peak
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
 
@@ -129,7 +151,9 @@ class Trainer:
     def _train_step(self, step: int) -> dict:
         t = self.cfg.trainer
         lr = set_lr(self.engine.lr_groups(), step, t, self.lr_scales)
+        self.heartbeat.beat(step, "data")
         micro = [self._to_device(self.batches.next_batch()) for _ in range(self.accum_steps)]
+        self.heartbeat.beat(step, "forward_backward")
         # The objective's normalizer over the whole step on every dp rank, before any backward: each rank
         # scales its share so that data parallelism's gradient average is the gradient of the global mean.
         normalizer, tokens, labelled = self.dp.sum_ints(
@@ -140,6 +164,7 @@ class Trainer:
         sums = self.engine.forward_backward(micro, self.objective, normalizer)
         names, flat = sums.flat()
         loss, metrics = _means(StepSums.unflat(names, self.dp.sum(flat)), normalizer)
+        self.heartbeat.beat(step, "update")
         grad_norm, stepped = self.engine.update(t.grad_clip if t.grad_clip > 0 else math.inf, math.isfinite(loss))
         out = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "finite": stepped, "tokens": tokens, **metrics}
         if hasattr(self.batches, "metrics"):
@@ -191,6 +216,28 @@ class Trainer:
         self.model.train()
         return record
 
+    def _non_finite(self, step: int, streak: int, progress: ConsoleProgress) -> None:
+        """Warn about a skipped step; abort after trainer.max_bad_steps of them in a row."""
+        progress.write(f"warning: step {step} skipped: non-finite loss or gradient ({streak} in a row)")
+        if streak >= self.cfg.trainer.max_bad_steps:
+            raise TrainingAborted(
+                f"aborted at step {step}: {streak} steps in a row had a non-finite loss or gradient "
+                f"(trainer.max_bad_steps={self.cfg.trainer.max_bad_steps}); lower trainer.lr or check the data"
+            )
+
+    def _record(self, step: int, out: dict, elapsed: float, peak: float | None) -> dict:
+        """What step `step` logs: its outputs, speed, MFU and, when due, the eval."""
+        t = self.cfg.trainer
+        tokens = out.pop("tokens")
+        record = {"step": step, **out, "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
+                  "tokens_seen": step * tokens}
+        if peak:
+            record["mfu"] = self._step_flops(tokens, record.get("loss_token_fraction")) / elapsed / peak
+        if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
+            self.heartbeat.beat(step, "eval")
+            record.update(self.evaluate())
+        return record
+
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.trainer
@@ -214,48 +261,45 @@ class Trainer:
         wandb_run = WandbLogger(wandb_cfg, self.run_dir, run_id, to_dict(cfg))
         peak = peak_flops(self.device, self.compute_dtype) * self.world_size if self.flops_per_token else None
         progress = ConsoleProgress(t.max_steps, step, enabled=cfg.logger.progress_bar, silent=not self.main)
-        bad_streak, last_loss, eval_loss, saved = 0, math.nan, None, None
+        bad_streak, last_loss, eval_loss, saved, stopped, started_from = 0, math.nan, None, None, None, step
         if self.engine.after_optimizer_step is not None:  # e.g. float8 weight scales: the first step needs them too
             self.engine.after_optimizer_step()
         self.model.train()
         try:
-            while step < t.max_steps:
-                start = time.perf_counter()
-                out = self._train_step(step)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                elapsed = time.perf_counter() - start
-                step += 1
-                if out.pop("finite"):
-                    bad_streak = 0
-                else:
-                    bad_streak += 1
-                    progress.write(f"warning: step {step} skipped: non-finite loss or gradient ({bad_streak} in a row)")
-                    if bad_streak >= t.max_bad_steps:
-                        raise TrainingAborted(
-                            f"aborted at step {step}: {bad_streak} steps in a row had a non-finite loss or gradient "
-                            f"(trainer.max_bad_steps={t.max_bad_steps}); lower trainer.lr or check the data"
-                        )
-                last_loss = out["loss"]
-                tokens = out.pop("tokens")
-                record = {"step": step, **out, "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
-                          "tokens_seen": step * tokens}
-                if peak:
-                    record["mfu"] = self._step_flops(tokens, record.get("loss_token_fraction")) / elapsed / peak
-                if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
-                    record.update(self.evaluate())
+            with StopRequests(self.device) as stop, self.heartbeat:  # stop: SIGTERM / SIGUSR1 / the stop file
+                while step < t.max_steps:
+                    start = time.perf_counter()
+                    out = self._train_step(step)
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    elapsed = time.perf_counter() - start
+                    step += 1
+                    bad_streak = 0 if out.pop("finite") else bad_streak + 1
+                    if bad_streak:
+                        self._non_finite(step, bad_streak, progress)
+                    last_loss = out["loss"]
+                    record = self._record(step, out, elapsed, peak)
                     eval_loss = record.get("eval_loss", eval_loss)
-                if jsonl and t.log_every and (step % t.log_every == 0 or step == t.max_steps or "eval_loss" in record):
-                    jsonl.log(record)
-                    wandb_run.log(record)
-                progress.update(record)
-                if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.max_steps:
-                    extra = {"wandb_run_id": run_id, "lineage": self.lineage}
-                    saved = manager.save(step, self.components, extra, config_yaml,
-                                         rank_state={"data": self.batches.state_dict()})
+                    if jsonl and t.log_every and (step % t.log_every == 0 or step == t.max_steps
+                                                  or "eval_loss" in record):
+                        jsonl.log(record)
+                        wandb_run.log(record)
+                    progress.update(record)
+                    self.heartbeat.beat(step, "stop_check")
+                    stopped = stop.requested() if step < t.max_steps else None
+                    if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.max_steps or stopped:
+                        self.heartbeat.beat(step, "checkpoint")
+                        extra = {"wandb_run_id": run_id, "lineage": self.lineage}
+                        saved = manager.save(step, self.components, extra, config_yaml,
+                                             rank_state={"data": self.batches.state_dict()})
+                    if stopped:
+                        progress.write(f"stopped after step {step} on {stopped}: checkpoint {saved}; the same "
+                                       f"command resumes from it")
+                        break
+                stop.report("stopped" if stopped else "finished", step, started_from, saved)
         finally:
             progress.close()
             if jsonl:
                 jsonl.close()
             wandb_run.close()
-        return TrainResult(step, meta["step"] if meta else None, last_loss, eval_loss, saved)
+        return TrainResult(step, meta["step"] if meta else None, last_loss, eval_loss, saved, stopped)

@@ -14,6 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from llmhpc.checkpoint import latest_checkpoint, load_model_state, read_checkpoint_config
 from llmhpc.checkpoint.manager import step_dir_name
 from llmhpc.metrics.jsonl import read_metrics
 from tests.conftest import REPO, cli_env
@@ -37,6 +40,16 @@ def run_torchrun(nproc: int, args: list[str], cache: Path, timeout: float = 300)
 def step_losses(run_dir: Path) -> dict[int, float]:
     """{step: loss} from a run's metrics.jsonl."""
     return {r["step"]: r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl")}
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The model weights of a run's newest checkpoint (of any layout), as one process holds them."""
+    from llmhpc.models import Llama
+
+    step_dir = latest_checkpoint(Path(run_dir) / "checkpoints")
+    model = Llama(read_checkpoint_config(step_dir).model)
+    load_model_state(step_dir, model)
+    return model.state_dict()
 
 
 def copy_run_stopped_at(run_dir: Path, dest: Path, step: int) -> None:

@@ -21,14 +21,18 @@ def test_dry_run_renders_cluster_options_and_bakes_in_the_overrides(capsys, tmp_
     run_dir = tmp_path / "run one"
     argv = ["submit", "pretrain", *TINY, "trainer.max_steps=7", f"run.dir={run_dir}", "cluster.nodes=2",
             "cluster.gpus_per_node=4", "cluster.partition=gpu", "cluster.account=proj", "cluster.qos=high",
-            "cluster.time=1-00:00:00", "parallel.dp_shard=8", "--dry-run"]
+            "cluster.time=1-00:00:00", "cluster.signal_lead_s=600", "cluster.max_requeues=5", "parallel.dp_shard=8",
+            "--dry-run"]
     assert main(argv) == 0
     script = capsys.readouterr().out
     directives = [line.removeprefix("#SBATCH ") for line in script.splitlines() if line.startswith("#SBATCH")]
     assert directives == ["--job-name=llmhpc-pretrain", "--nodes=2", "--ntasks-per-node=1", "--time=1-00:00:00",
-                          f'--output="{run_dir}/slurm/%j.out"', "--gpus-per-node=4", "--exclusive",
+                          f'--output="{run_dir}/slurm/%j.out"', "--open-mode=append", "--requeue",
+                          "--signal=B:USR1@600", "--gpus-per-node=4", "--exclusive",
                           "--partition=gpu", "--account=proj", "--qos=high"]
     assert "export LLMHPC_PROCS_PER_NODE=4" in script.splitlines()
+    assert "export LLMHPC_MAX_REQUEUES=5" in script.splitlines()
+    assert f"export LLMHPC_STOP_FILE='{run_dir}/slurm'/stop-\"$SLURM_JOB_ID\"" in script.splitlines()
     stage_line = next(line for line in script.splitlines() if line.startswith("set -- "))
     assert shlex.split(stage_line)[2:] == ["pretrain", *TINY, "trainer.max_steps=7", f"run.dir={run_dir}",
                                            "parallel.dp_shard=8"]  # cluster.* stay out of the job's overrides
@@ -68,5 +72,21 @@ def test_without_sbatch_the_error_says_how_to_get_slurm(capsys, tmp_path, monkey
 def test_help_says_how_it_is_called_and_lists_the_cluster_keys(capsys):
     assert main(["submit", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "llmhpc submit STAGE [key=value ...] [cluster.key=value ...] [--dry-run]" in out
-    assert "cluster.partition" in out and "cluster.workers_per_node" in out
+    assert "llmhpc submit STAGE [key=value ...] [cluster.key=value ...] [--dry-run | --multirun]" in out
+    assert "llmhpc submit chain STAGE [key=value ...] STAGE [key=value ...]" in out
+    assert "cluster.partition" in out and "cluster.workers_per_node" in out and "cluster.max_requeues" in out
+
+
+def test_chain_dry_run_feeds_each_stage_the_one_before_and_refuses_shared_outputs(capsys, tmp_path):
+    cpu = ["cluster.gpus_per_node=0", "cluster.workers_per_node=1"]
+    first, second, export = tmp_path / "pt", tmp_path / "sft", tmp_path / "x-hf"
+    assert main(["submit", "chain", "pretrain", *TINY, f"run.dir={first}", *cpu, "sft", *TINY, f"run.dir={second}",
+                 *cpu, "convert", "to=hf", f"dst={export}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    stages = [shlex.split(line)[2:] for line in out.splitlines() if line.startswith("set -- ")]
+    assert [s[0] for s in stages] == ["pretrain", "sft", "convert"]
+    assert stages[1][-1] == f"model.init_from={first}" and stages[2][-1] == f"src={second}"
+    assert f"--output={export}.slurm/%j.out" in out and not first.exists()  # a dry run writes nothing
+    one_line_error(capsys, ["submit", "chain", "pretrain", *TINY, f"run.dir={first}", *cpu, "pretrain", *TINY,
+                            f"run.dir={first}", *cpu], "both write", "own run.dir")
+    one_line_error(capsys, ["submit", "chain", "pretrain", *TINY, f"run.dir={first}", *cpu], "two stages or more")
