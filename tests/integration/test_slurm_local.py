@@ -146,6 +146,24 @@ def test_submitted_job_sent_usr1_checkpoints_requeues_and_ends_as_if_uninterrupt
     assert len(run_ids) == 1
 
 
+def test_a_job_out_of_requeues_checkpoints_and_ends_failed_saying_why(slurm, tmp_path, llmhpc_cache):
+    run_dir = tmp_path / "run"
+    proc = _submit(["pretrain", *SMALL_RUN, "trainer.max_steps=100000", "trainer.ckpt_every=0", f"run.dir={run_dir}",
+                    "cluster.gpus_per_node=0", "cluster.workers_per_node=1", "cluster.max_requeues=0"], llmhpc_cache)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.split("submitted job ", 1)[1].split(":", 1)[0]
+    metrics = run_dir / "metrics.jsonl"
+    _wait(job, lambda s: s["JobState"] != "PENDING" and metrics.exists() and len(read_metrics(metrics)) >= 2,
+          timeout=300)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    state = _wait(job, lambda s: s["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=180)
+    text = (run_dir / "slurm" / f"{job}.out").read_text()
+    assert state["JobState"] == "FAILED" and int(state["Restarts"]) == 0, text[-3000:]
+    stopped_at = max(step_losses(run_dir))
+    assert "llmhpc: not requeued: already requeued 0 times (LLMHPC_MAX_REQUEUES)" in text, text[-3000:]
+    assert (run_dir / "checkpoints" / f"step_{stopped_at:07d}").is_dir()  # the work done is kept
+
+
 def _submit(args: list[str], cache: Path, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = dict(cli_env(cache), OMP_NUM_THREADS="1", LLMHPC_RDZV_PORT=str(28500 + os.getpid() % 1000))
     return subprocess.run([sys.executable, "-m", "llmhpc", "submit", *args], cwd=cwd, env=env, capture_output=True,
