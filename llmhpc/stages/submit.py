@@ -155,15 +155,21 @@ def prepare(args: list[str]) -> Job:
     return Job(stage, render(stage, overrides, cluster, log_dir), log_dir, cfg, output)
 
 
+def require_sbatch() -> str:
+    """The path of sbatch; InputError in one line when this machine has no Slurm client."""
+    command = shutil.which("sbatch")
+    if command is None:
+        raise InputError("sbatch not found: llmhpc submit needs a Slurm client on this machine (to try Slurm "
+                         "locally: sudo bash tools/slurm_local.sh)")
+    return command
+
+
 def sbatch(job: Job, after: str | None = None) -> str:
     """Write the job's script and resolved config into run.dir/slurm and submit it (after job `after` succeeds,
     and cancelled if that one fails); returns the job id."""
     from llmhpc.config.load import to_yaml
 
-    command = shutil.which("sbatch")
-    if command is None:
-        raise InputError("sbatch not found: llmhpc submit needs a Slurm client on this machine (to try Slurm "
-                         "locally: sudo bash tools/slurm_local.sh)")
+    command = require_sbatch()
     job.log_dir.mkdir(parents=True, exist_ok=True)
     path = job.log_dir / f"{job.stage}.sbatch"
     path.write_text(job.script, encoding="utf-8")

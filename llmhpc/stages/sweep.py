@@ -12,10 +12,12 @@ Every point is composed and checked first, as `llmhpc submit` checks one job (it
 nodes x workers per node, and on GPUs the planner's memory estimate): one invalid point and nothing is submitted.
 
 All points then go to Slurm as ONE array job (`llmhpc-<stage>-sweep`, one task per point) from `cluster.*`: nodes,
-GPUs per node, partition, account, QoS and `cluster.time` as the tasks' time limit. Each task runs `run_point` on each
+GPUs per node, partition, account, QoS and `cluster.time` as the tasks' time limit. Each task runs `PointRun` on each
 of its nodes, which starts the point the way `slurm/stage.sbatch` starts a stage: one torchrun per node joining a c10d
 rendezvous on the task's first host, on port LLMHPC_RDZV_PORT (default 29500) plus the task id, since tasks of one
-array may share a node. The logs (`<array job>_<task>_0_log.out`, by submitit) and `sweep.json` (the points, their
+array may share a node. Tasks requeue like `llmhpc submit`'s jobs: on the warning signal submitit asks Slurm for
+(USR2, 90 s before the time limit, or a preemption) the point checkpoints its step and its task is requeued, then
+resumes (see `PointRun`). The logs (`<array job>_<task>_0_log.out`, by submitit) and `sweep.json` (the points, their
 overrides and run directories) go to `<run.dir>/slurm/`. `--dry-run` prints the points and the job's parameters and
 submits nothing.
 
@@ -34,15 +36,21 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import submitit
+
 from llmhpc.config import ConfigError
 from llmhpc.config.schema import ClusterConfig
 from llmhpc.errors import InputError
+from llmhpc.train.preemption import STOP_FILE_ENV
 
 MAX_POINTS = 256
 """The most points one sweep may have (one array job; Slurm's MaxArraySize is often 1001, queues are smaller)."""
@@ -225,43 +233,91 @@ def _head_node() -> str:
             return out.stdout.split()[0]
     import socket
 
-    import submitit
-
     try:  # without scontrol: submitit's own reading of the node list, inside its job
         return submitit.JobEnvironment().hostnames[0]
     except RuntimeError:
         return socket.gethostname()
 
 
-def run_point(stage: str, overrides: list[str], workers: int, port_base: int, cwd: str) -> str:
-    """One array task on one node: torchrun `llmhpc <stage> <overrides>` as `slurm/stage.sbatch` does; returns the
-    point's overrides as one line. Raises RuntimeError with the tail of the output if the run fails (submitit then
-    records the task as failed)."""
-    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID", "local")
-    task = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
-    nodes = os.environ.get("SLURM_JOB_NUM_NODES", "1")
-    head, port = _head_node(), port_base + task
-    env = dict(os.environ, TORCH_NCCL_ASYNC_ERROR_HANDLING="1")
-    env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or os.environ.get("SLURM_CPUS_PER_TASK") or "8"
-    python = os.environ.get("LLMHPC_PYTHON") or sys.executable
-    command = [python, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--nproc-per-node={workers}",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint={head}:{port}", f"--rdzv-id={job}_{task}",
-               f"--rdzv-conf=join_timeout={os.environ.get('LLMHPC_RDZV_TIMEOUT', '900')}",
-               "-m", "llmhpc", stage, *overrides]
-    print(f"llmhpc: job {job}_{task} stage {stage}: {nodes} node(s) x {workers} worker(s), rendezvous {head}:{port}",
-          flush=True)
-    print(f"llmhpc: overrides {' '.join(overrides)}", flush=True)
-    tail: collections.deque[str] = collections.deque(maxlen=OUTPUT_TAIL_LINES)
-    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          errors="replace") as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
+def _ignore_warning_signal() -> None:
+    """In torchrun's process, before exec: ignore submitit's warning signal, which Slurm sends to every process of
+    the task. torchrun and its workers inherit the ignored signal (it would end them); `PointRun.checkpoint` asks
+    the run to stop through the stop file instead."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+class PointRun(submitit.helpers.Checkpointable):
+    """One array task on one node: torchrun `llmhpc <stage> <overrides>` as `slurm/stage.sbatch` does.
+
+    Requeueable like a job of `llmhpc submit`: on the warning Slurm sends before the time limit or a preemption
+    (submitit's USR2), submitit calls `checkpoint`, which creates the stop file, waits until every rank has
+    finished its step and checkpointed, and returns a fresh runner with the same arguments for submitit to requeue;
+    the requeued task resumes from that checkpoint. A run that did not checkpoint a new step is not requeued."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen | None = None  # the runner is pickled for submitit: no locks before the call
+        self._ended: threading.Event | None = None
+
+    def __call__(self, stage: str, overrides: list[str], workers: int, port_base: int, cwd: str,
+                 stop_file: str = "") -> str:
+        """Run the point; returns its overrides as one line, or raises RuntimeError with the tail of its output if
+        it fails (submitit then records the task as failed)."""
+        job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID", "local")
+        task = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+        nodes = os.environ.get("SLURM_JOB_NUM_NODES", "1")
+        head, port = _head_node(), port_base + task
+        env = dict(os.environ, TORCH_NCCL_ASYNC_ERROR_HANDLING="1")
+        env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or os.environ.get("SLURM_CPUS_PER_TASK") or "8"
+        if stop_file:
+            Path(stop_file).unlink(missing_ok=True)  # left by the attempt before a requeue
+            env[STOP_FILE_ENV] = stop_file
+        python = os.environ.get("LLMHPC_PYTHON") or sys.executable
+        restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+        command = [python, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--nproc-per-node={workers}",
+                   "--rdzv-backend=c10d", f"--rdzv-endpoint={head}:{port}", f"--rdzv-id={job}_{task}-{restarts}",
+                   f"--rdzv-conf=join_timeout={os.environ.get('LLMHPC_RDZV_TIMEOUT', '900')}",
+                   "-m", "llmhpc", stage, *overrides]
+        print(f"llmhpc: job {job}_{task} stage {stage}: {nodes} node(s) x {workers} worker(s), rendezvous "
+              f"{head}:{port}, attempt {int(restarts) + 1}", flush=True)
+        print(f"llmhpc: overrides {' '.join(overrides)}", flush=True)
+        tail: collections.deque[str] = collections.deque(maxlen=OUTPUT_TAIL_LINES)
+        self._ended = threading.Event()
+        self._proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, errors="replace", preexec_fn=_ignore_warning_signal)
+        # The output is relayed by a thread, so that the main thread, which submitit's signal handler interrupts,
+        # never holds the pipe or the process's wait lock when `checkpoint` waits for the run.
+        threading.Thread(target=self._relay, args=(tail,), daemon=True).start()
+        while not self._ended.wait(1.0):
+            pass
+        returncode = self._proc.wait()
+        if returncode != 0:
+            raise RuntimeError(f"llmhpc {stage} of sweep task {job}_{task} exited with code {returncode}; last "
+                               f"output:\n" + "\n".join(tail))
+        return " ".join(overrides)
+
+    def _relay(self, tail: collections.deque[str]) -> None:
+        assert self._proc is not None and self._proc.stdout is not None and self._ended is not None
+        for line in self._proc.stdout:
             print(line, end="", flush=True)
             tail.append(line.rstrip("\n"))
-    if proc.returncode != 0:
-        raise RuntimeError(f"llmhpc {stage} of sweep task {job}_{task} exited with code {proc.returncode}; last "
-                           f"output:\n" + "\n".join(tail))
-    return " ".join(overrides)
+        self._ended.set()
+
+    def checkpoint(self, stage: str, overrides: list[str], workers: int, port_base: int, cwd: str,
+                   stop_file: str = "") -> submitit.helpers.DelayedSubmission | None:
+        """submitit's warning signal: stop the run after its step with a checkpoint, then requeue (None: not)."""
+        if self._proc is None or self._ended is None or not stop_file:
+            return None
+        print(f"llmhpc: {time.strftime('%H:%M:%S')} warning signal: every rank finishes its step and checkpoints",
+              flush=True)
+        Path(stop_file).touch()
+        self._ended.wait()
+        verdict = Path(stop_file).read_text(encoding="utf-8").split() if Path(stop_file).exists() else []
+        if verdict[:1] != ["stopped"]:
+            print(f"llmhpc: not requeued: the run did not checkpoint a new step ({' '.join(verdict) or 'no step'})",
+                  flush=True)
+            return None
+        print(f"llmhpc: {' '.join(verdict)}: requeueing", flush=True)
+        return submitit.helpers.DelayedSubmission(PointRun(), stage, overrides, workers, port_base, cwd, stop_file)
 
 
 def submit_sweep(stage: str, overrides: list[str], cluster_overrides: list[str],
@@ -269,7 +325,7 @@ def submit_sweep(stage: str, overrides: list[str], cluster_overrides: list[str],
     """Expand, check every point, then submit them as one array job; returns (array job id, log folder), or (the
     summary, None) on a dry run. ConfigError / InputError in one line, with nothing submitted."""
     from llmhpc.config.load import load_config
-    from llmhpc.stages.submit import workers_per_node
+    from llmhpc.stages.submit import require_sbatch, workers_per_node
 
     swept_cluster = expand(cluster_overrides)[1]
     if swept_cluster:
@@ -282,22 +338,16 @@ def submit_sweep(stage: str, overrides: list[str], cluster_overrides: list[str],
     check_points(stage, points, cluster)
     if dry_run:
         return describe(stage, points, root, params, workers), None
-    if shutil.which("sbatch") is None:
-        raise InputError("sbatch not found: llmhpc submit needs a Slurm client on this machine (to try Slurm "
-                         "locally: sudo bash tools/slurm_local.sh)")
-    try:
-        import submitit
-    except ImportError:
-        raise InputError("submitit is not installed: pip install submitit==1.5.4 (llmhpc submit --multirun sends "
-                         "sweeps with it)") from None
+    require_sbatch()
     log_dir = root / "slurm"
     port_base = int(os.environ.get("LLMHPC_RDZV_PORT", "29500"))
     executor = submitit.AutoExecutor(folder=log_dir, cluster="slurm")
     executor.update_parameters(**params)
     n = len(points)
     try:
-        jobs = executor.map_array(run_point, [stage] * n, [list(p.overrides) for p in points], [workers] * n,
-                                  [port_base] * n, [os.getcwd()] * n)
+        stop_files = [str(log_dir / f"stop-{p.index}") for p in points]
+        jobs = executor.map_array(PointRun(), [stage] * n, [list(p.overrides) for p in points], [workers] * n,
+                                  [port_base] * n, [os.getcwd()] * n, stop_files)
     except submitit.core.utils.FailedJobError as exc:
         reason = (str(exc).strip().splitlines() or ["no message"])[-1]
         raise InputError(f"sbatch refused the sweep's array job ({log_dir}): {reason}") from None

@@ -18,7 +18,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from llmhpc.cli import main
-from llmhpc.stages.sweep import expand, run_point, timeout_minutes
+from llmhpc.metrics.jsonl import read_metrics
+from llmhpc.stages.sweep import PointRun, expand, timeout_minutes
 from tests.conftest import REPO, SMALL_RUN, cli_env, one_line_error, run_cli
 from tests.distributed.launch import step_losses
 from tests.integration.test_slurm_local import _wait, slurm  # noqa: F401
@@ -84,7 +85,7 @@ def test_a_failing_point_raises_with_the_tail_of_its_output(tmp_path, monkeypatc
     for name in ("SLURM_JOB_NODELIST", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_ID"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(RuntimeError, match=r"(?s)exited with code 1.*error: unknown model preset 'nope'"):
-        run_point("pretrain", ["model=nope", f"run.dir={tmp_path / 'run'}"], 1, 30500 + os.getpid() % 1000,
+        PointRun()("pretrain", ["model=nope", f"run.dir={tmp_path / 'run'}"], 1, 30500 + os.getpid() % 1000,
                   str(REPO))
 
 
@@ -96,12 +97,15 @@ def _array_tasks(job: str) -> list[dict[str, str]]:
 
 @needs_local_slurm
 @pytest.mark.usefixtures("slurm")
-def test_a_two_point_sweep_is_one_array_job_whose_points_train_like_local_runs(tmp_path, llmhpc_cache):
-    run_cli(["data", "prepare"], llmhpc_cache)  # the corpus, once, before three runs read it at the same time
-    common = [*SMALL_RUN, "trainer.max_steps=2", "trainer.ckpt_every=0"]
+def test_a_two_point_sweep_is_one_array_job_whose_points_train_like_local_runs(tmp_path, llmhpc_cache, monkeypatch):
+    """...and a point sent the warning signal mid-run checkpoints, is requeued and ends as if uninterrupted."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as in the jobs: the same GEMM reduction order, the same bits
+    run_cli(["data", "prepare"], llmhpc_cache)  # the corpus, once, before the runs read it at the same time
+    steps = 30
+    common = [*SMALL_RUN, f"trainer.max_steps={steps}", "trainer.ckpt_every=0"]
     sweep = tmp_path / "sweep"
     port = 29500 + os.getpid() % 1000
-    env = dict(cli_env(llmhpc_cache), OMP_NUM_THREADS="1", LLMHPC_RDZV_PORT=str(port))
+    env = dict(cli_env(llmhpc_cache), LLMHPC_RDZV_PORT=str(port))
     proc = subprocess.run(
         [sys.executable, "-m", "llmhpc", "submit", "pretrain", *common, "trainer.lr=1e-3,5e-3", f"run.dir={sweep}",
          *CPU_CLUSTER, "--multirun"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -109,12 +113,23 @@ def test_a_two_point_sweep_is_one_array_job_whose_points_train_like_local_runs(t
     job = proc.stdout.split("submitted job ", 1)[1].split(":", 1)[0]
     log_dir = sweep / "slurm"
     assert f"log {log_dir}" in proc.stdout
-    local = tmp_path / "local"  # point 1 started by hand, while the array job runs
-    run_cli(["pretrain", *common, "trainer.lr=5e-3", f"run.dir={local}"], llmhpc_cache)
+    # Point 0 gets Slurm's warning signal (submitit's USR2, to every process of the task) after its second step.
+    metrics = sweep / "0" / "metrics.jsonl"
+    _wait(f"{job}_0", lambda s: s["JobState"] == "RUNNING" and metrics.exists() and len(read_metrics(metrics)) >= 2,
+          timeout=300)
+    subprocess.run(["scancel", "--signal=USR2", f"{job}_0"], check=True)
+    local = {lr: tmp_path / f"local-{lr}" for lr in ("1e-3", "5e-3")}  # the points started by hand, meanwhile
+    for lr, run_dir in local.items():
+        run_cli(["pretrain", *common, f"trainer.lr={lr}", f"run.dir={run_dir}"], llmhpc_cache)
+    _wait(f"{job}_0", lambda s: s["JobState"] == "PENDING" and int(s.get("Restarts", 0)) >= 1
+          or s["JobState"] in DONE, timeout=180)
+    subprocess.run(["scontrol", "update", f"JobId={job}_0", "StartTime=now"], capture_output=True)
     states = {task: _wait(f"{job}_{task}", lambda s: s["JobState"] in DONE, timeout=300) for task in (0, 1)}
     logs = {task: (log_dir / f"{job}_{task}_0_log.out").read_text() for task in (0, 1)}
     for task, state in states.items():
         assert state["JobState"] == "COMPLETED", logs[task][-4000:]
+    assert [int(states[task]["Restarts"]) for task in (0, 1)] == [1, 0]
+    assert "llmhpc: stopped step=" in logs[0] and "requeueing" in logs[0] and "attempt 2" in logs[0], logs[0][-4000:]
     # One array job: both tasks carry its id, its name and the time limit of cluster.time.
     records = _array_tasks(job)
     assert sorted(r["ArrayTaskId"] for r in records) == ["0", "1"]
@@ -128,14 +143,14 @@ def test_a_two_point_sweep_is_one_array_job_whose_points_train_like_local_runs(t
     assert record["array_job_id"] == job
     assert [(p["index"], p["run_dir"], p["swept"]) for p in record["points"]] == [
         (0, str(sweep / "0"), ["trainer.lr=0.001"]), (1, str(sweep / "1"), ["trainer.lr=0.005"])]
-    # Each point in its own run directory, with its own learning rate.
+    # Each point in its own run directory, with its own learning rate, training the losses of the same run by hand
+    # (point 0 across its requeue).
     losses = {}
-    for index, lr in ((0, 1e-3), (1, 5e-3)):
-        assert OmegaConf.load(sweep / str(index) / "config.yaml").trainer.lr == pytest.approx(lr)
+    for index, lr in ((0, "1e-3"), (1, "5e-3")):
+        assert OmegaConf.load(sweep / str(index) / "config.yaml").trainer.lr == pytest.approx(float(lr))
         losses[index] = step_losses(sweep / str(index))
-        assert sorted(losses[index]) == [1, 2]
+        assert sorted(losses[index]) == list(range(1, steps + 1))
+        assert losses[index] == step_losses(local[lr]), index
     # Same seed, weights and data: the first loss is the same; the learning rate shows from step 2 on.
     assert abs(losses[0][1] - losses[1][1]) < 1e-6
     assert abs(losses[0][2] - losses[1][2]) > 1e-3
-    expected = step_losses(local)
-    assert max(abs(losses[1][s] - expected[s]) for s in expected) < 1e-5
