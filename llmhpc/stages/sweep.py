@@ -157,8 +157,8 @@ def sweep_points(stage: str, overrides: list[str]) -> tuple[list[Point], Path]:
 
 def check_points(stage: str, points: list[Point], cluster: ClusterConfig) -> None:
     """Compose and check every point as its job will (layout on the job's world size, memory on GPUs)."""
+    from llmhpc.stages.job_checks import check_plan, workers_per_node
     from llmhpc.stages.registry import load_stage_config
-    from llmhpc.stages.submit import check_plan, workers_per_node
 
     world = cluster.nodes * workers_per_node(cluster)
     for point in points:
@@ -325,7 +325,7 @@ def submit_sweep(stage: str, overrides: list[str], cluster_overrides: list[str],
     """Expand, check every point, then submit them as one array job; returns (array job id, log folder), or (the
     summary, None) on a dry run. ConfigError / InputError in one line, with nothing submitted."""
     from llmhpc.config.load import load_config
-    from llmhpc.stages.submit import require_sbatch, workers_per_node
+    from llmhpc.stages.job_checks import require_sbatch, workers_per_node
 
     swept_cluster = expand(cluster_overrides)[1]
     if swept_cluster:
