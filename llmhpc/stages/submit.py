@@ -56,10 +56,10 @@ def split_args(args: list[str]) -> tuple[str, list[str], list[str], bool]:
     if not words or "=" in words[0]:
         raise ConfigError("name the stage to submit first: llmhpc submit STAGE [key=value ...], e.g. "
                           "llmhpc submit pretrain run.dir=runs/x")
+    runnable = [n for n, s in STAGES.items() if (s.check_layout or n in ONE_PROCESS_JOBS) and not s.raw
+                and " " not in n]
     stage = words[0]
-    if stage not in STAGES or STAGES[stage].raw or not (STAGES[stage].check_layout or stage in ONE_PROCESS_JOBS):
-        runnable = [n for n, s in STAGES.items() if (s.check_layout or n in ONE_PROCESS_JOBS) and not s.raw
-                    and " " not in n]
+    if stage not in runnable:
         raise ConfigError(f"'{stage}' is not a stage a Slurm job runs; choose one of {', '.join(runnable)}")
     cluster = [w for w in words[1:] if w.split("=", 1)[0].lstrip("+~").split(".", 1)[0] == "cluster"]
     rest = [w for w in words[1:] if w not in cluster]
