@@ -89,11 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in overrides or "--help" in overrides:
         _print_keys(name)
         return 0
-    from llmhpc.checkpoint import CheckpointError
     from llmhpc.config import ConfigError
-    from llmhpc.errors import InputError
+    from llmhpc.errors import CheckpointError, InputError, TrainingAborted  # not their modules: no torch yet
     from llmhpc.stages.registry import STAGES, load_stage_config
-    from llmhpc.train.trainer import TrainingAborted
 
     try:
         if STAGES[name].raw:  # it composes its configs from its own words

@@ -12,3 +12,11 @@ class InputError(ValueError):
 
     The message starts with the path (and `line N` / `byte N` where that helps) and says what to do.
     """
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names it and the reason."""
+
+
+class TrainingAborted(RuntimeError):
+    """Training stopped on purpose (e.g. too many non-finite steps); the message says why."""

@@ -55,6 +55,36 @@ _loaded: tuple | None = None
 _log: deque[str] = deque(maxlen=50)
 
 
+CONVERTER_SDIST = "llama-cpp-python==0.3.36"
+"""The PyPI source tarball that carries llama.cpp's own converter (vendor/llama.cpp/convert_hf_to_gguf.py, with its
+`conversion` package and gguf-py): the one place it ships on a package registry."""
+
+
+def converter_script(cache: Path) -> Path:
+    """llama.cpp's convert_hf_to_gguf.py, unpacked once under `cache` from CONVERTER_SDIST (pip download); it runs
+    with torch, transformers, numpy and sentencepiece (which it imports for every Llama, even a BPE one)."""
+    import subprocess
+    import tarfile
+
+    root = cache / CONVERTER_SDIST.replace("==", "-")
+    script = root / "convert_hf_to_gguf.py"
+    if script.is_file():
+        return script
+    download = cache / "download"
+    download.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                    CONVERTER_SDIST, "-d", str(download)], check=True)  # fmt: skip
+    tarball = next(download.glob("llama_cpp_python-*.tar.gz"))
+    wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+    with tarfile.open(tarball) as tar:
+        prefix = f"{tar.getmembers()[0].name.split('/')[0]}/vendor/llama.cpp/"
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.name[len(prefix):].startswith(wanted)]
+        for member in members:
+            member.name = member.name[len(prefix):]
+        tar.extractall(root, members=members, filter="data")
+    return script
+
+
 class LlamaCppError(RuntimeError):
     """A llama.cpp call failed; the message ends with llama.cpp's last log lines."""
 

@@ -53,6 +53,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from llmhpc.errors import CheckpointError
 from llmhpc.process_group import barrier, is_main_process
 
 FORMAT_VERSION = 2
@@ -66,10 +67,6 @@ def single_process_ok():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         yield
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names it and the reason."""
 
 
 def step_dir_name(step: int) -> str:

@@ -479,6 +479,60 @@ class GRPOConfig:
 
 
 @dataclass
+class PPOConfig:
+    """Options of `llmhpc ppo` (written without the `ppo.` prefix: `llmhpc ppo reward_model_path=runs/rm kl_coef=0.05`).
+
+    A rollout batch is trainer.global_batch_size answers: global_batch_size / samples_per_prompt prompts. The actor
+    (the policy, model.init_from) and the critic (a model with a value head) are the two components of every
+    checkpoint."""
+
+    reward: list[str] = field(default_factory=lambda: ["correct"])
+    """Reward functions as in grpo.reward (names or dotted paths, optional ':weight'); [] to use the reward model
+    alone."""
+    reward_model_path: str | None = None
+    """A reward model (an llmhpc run or checkpoint trained by `llmhpc reward`): its score of each answer is added to
+    the reward functions' sum."""
+    critic_from: str | None = None
+    """Where the critic starts: a model with a score head (default: reward_model_path when set), or any language
+    model (default without a reward model: model.init_from), which then gets a new value head."""
+    critic_lr: float = 1e-5
+    """The critic's learning rate (constant; its own AdamW, with trainer.weight_decay and trainer.grad_clip)."""
+    samples_per_prompt: int = 1
+    """Answers sampled per prompt."""
+    max_new_tokens: int = 128
+    """Longest answer sampled."""
+    temperature: float = 1.0
+    """Sampling temperature (the objective trains the same softmax(logits / temperature))."""
+    top_k: int = 0
+    """Sample among the k likeliest tokens only (0: all)."""
+    top_p: float = 1.0
+    """Sample within the smallest nucleus of this probability mass (1: all)."""
+    updates_per_rollout: int = 2
+    """PPO epochs: optimizer steps of the actor, and of the critic, on each rollout batch."""
+    clip: float = 0.2
+    """The policy ratio is clipped to [1 - clip, 1 + clip]."""
+    value_clip: float = 0.2
+    """The critic's values move at most this far from their rollout-time values per update (clipped value loss)."""
+    gamma: float = 1.0
+    """Discount of GAE (1: none, as usual for language)."""
+    lam: float = 0.95
+    """GAE's lambda: 1 is the Monte-Carlo return minus the value, 0 the one-step TD error."""
+    kl_coef: float = 0.05
+    """Weight of the per-token KL penalty to the reference (the starting model) in the rewards; 0: no reference
+    is loaded or run."""
+    kl_target: float | None = None
+    """Adaptive KL (Ziegler et al.): the mean per-answer KL aimed at; None keeps kl_coef fixed."""
+    kl_horizon: int = 10000
+    """Adaptive KL: answers over which a full proportional correction of the coefficient is applied."""
+    whiten_advantages: bool = True
+    """Scale the advantages of a rollout batch to mean 0, std 1 over its answer tokens (this rank's)."""
+    rollout_batch_size: int = 64
+    """Sequences the rollout engine decodes together."""
+    eval_problems: int = 32
+    """data.source=arithmetic: held-out problems answered greedily at each eval (trainer.eval_every)."""
+
+
+@dataclass
 class DPOConfig:
     """Options of `llmhpc dpo` (written without the `dpo.` prefix: `llmhpc dpo loss=ipo beta=0.5`). Batches count
     pairs: trainer.global_batch_size pairs per optimizer step, trainer.micro_batch_size pairs per forward."""
@@ -539,5 +593,6 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)

@@ -80,6 +80,29 @@ def validate_grpo(cfg: Config) -> None:
                f"batch is whole groups), e.g. {g.group_size * max(1, batch // g.group_size)}")
 
 
+def validate_ppo(cfg: Config) -> None:
+    """Rules of the ppo section (checked for every stage: its defaults always hold)."""
+    p = cfg.ppo
+    _positive(p, "ppo", ("max_new_tokens", "updates_per_rollout", "rollout_batch_size", "samples_per_prompt",
+                         "critic_lr", "kl_horizon"))
+    _check(p.temperature >= 0, f"ppo.temperature must be >= 0, got {p.temperature}")
+    _check(0 < p.top_p <= 1, f"ppo.top_p must be in (0, 1], got {p.top_p}")
+    _check(p.top_k >= 0, f"ppo.top_k must be >= 0 (0: no top-k), got {p.top_k}")
+    _check(p.clip > 0 and p.value_clip > 0, f"ppo.clip / value_clip must be > 0, got {p.clip} / {p.value_clip}")
+    _check(0 <= p.gamma <= 1 and 0 <= p.lam <= 1, f"ppo.gamma / lam must be in [0, 1], got {p.gamma} / {p.lam}")
+    _check(p.kl_coef >= 0, f"ppo.kl_coef must be >= 0 (0: no reference model), got {p.kl_coef}")
+    _check(p.kl_target is None or p.kl_target > 0, f"ppo.kl_target must be > 0 (or null: fixed), got {p.kl_target}")
+    _check(bool(p.reward) or bool(p.reward_model_path),
+           "ppo has no reward: name reward functions (ppo.reward=[correct]) or a reward model "
+           "(ppo.reward_model_path=...)")
+    _check(p.eval_problems >= 0, f"ppo.eval_problems must be >= 0, got {p.eval_problems}")
+    if cfg.stage == "ppo":
+        batch = cfg.trainer.global_batch_size
+        _check(batch % p.samples_per_prompt == 0,
+               f"trainer.global_batch_size={batch} must be a multiple of ppo.samples_per_prompt="
+               f"{p.samples_per_prompt} (a rollout batch is whole prompts)")
+
+
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo")
 
 
@@ -174,6 +197,7 @@ def validate(cfg: Config) -> None:
     validate_convert(cfg.convert)
     validate_eval(cfg.eval)
     validate_grpo(cfg)
+    validate_ppo(cfg)
     validate_dpo(cfg)
     validate_reward(cfg)
     _choice("peft", cfg.peft.name, ("none", "lora", "qlora"))

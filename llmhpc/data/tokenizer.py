@@ -7,12 +7,13 @@ $LLMHPC_CACHE (default ~/.cache/llmhpc), keyed by the GGUF's name, size and mtim
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from llmhpc.assets import cache_root, smollm2_gguf
 from llmhpc.errors import InputError
@@ -21,11 +22,30 @@ SEPARATOR_TOKEN = "<|endoftext|>"
 ACCEPTED = "expected 'smollm2', a .gguf file or a Hugging Face tokenizer directory"
 
 
+_GENERIC_FAST = ("PreTrainedTokenizerFast", "TokenizersBackend")
+"""tokenizer_class values that mean "tokenizer.json as it is": no model-specific class, so no model config."""
+
+
+def _loader(path: Path, kwargs: dict):
+    """The class to load with: the generic fast tokenizer when the directory's tokenizer_config.json names it
+    (what our exports and the GGUF cache write), else AutoTokenizer. AutoTokenizer first reads the model's config
+    to pick a class, and the imports that takes cost ~2 s in every process that loads a tokenizer."""
+    config = path / "tokenizer_config.json"
+    if "gguf_file" not in kwargs and config.is_file():
+        try:
+            named = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class")
+        except (OSError, ValueError, AttributeError):
+            named = None  # AutoTokenizer reports a damaged file
+        if named in _GENERIC_FAST and (path / "tokenizer.json").is_file():
+            return PreTrainedTokenizerFast
+    return AutoTokenizer
+
+
 def _load(path: Path, **kwargs) -> PreTrainedTokenizerBase:
-    """AutoTokenizer.from_pretrained, with a failure to read the files turned into a one-line InputError."""
+    """Load a tokenizer (`_loader`), with a failure to read the files turned into a one-line InputError."""
     target = path / kwargs["gguf_file"] if "gguf_file" in kwargs else path
     try:
-        return AutoTokenizer.from_pretrained(str(path), **kwargs)
+        return _loader(path, kwargs).from_pretrained(str(path), **kwargs)
     except ImportError:
         raise
     except Exception as e:  # a parse failure of any kind: the files are damaged or not a tokenizer

@@ -131,10 +131,9 @@ def _gguf_source(path: Path) -> ExportSource:
     import numpy as np
 
     from llmhpc.data.tokenizer import load_tokenizer
-    from llmhpc.models.gguf import gguf_tensor_index, open_gguf_config, read_gguf_box
+    from llmhpc.models.gguf import gguf_config_and_index, read_gguf_box
 
-    cfg = open_gguf_config(path)[1]  # drop the parsed reader now: two alive at once cost ~150 MB more
-    index = gguf_tensor_index(path)
+    cfg, index = gguf_config_and_index(path)  # the parsed metadata is dropped (~150 MB for a 49k vocabulary)
     file_map = np.memmap(path, mode="r")
 
     def read(name: str) -> torch.Tensor:

@@ -51,6 +51,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScalingConfig, devic
 
 def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables [max_seq_len, head_dim] in fp32 (both halves repeated, rotate-half layout)."""
+    if device is not None and torch.device(device).type == "meta":  # shapes only: `init_rope` computes them
+        shape = (cfg.max_seq_len, head_dim_of(cfg))  # (math on meta costs a process a second of set-up)
+        return torch.empty(shape, device="meta"), torch.empty(shape, device="meta")
     inv_freq = rope_inv_freq(head_dim_of(cfg), cfg.rope_theta, cfg.rope_scaling, device=device)
     positions = torch.arange(cfg.max_seq_len, dtype=torch.int64, device=device).float()
     angles = torch.outer(positions, inv_freq)
@@ -312,7 +315,11 @@ class Llama(nn.Module):
         super().__init__()
         validate_model(cfg)
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # On the meta device, where every stage builds the model first, without the embedding's own N(0, 1) draw
+        # (a process's first normal_ there costs a second of set-up; `init_weights` or a load fills it anyway).
+        # Elsewhere the draw stays: seeded callers rely on the random stream it consumes.
+        shell = torch.empty(cfg.vocab_size, cfg.dim) if torch.empty(0).is_meta else None
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=shell)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)

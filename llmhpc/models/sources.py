@@ -20,12 +20,12 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 def _checkpoint_step(path: Path) -> Path | None:
     """The step directory a path designates, or None when it is not an llmhpc checkpoint."""
-    from llmhpc.checkpoint import latest_checkpoint
-
     if (path / ".metadata").is_file():
         return path
     for checkpoints in (path / "checkpoints", path):
         if checkpoints.is_dir() and any(p.name.startswith("step_") for p in checkpoints.iterdir()):
+            from llmhpc.checkpoint import latest_checkpoint  # torch.distributed.checkpoint: only when needed
+
             step = latest_checkpoint(checkpoints)
             if step is None:
                 raise FileNotFoundError(

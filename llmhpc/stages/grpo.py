@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -28,6 +29,8 @@ from torch import nn
 from llmhpc.config import Config, ConfigError
 from llmhpc.errors import InputError
 from llmhpc.parallel import dp_rank
+from llmhpc.rl.rollout import RolloutEngine
+from llmhpc.rl.sampling import SamplingParams
 from llmhpc.stages.sft import answer_accuracy, arithmetic_or_file, fit_and_close, with_model_tokenizer
 from llmhpc.train.builder import RunContext, build, distributed_run
 from llmhpc.train.trainer import Trainer, TrainResult, report_done
@@ -58,29 +61,29 @@ def reward_specs(entries: list[str]) -> dict[str, float]:
     return specs
 
 
-def load_prompts(cfg: Config, tokenizer) -> list:
+def load_prompts(cfg: Config, tokenizer, max_new_tokens: int) -> list:
     """The prompt set: rows with 'prompt' (or 'messages') and 'answer', rendered with the model's chat template;
-    a prompt that leaves no room for max_new_tokens within trainer.seq_len is refused."""
+    a prompt that leaves no room for the stage's max_new_tokens within trainer.seq_len is refused."""
     from llmhpc.rl.group_rollouts import Prompt
     from llmhpc.scoring.answers import prompt_ids, read_question_rows
 
     prompts = []
     for question, row in read_question_rows(arithmetic_or_file(cfg)):
         ids = prompt_ids(tokenizer, question)
-        room = cfg.trainer.seq_len - cfg.grpo.max_new_tokens
+        room = cfg.trainer.seq_len - max_new_tokens
         if len(ids) > room:
             raise InputError(f"{cfg.data.source}: a prompt of {len(ids)} tokens leaves no room for "
-                             f"grpo.max_new_tokens={cfg.grpo.max_new_tokens} in trainer.seq_len="
+                             f"{cfg.stage}.max_new_tokens={max_new_tokens} in trainer.seq_len="
                              f"{cfg.trainer.seq_len}; raise trainer.seq_len")
         prompts.append(Prompt(tuple(ids), row))
     return prompts
 
 
-def _reference(cfg: Config, policy: nn.Module, device: torch.device,
-               autocast: Callable[[], AbstractContextManager]) -> Callable | None:
-    """beta > 0: log-probs of a micro-batch's labels under the starting model (module docstring)."""
-    if cfg.grpo.beta == 0:
-        return None
+def reference_policy(cfg: Config, policy: nn.Module, device: torch.device,
+                     autocast: Callable[[], AbstractContextManager], temperature: float) -> Callable:
+    """Log-probs of a micro-batch's labels under the starting model, at the sampling temperature (0: greedy, scored
+    as softmax): the base with adapters switched off under peft, otherwise a frozen copy read from model.init_from
+    (module docstring). GRPO's KL term and PPO's KL penalty use it."""
     from contextlib import nullcontext
 
     from llmhpc.rl.grpo import completion_logprobs
@@ -97,7 +100,7 @@ def _reference(cfg: Config, policy: nn.Module, device: torch.device,
         model.requires_grad_(False).eval()
         switch = nullcontext
 
-    temperature = cfg.grpo.temperature if cfg.grpo.temperature > 0 else 1.0  # as GRPOObjective: greedy = softmax
+    temperature = temperature if temperature > 0 else 1.0  # as GRPOObjective: greedy = softmax
 
     def reference(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         was_training = model.training
@@ -121,13 +124,42 @@ def run(cfg: Config) -> TrainResult:
         return _train(cfg, where)
 
 
-def _train(cfg: Config, where: RunContext) -> TrainResult:
+@dataclass
+class Sampler:
+    """What a stage that samples from its policy needs: the prompts, the rollout engine on the model being trained,
+    the sampling settings and the tokenizer's decode."""
+
+    prompts: list
+    engine: RolloutEngine
+    params: SamplingParams
+    decode: Callable[[list[int]], str]
+    pad_id: int
+    tokenizer: object
+
+
+def sampler(cfg: Config, model: nn.Module, section) -> Sampler:
+    """The Sampler of a stage whose config section (grpo, ppo) holds max_new_tokens, temperature, top_k, top_p and
+    rollout_batch_size."""
     from llmhpc.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    eos = tokenizer.eos_token_id
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    engine = RolloutEngine(model, batch_size=section.rollout_batch_size, eos_token_ids=[] if eos is None else [eos],
+                           decode=decode)
+    params = SamplingParams(max_new_tokens=section.max_new_tokens, temperature=section.temperature,
+                            top_k=section.top_k, top_p=section.top_p, seed=cfg.run.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return Sampler(load_prompts(cfg, tokenizer, section.max_new_tokens), engine, params, decode, pad_id, tokenizer)
+
+
+def _train(cfg: Config, where: RunContext) -> TrainResult:
     from llmhpc.rl.group_rollouts import GroupRollouts, GroupSettings
     from llmhpc.rl.grpo import GRPOObjective
     from llmhpc.rl.rewards import RewardSet
-    from llmhpc.rl.rollout import RolloutEngine
-    from llmhpc.rl.sampling import SamplingParams
 
     try:
         rewards = RewardSet.from_specs(reward_specs(cfg.grpo.reward))
@@ -135,30 +167,19 @@ def _train(cfg: Config, where: RunContext) -> TrainResult:
         raise ConfigError(f"grpo.reward: {e}") from None
     built = build(cfg, where)
     cfg, t, g = built.cfg, built.cfg.trainer, built.cfg.grpo
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    prompts = load_prompts(cfg, tokenizer)
     model, engine = built.engine.model, built.engine
-    eos = tokenizer.eos_token_id
-
-    def decode(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=True)
-
-    rollout = RolloutEngine(model, batch_size=g.rollout_batch_size, eos_token_ids=[] if eos is None else [eos],
-                            decode=decode)
+    sampling = sampler(cfg, model, g)
     ranks = engine.dp.size
-    sampling = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
-                              top_p=g.top_p, seed=cfg.run.seed)
     settings = GroupSettings(
-        group_size=g.group_size, sampling=sampling, groups=t.global_batch_size // (g.group_size * ranks),
+        group_size=g.group_size, sampling=sampling.params, groups=t.global_batch_size // (g.group_size * ranks),
         micro_batches=t.global_batch_size // (t.micro_batch_size * ranks), updates=g.updates_per_rollout,
         scale_rewards=g.scale_rewards, dynamic_sampling=g.dynamic_sampling, max_draws=g.max_draws,
-        overlong=g.overlong, overlong_buffer=g.overlong_buffer,
-        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        overlong=g.overlong, overlong_buffer=g.overlong_buffer, pad_id=sampling.pad_id,
     )
     source = GroupRollouts(
-        rollout, prompts, rewards, decode, settings, seed=cfg.run.seed, rank=dp_rank(where.mesh), ranks=ranks,
-        reference=_reference(cfg, model, where.device, engine.autocast), dp_group=engine.dp.group,
-        context=engine.autocast,
+        sampling.engine, sampling.prompts, rewards, sampling.decode, settings, seed=cfg.run.seed,
+        rank=dp_rank(where.mesh), ranks=ranks, dp_group=engine.dp.group, context=engine.autocast,
+        reference=reference_policy(cfg, model, where.device, engine.autocast, g.temperature) if g.beta > 0 else None,
     )
     objective = GRPOObjective(clip_low=g.clip_low, clip_high=g.clip_high, beta=g.beta, loss_norm=g.loss_norm,
                               importance=g.importance, max_completion_tokens=g.max_new_tokens,
@@ -166,7 +187,7 @@ def _train(cfg: Config, where: RunContext) -> TrainResult:
     trainer = Trainer(
         cfg, engine, source, objective, components=built.components, lineage=built.lineage,
         lr_scales=built.lr_scales,
-        evaluators=answer_accuracy(cfg, tokenizer, where, g.eval_problems, g.max_new_tokens),
+        evaluators=answer_accuracy(cfg, sampling.tokenizer, where, g.eval_problems, g.max_new_tokens),
     )
     return fit_and_close(trainer, cfg)
 

@@ -66,6 +66,14 @@ GRPO_DEFAULTS = ("data.source=arithmetic", "trainer.lr=5e-6", "trainer.weight_de
 step in micro-batches of 8 answers, a constant learning rate of 5e-6 (full fine-tuning of a small model right
 after SFT; TRL's GRPOTrainer defaults to 1e-6), held-out accuracy every 10 steps."""
 
+PPO_DEFAULTS = ("data.source=arithmetic", "trainer.lr=3e-6", "trainer.weight_decay=0.0", "trainer.warmup_steps=0",
+                "trainer.schedule=constant", "trainer.max_steps=100", "trainer.seq_len=512",
+                "trainer.global_batch_size=16", "trainer.micro_batch_size=8", "trainer.eval_every=10",
+                "trainer.ckpt_every=10")
+"""What `llmhpc ppo` runs unless told otherwise: the package's arithmetic problems, 16 answers per rollout in
+micro-batches of 8, a constant actor learning rate of 3e-6 (the critic's is ppo.critic_lr), held-out accuracy every
+10 steps."""
+
 DPO_DEFAULTS = ("data.source=arithmetic", "trainer.lr=5e-6", "trainer.weight_decay=0.0", "trainer.warmup_steps=5",
                 "trainer.max_steps=100", "trainer.seq_len=256", "trainer.global_batch_size=8",
                 "trainer.micro_batch_size=4", "trainer.eval_every=20", "trainer.ckpt_every=20",
@@ -102,6 +110,14 @@ STAGES: dict[str, StageSpec] = {
             "llmhpc.stages.grpo:main", sections=(*TRAINING_SECTIONS, "peft", "grpo"), defaults=GRPO_DEFAULTS,
             shorthand="grpo",
             example="llmhpc grpo model.init_from=runs/sft reward=[correct,format:0.1] group_size=8 run.dir=runs/grpo",
+        ),
+        StageSpec(
+            "ppo", "RLHF with PPO: sampled answers scored by a reward model and / or reward functions, a KL penalty "
+            "to the starting model, GAE over a critic's values, clipped policy and value updates; full or peft=lora",
+            "llmhpc.stages.ppo:main", sections=(*TRAINING_SECTIONS, "peft", "ppo"), defaults=PPO_DEFAULTS,
+            shorthand="ppo",
+            example="llmhpc ppo model.init_from=runs/sft reward_model_path=runs/rm reward=[] kl_coef=0.05 "
+                    "run.dir=runs/ppo",
         ),
         StageSpec(
             "reward", "reward model from ranked pairs (prompt / chosen / rejected): a scalar head trained with the "

@@ -25,6 +25,7 @@ from llmhpc.checkpoint import CheckpointManager, Component
 from llmhpc.checkpoint.manager import step_dir_name
 from llmhpc.config.load import to_dict, to_yaml
 from llmhpc.config.schema import Config
+from llmhpc.errors import TrainingAborted
 from llmhpc.metrics.console import ConsoleProgress
 from llmhpc.metrics.jsonl import JsonlLogger, truncate_after
 from llmhpc.metrics.mfu import peak_flops
@@ -48,10 +49,6 @@ class BatchSource(Protocol):
     def next_batch(self) -> Batch: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
-
-
-class TrainingAborted(RuntimeError):
-    """Training stopped on purpose (e.g. too many non-finite steps); the message says why."""
 
 
 @dataclass

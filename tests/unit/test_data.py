@@ -52,6 +52,33 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory):
         return load_tokenizer("smollm2")
 
 
+def test_a_saved_fast_tokenizer_loads_as_autotokenizer_loads_it(tokenizer, tmp_path: Path, monkeypatch) -> None:
+    """A directory whose tokenizer_config.json names the generic fast class (our exports, the GGUF cache) is read
+    without AutoTokenizer's model-config detour: the same tokens, special ids and chat template."""
+    from transformers import AutoTokenizer
+
+    import llmhpc.data.tokenizer as module
+
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    auto = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+
+    class NoAuto:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            raise AssertionError("AutoTokenizer was used")
+
+    monkeypatch.setattr(module, "AutoTokenizer", NoAuto)
+    ours = module.load_tokenizer(str(tmp_path / "tok"))
+    chat = [{"role": "user", "content": "What is 17 + 25? Answer with 42."}]
+    prompt = ours.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert prompt == auto.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    for text in ("Hello, world! 123 45,678", prompt):
+        assert ours(text)["input_ids"] == auto(text)["input_ids"]
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (auto.bos_token_id, auto.eos_token_id,
+                                                                         auto.pad_token_id)
+    assert ours.chat_template == auto.chat_template and ours.added_tokens_decoder == auto.added_tokens_decoder
+
+
 def write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
     path.write_text("".join(json.dumps({field: t, "id": i}) + "\n" for i, t in enumerate(texts)))
     return path

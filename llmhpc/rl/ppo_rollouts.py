@@ -1,0 +1,162 @@
+"""PPO's batch source: prompts -> sampled answers -> rewards, KL penalty, critic values -> GAE -> micro-batches.
+
+It is GRPO's source (`GroupRollouts`: the prompt stream, seeded sampling, reward functions, micro-batches, exact
+resume) with PPO's advantages in place of group-relative ones, and with the critic trained on each rollout:
+
+1. sample `samples_per_prompt` answers per prompt and score them (reward functions, and / or a reward model);
+2. per micro-batch: the reference's log-probs (the starting model), the critic's values at every position that
+   predicts an answer token, per-token rewards (-kl_coef x the sampled token's KL estimate, plus the score on
+   the last token), GAE advantages and returns (`llmhpc.rl.ppo`);
+3. whiten the advantages over this rank's answer tokens; the actor then trains `updates` steps on these
+   micro-batches with the clipped ratio objective (GRPO's, one advantage per token);
+4. the critic takes `updates` optimizer steps of the clipped value loss on the same micro-batches, here, before
+   the actor's first step (its loss does not depend on the actor, so the order changes nothing), and the
+   adaptive KL coefficient moves toward its target.
+
+The critic's weights and optimizer are a component of every checkpoint (`critic`), and the KL coefficient and the
+critic's last metrics are part of this source's state, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from llmhpc.rl.group_rollouts import Batch, GroupRollouts, _Stats
+from llmhpc.rl.ppo import KLController, ValueObjective, gae, token_rewards, whiten
+from llmhpc.train.engine import Engine
+from llmhpc.train.losses import IGNORE_INDEX
+from llmhpc.train.objective import LMHead
+
+
+@dataclass
+class AdvantageSettings:
+    """How PPO turns a rollout into advantages (`ppo.*` of the config)."""
+
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten: bool = True
+
+
+class Critic:
+    """The value model: its values for a rollout's micro-batches, and its optimizer steps on the value loss."""
+
+    def __init__(self, engine: Engine, *, lr: float, grad_clip: float, value_clip: float,
+                 to_device: Callable[[Batch], Batch]) -> None:
+        self.engine, self.lr, self.grad_clip = engine, lr, grad_clip
+        self.objective = ValueObjective(clip=value_clip)
+        self.to_device = to_device
+
+    @torch.no_grad()
+    def values(self, batch: Batch) -> torch.Tensor:
+        """[B, S] values at the positions that predict an answer token (0 elsewhere), fp32 on the CPU."""
+        model = self.engine.model
+        model.eval()
+        try:
+            with self.engine.autocast():
+                batch = self.to_device(batch)
+                hidden = model(batch["input_ids"], return_hidden=True)
+                mask = batch["labels"] != IGNORE_INDEX
+                scores = LMHead(model).scores(hidden[mask]).float()
+                return torch.zeros(mask.shape, device=scores.device).masked_scatter(mask, scores).cpu()
+        finally:
+            model.train()
+
+    def train(self, batches: list[Batch], updates: int) -> dict[str, float]:
+        """`updates` optimizer steps, each over all `batches` (one rollout); the last step's means."""
+        dp = self.engine.dp
+        micro = [self.to_device({k: batch[k] for k in ("input_ids", "labels", "old_values", "returns")})
+                 for batch in batches]
+        (normalizer,) = dp.sum_ints(sum(self.objective.normalizer(b) for b in micro))
+        for group in self.engine.lr_groups():
+            group["lr"] = self.lr
+        out: dict[str, float] = {}
+        for _ in range(updates):
+            self.engine.zero_grad()
+            sums = self.engine.forward_backward(micro, self.objective, normalizer)
+            names, flat = sums.flat()
+            flat = dp.sum(flat)
+            loss = float(flat[0]) / max(normalizer, 1)
+            grad_norm, _ = self.engine.update(self.grad_clip if self.grad_clip > 0 else math.inf,
+                                              math.isfinite(loss))
+            out = {"value_loss": loss, "value_grad_norm": grad_norm}
+            for i, name in enumerate(names):
+                out[name] = float(flat[1 + 2 * i]) / max(float(flat[2 + 2 * i]), 1e-30)
+        return out
+
+
+class PPORollouts(GroupRollouts):
+    """A `BatchSource` of PPO micro-batches (module docstring). `settings.group_size` is samples per prompt;
+    `reference` is required while the KL coefficient can be non-zero."""
+
+    def __init__(self, *args, critic: Critic, kl: KLController, advantage: AdvantageSettings, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.critic, self.kl, self.advantage = critic, kl, advantage
+        self.settings.skip_zero_advantage = False  # a zero score still leaves a KL reward on every token
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "kl_coef": self.kl.coef}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.kl.coef = float(state["kl_coef"])
+
+    def _rollout(self) -> None:
+        s = self.settings
+        stats = _Stats()
+        for name in ("reward", "completion_length", "truncated", "entropy"):
+            stats.add(name, 0.0, 0.0)  # every rank reports every name
+        groups, _ = self._draw(s.groups, stats)
+        stats.means.pop("zero_std_fraction", None)  # GRPO's (groups of equal rewards): no meaning here
+        rows = []
+        for group in groups:
+            for completion, reward in zip(group.completions, group.rewards.tolist(), strict=True):
+                rows.append((group.prompt.ids, completion, reward, False))  # the score rides as 'advantages'
+                stats.add("reward", reward)
+                stats.add("completion_length", len(completion.tokens))
+                stats.add("truncated", float(completion.finish_reason == "length"))
+                stats.add("entropy", completion.entropy * len(completion.tokens), len(completion.tokens))
+        stats.maxima["completion_length_max"] = float(max((len(r[1].tokens) for r in rows), default=0))
+        self.batches = self._micro_batches(rows)
+        kl_coef = self.kl.coef
+        answers = 0
+        kl_total = 0.0
+        with torch.no_grad():
+            for batch in self.batches:
+                mask = batch["labels"] != IGNORE_INDEX
+                old = batch["old_logprobs"]
+                ref = self.reference(batch).float() if self.reference is not None else old
+                values = self.critic.values(batch)
+                scores = batch.pop("advantages").float()
+                rewards, kl = token_rewards(scores, old, ref, mask, kl_coef)
+                advantages, returns = gae(rewards, values, mask, self.advantage.gamma, self.advantage.lam)
+                batch.update(advantages=advantages, old_values=values, returns=returns)
+                answers += int(mask.any(dim=1).sum())
+                kl_total += float(kl.sum())
+                stats.add("value_mean", float((values * mask).sum()), float(mask.sum()))
+        if self.advantage.whiten:
+            self._whiten()
+        stats.add("kl", kl_total, answers)
+        stats.add("kl_coef", kl_coef)
+        critic_metrics = self.critic.train(self.batches, s.updates)
+        mean_kl = kl_total / max(answers, 1)
+        self.kl.update(mean_kl, answers)
+        self.served = 0
+        self.rollouts += 1
+        self._metrics = {**self._reduce(stats), **critic_metrics, "rollout": float(self.rollouts)}
+
+    def _whiten(self) -> None:
+        """Advantages scaled to mean 0, std 1 over every answer token of the rollout (on this rank)."""
+        masks = [b["labels"] != IGNORE_INDEX for b in self.batches]
+        flat = torch.cat([b["advantages"][m] for b, m in zip(self.batches, masks, strict=True)])
+        if flat.numel() < 2:
+            return
+        flat = whiten(flat, torch.ones_like(flat))
+        at = 0
+        for batch, mask in zip(self.batches, masks, strict=True):
+            n = int(mask.sum())
+            batch["advantages"] = torch.zeros_like(batch["advantages"]).masked_scatter(mask, flat[at:at + n])
+            at += n

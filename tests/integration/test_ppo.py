@@ -1,0 +1,93 @@
+"""`llmhpc ppo` end to end on the tiny model (trained 2 steps under tp=2 x pp=2, SmolLM2's tokenizer): actor and
+critic are the two components of every checkpoint and a run stopped between two updates of a rollout resumes bit
+for bit, both of them; the KL to the starting model starts at 0 and grows; a reward model scores the answers and
+starts the critic.
+
+Rewards are named by dotted path (`tests.grpo_rewards`): a random model never answers arithmetic right.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmhpc.checkpoint import latest_checkpoint, read_meta
+from llmhpc.checkpoint.manager import stored_shapes, stored_tensor_reader
+from llmhpc.metrics.jsonl import read_metrics
+from llmhpc.models import load_pretrained
+from llmhpc.rl.reward_model import RewardScorer
+from tests.conftest import one_line_error, run_cli
+from tests.distributed.launch import copy_run_stopped_at, step_losses
+
+PPO = ["max_new_tokens=8", "trainer.global_batch_size=8", "trainer.micro_batch_size=4", "trainer.seq_len=128",
+       "trainer.eval_every=0", "trainer.lr=1e-2", "critic_lr=1e-3", "logger.progress_bar=false", "run.device=cpu"]
+
+
+def _critic(run_dir) -> dict[str, torch.Tensor]:
+    step_dir = latest_checkpoint(run_dir / "checkpoints")
+    return stored_tensor_reader(step_dir, "critic")(stored_shapes(step_dir, "critic"))
+
+
+def test_ppo_checkpoints_actor_and_critic_and_resumes_bitwise(tp2_pp2_checkpoint, llmhpc_cache, tmp_path):
+    common = ["ppo", f"model.init_from={tp2_pp2_checkpoint}", *PPO, "reward=[tests.grpo_rewards.odd_length]",
+              "updates_per_rollout=2", "trainer.max_steps=4", "trainer.ckpt_every=1", "kl_target=0.01"]
+    run, resumed = tmp_path / "run", tmp_path / "resumed"
+    run_cli([*common, f"run.dir={run}"], llmhpc_cache)
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["rollout"] for r in records] == [1, 1, 2, 2]
+    for name in ("reward", "reward_odd_length", "kl", "kl_coef", "value_loss", "value_clipped", "value_error",
+                 "value_mean", "entropy", "clip_low", "clip_high", "completion_length", "rollout_tokens_per_s"):
+        assert name in records[0], name
+    # The first rollout samples from the reference itself: no KL. Its first update has ratio 1 on whitened
+    # advantages (mean 0): loss 0. The second rollout comes from moved weights.
+    assert abs(records[0]["kl"]) < 1e-4 < records[2]["kl"]
+    assert abs(records[0]["loss"]) < 1e-5 and records[1]["loss"] != 0
+    # Adaptive KL: the first rollout's KL (0) was under the target, so the coefficient shrank for the second.
+    assert records[2]["kl_coef"] < records[0]["kl_coef"] == 0.05
+    meta = read_meta(latest_checkpoint(run / "checkpoints"))
+    assert list(meta["components"]) == ["model", "critic"]
+    critic = _critic(run)
+    assert "score.weight" in critic
+
+    copy_run_stopped_at(run, resumed, 3)  # stopped between rollout 2's two updates, then started again
+    proc = run_cli([*common, f"run.dir={resumed}"], llmhpc_cache)
+    assert "resumed from" in proc.stdout
+    assert step_losses(resumed) == step_losses(run)
+    assert [r["value_loss"] for r in read_metrics(resumed / "metrics.jsonl")] == [r["value_loss"] for r in records]
+    ours, _ = load_pretrained(run)
+    again, _ = load_pretrained(resumed)
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), again.state_dict().values(), strict=True))
+    assert all(torch.equal(critic[name], value) for name, value in _critic(resumed).items())
+    start, _ = load_pretrained(tp2_pp2_checkpoint)  # the actor trained
+    assert not torch.equal(start.layers["0"].attention.wq.weight, ours.layers["0"].attention.wq.weight)
+
+
+def test_reward_model_scores_answers_and_starts_the_critic(tp2_pp2_checkpoint, pairs_file, llmhpc_cache, tmp_path):
+    rm = tmp_path / "rm"  # one step at a large learning rate: every weight moves ~1e-2 from where it started
+    run_cli(["reward", f"model.init_from={tp2_pp2_checkpoint}", f"data.source={pairs_file}", "trainer.max_steps=1",
+             "trainer.global_batch_size=4", "trainer.micro_batch_size=4", "trainer.seq_len=160", "trainer.lr=1e-2",
+             "trainer.warmup_steps=0", "trainer.eval_every=0", "logger.progress_bar=false", "run.device=cpu",
+             f"run.dir={rm}"], llmhpc_cache)
+    run = tmp_path / "ppo"
+    run_cli(["ppo", f"model.init_from={tp2_pp2_checkpoint}", *PPO, f"reward_model_path={rm}", "reward=[]",
+             "critic_lr=1e-5", "updates_per_rollout=1", "trainer.max_steps=1", f"run.dir={run}"], llmhpc_cache)
+    (record,) = read_metrics(run / "metrics.jsonl")
+    # The reward is the reward model's score alone.
+    assert record["reward"] == pytest.approx(record["reward_reward_model"], rel=1e-6)
+    assert record["reward"] != 0
+    # The critic started as the reward model (head and backbone, not the policy with a new head) and took one
+    # Adam step of 1e-5 from it: within ~1e-5 of every RM weight, where the policy's are ~1e-2 away.
+    scorer = RewardScorer.load(rm)
+    critic, rm_weights = _critic(run), scorer.model.state_dict()
+    for name in ("score.weight", "layers.0.attention.wq.weight"):
+        assert 0 < (critic[name] - rm_weights[name]).abs().max().item() < 1e-4, name
+    policy, _ = load_pretrained(tp2_pp2_checkpoint)
+    assert (critic["layers.0.attention.wq.weight"] - policy.layers["0"].attention.wq.weight).abs().max() > 1e-3
+
+
+def test_ppo_errors_are_one_line(capsys, tp2_pp2_checkpoint, tmp_path):
+    base = ["ppo", f"model.init_from={tp2_pp2_checkpoint}", *PPO, f"run.dir={tmp_path / 'x'}"]
+    one_line_error(capsys, [*base, "reward=[]"], "ppo has no reward", "reward_model_path")
+    one_line_error(capsys, [*base, "samples_per_prompt=3"], "trainer.global_batch_size=8",
+                   "ppo.samples_per_prompt=3")
+    one_line_error(capsys, [*base, "kl_coef=-1"], "ppo.kl_coef must be >= 0")
