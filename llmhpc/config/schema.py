@@ -525,7 +525,7 @@ class PPOConfig:
     kl_horizon: int = 10000
     """Adaptive KL: answers over which a full proportional correction of the coefficient is applied."""
     whiten_advantages: bool = True
-    """Scale the advantages of a rollout batch to mean 0, std 1 over its answer tokens (this rank's)."""
+    """Scale the advantages of a rollout batch to mean 0, std 1 over its answer tokens (on every dp rank)."""
     rollout_batch_size: int = 64
     """Sequences the rollout engine decodes together."""
     eval_problems: int = 32

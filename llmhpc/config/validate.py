@@ -73,11 +73,17 @@ def validate_grpo(cfg: Config) -> None:
            f"grpo.overlong_buffer={g.overlong_buffer} must be in (0, grpo.max_new_tokens={g.max_new_tokens}]")
     _check(bool(g.reward), "grpo.reward is empty; name at least one reward, e.g. grpo.reward=[correct]")
     _check(g.eval_problems >= 0, f"grpo.eval_problems must be >= 0, got {g.eval_problems}")
-    if cfg.stage == "grpo":
-        batch = cfg.trainer.global_batch_size
-        _check(batch % g.group_size == 0,
-               f"trainer.global_batch_size={batch} must be a multiple of grpo.group_size={g.group_size} (a rollout "
-               f"batch is whole groups), e.g. {g.group_size * max(1, batch // g.group_size)}")
+    _whole_rollouts(cfg, "grpo", "group_size", "groups")
+
+
+def _whole_rollouts(cfg: Config, stage: str, key: str, what: str) -> None:
+    """For the stage that runs: a rollout batch (trainer.global_batch_size answers) is made of whole `what`, each
+    of cfg.<stage>.<key> answers."""
+    if cfg.stage != stage:
+        return
+    batch, size = cfg.trainer.global_batch_size, getattr(getattr(cfg, stage), key)
+    _check(batch % size == 0, f"trainer.global_batch_size={batch} must be a multiple of {stage}.{key}={size} (a "
+                              f"rollout batch is whole {what}), e.g. {size * max(1, batch // size)}")
 
 
 def validate_ppo(cfg: Config) -> None:
@@ -96,11 +102,7 @@ def validate_ppo(cfg: Config) -> None:
            "ppo has no reward: name reward functions (ppo.reward=[correct]) or a reward model "
            "(ppo.reward_model_path=...)")
     _check(p.eval_problems >= 0, f"ppo.eval_problems must be >= 0, got {p.eval_problems}")
-    if cfg.stage == "ppo":
-        batch = cfg.trainer.global_batch_size
-        _check(batch % p.samples_per_prompt == 0,
-               f"trainer.global_batch_size={batch} must be a multiple of ppo.samples_per_prompt="
-               f"{p.samples_per_prompt} (a rollout batch is whole prompts)")
+    _whole_rollouts(cfg, "ppo", "samples_per_prompt", "prompts")
 
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo")

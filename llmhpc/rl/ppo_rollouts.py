@@ -7,8 +7,9 @@ resume) with PPO's advantages in place of group-relative ones, and with the crit
 2. per micro-batch: the reference's log-probs (the starting model), the critic's values at every position that
    predicts an answer token, per-token rewards (-kl_coef x the sampled token's KL estimate, plus the score on
    the last token), GAE advantages and returns (`llmhpc.rl.ppo`);
-3. whiten the advantages over this rank's answer tokens; the actor then trains `updates` steps on these
-   micro-batches with the clipped ratio objective (GRPO's, one advantage per token);
+3. whiten the advantages over the rollout batch's answer tokens (statistics over every dp rank); the actor
+   then trains `updates` steps on these micro-batches with the clipped ratio objective (GRPO's, one advantage
+   per token);
 4. the critic takes `updates` optimizer steps of the clipped value loss on the same micro-batches, here, before
    the actor's first step (its loss does not depend on the actor, so the order changes nothing), and the
    adaptive KL coefficient moves toward its target.
@@ -24,9 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from llmhpc.rl.group_rollouts import Batch, GroupRollouts, _Stats
-from llmhpc.rl.ppo import KLController, ValueObjective, gae, token_rewards, whiten
+from llmhpc.rl.ppo import KLController, ValueObjective, gae, token_rewards
 from llmhpc.train.engine import Engine
 from llmhpc.train.losses import IGNORE_INDEX
 from llmhpc.train.objective import LMHead
@@ -142,19 +144,28 @@ class PPORollouts(GroupRollouts):
         stats.add("kl", kl_total, answers)
         stats.add("kl_coef", kl_coef)
         critic_metrics = self.critic.train(self.batches, s.updates)
-        mean_kl = kl_total / max(answers, 1)
-        self.kl.update(mean_kl, answers)
+        metrics = self._reduce(stats)
+        # every rank moves the coefficient by the same step: the KL and answer count of the whole rollout batch
+        self.kl.update(metrics["kl"], answers * self.ranks)
         self.served = 0
         self.rollouts += 1
-        self._metrics = {**self._reduce(stats), **critic_metrics, "rollout": float(self.rollouts)}
+        self._metrics = {**metrics, **critic_metrics, "rollout": float(self.rollouts)}
 
     def _whiten(self) -> None:
-        """Advantages scaled to mean 0, std 1 over every answer token of the rollout (on this rank)."""
+        """Advantages scaled to mean 0, std 1 (`llmhpc.rl.ppo.whiten`'s formula) over every answer token of the
+        rollout batch, on every dp rank: the statistics are summed over the ranks, so a run gives the advantages
+        of one process whatever its layout."""
         masks = [b["labels"] != IGNORE_INDEX for b in self.batches]
-        flat = torch.cat([b["advantages"][m] for b, m in zip(self.batches, masks, strict=True)])
-        if flat.numel() < 2:
-            return
-        flat = whiten(flat, torch.ones_like(flat))
+        flat = torch.cat([b["advantages"][m] for b, m in zip(self.batches, masks, strict=True)]).double()
+        sums = torch.stack([flat.sum(), torch.tensor(float(flat.numel()), dtype=torch.float64)])
+        if self.dp_group is not None:
+            dist.all_reduce(sums, group=self.dp_group)
+        mean, count = sums[0] / sums[1].clamp(min=1), sums[1]
+        squares = ((flat - mean) ** 2).sum()
+        if self.dp_group is not None:
+            dist.all_reduce(squares, group=self.dp_group)
+        scale = torch.rsqrt(squares / (count - 1).clamp(min=1) + 1e-8)
+        flat = ((flat - mean) * scale).float()
         at = 0
         for batch, mask in zip(self.batches, masks, strict=True):
             n = int(mask.sum())

@@ -17,7 +17,7 @@ from llmhpc.metrics.jsonl import read_metrics
 from llmhpc.models import load_pretrained
 from llmhpc.rl.reward_model import RewardScorer
 from tests.conftest import one_line_error, run_cli
-from tests.distributed.launch import copy_run_stopped_at, step_losses
+from tests.distributed.launch import copy_run_stopped_at, run_torchrun, step_losses
 
 PPO = ["max_new_tokens=8", "trainer.global_batch_size=8", "trainer.micro_batch_size=4", "trainer.seq_len=128",
        "trainer.eval_every=0", "trainer.lr=1e-2", "critic_lr=1e-3", "logger.progress_bar=false", "run.device=cpu"]
@@ -28,11 +28,21 @@ def _critic(run_dir) -> dict[str, torch.Tensor]:
     return stored_tensor_reader(step_dir, "critic")(stored_shapes(step_dir, "critic"))
 
 
-def test_ppo_checkpoints_actor_and_critic_and_resumes_bitwise(tp2_pp2_checkpoint, llmhpc_cache, tmp_path):
-    common = ["ppo", f"model.init_from={tp2_pp2_checkpoint}", *PPO, "reward=[tests.grpo_rewards.odd_length]",
-              "updates_per_rollout=2", "trainer.max_steps=4", "trainer.ckpt_every=1", "kl_target=0.01"]
-    run, resumed = tmp_path / "run", tmp_path / "resumed"
-    run_cli([*common, f"run.dir={run}"], llmhpc_cache)
+def _common(policy) -> list[str]:
+    return ["ppo", f"model.init_from={policy}", *PPO, "reward=[tests.grpo_rewards.odd_length]", "updates_per_rollout=2",
+            "trainer.max_steps=4", "trainer.ckpt_every=1", "kl_target=0.01"]
+
+
+@pytest.fixture(scope="module")
+def ppo_run(tp2_pp2_checkpoint, llmhpc_cache, tmp_path_factory):
+    """4 steps (2 rollouts x 2 updates) on one process, a checkpoint after each."""
+    run = tmp_path_factory.mktemp("ppo") / "run"
+    run_cli([*_common(tp2_pp2_checkpoint), f"run.dir={run}"], llmhpc_cache)
+    return run
+
+
+def test_ppo_checkpoints_actor_and_critic_and_resumes_bitwise(ppo_run, tp2_pp2_checkpoint, llmhpc_cache, tmp_path):
+    common, run, resumed = _common(tp2_pp2_checkpoint), ppo_run, tmp_path / "resumed"
     records = read_metrics(run / "metrics.jsonl")
     assert [r["rollout"] for r in records] == [1, 1, 2, 2]
     for name in ("reward", "reward_odd_length", "kl", "kl_coef", "value_loss", "value_clipped", "value_error",
@@ -60,6 +70,16 @@ def test_ppo_checkpoints_actor_and_critic_and_resumes_bitwise(tp2_pp2_checkpoint
     assert all(torch.equal(critic[name], value) for name, value in _critic(resumed).items())
     start, _ = load_pretrained(tp2_pp2_checkpoint)  # the actor trained
     assert not torch.equal(start.layers["0"].attention.wq.weight, ours.layers["0"].attention.wq.weight)
+
+
+def test_ppo_under_fsdp2_gives_the_numbers_of_one_process(ppo_run, tp2_pp2_checkpoint, llmhpc_cache, tmp_path):
+    """dp_shard=2: each rank samples its own prompts (the same answers as one process: sampling is seeded per
+    prompt), the advantages are whitened over both ranks' tokens, and the adaptive KL moves on both alike."""
+    run = tmp_path / "dp2"
+    run_torchrun(2, [*_common(tp2_pp2_checkpoint), "parallel.dp_shard=2", f"run.dir={run}"], llmhpc_cache)
+    ours, one = read_metrics(run / "metrics.jsonl"), read_metrics(ppo_run / "metrics.jsonl")
+    for name in ("loss", "value_loss", "kl", "kl_coef", "reward", "value_mean"):
+        assert [r[name] for r in ours] == pytest.approx([r[name] for r in one], rel=1e-4, abs=1e-5), name
 
 
 def test_reward_model_scores_answers_and_starts_the_critic(tp2_pp2_checkpoint, pairs_file, llmhpc_cache, tmp_path):
