@@ -208,7 +208,6 @@ def test_lora_sft_under_fsdp2_and_tp2_gives_the_losses_of_one_process(
         assert all(torch.allclose(adapter[k], theirs[k], atol=1e-5) for k in adapter), layout
 
 
-@pytest.mark.slow  # ~100 s: QLoRA itself is tier 1 on the tiny model (one process, FSDP2, TP2) just above
 def test_qlora_on_smollm2_lowers_its_loss_and_checkpoints_only_small_adapters(llmhpc_cache, tmp_path):
     """QLoRA on the real SmolLM2-135M-Instruct (the package's GGUF) at the default rank 16 on all seven projections:
     four arithmetic conversations form every step's whole batch, so each logged loss is the same batch's and must
