@@ -21,7 +21,6 @@ critic's last metrics are part of this source's state, so a resumed run continue
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,11 +45,13 @@ class AdvantageSettings:
 class Critic:
     """The value model: its values for a rollout's micro-batches, and its optimizer steps on the value loss."""
 
-    def __init__(self, engine: Engine, *, lr: float, grad_clip: float, value_clip: float,
-                 to_device: Callable[[Batch], Batch]) -> None:
+    def __init__(self, engine: Engine, *, lr: float, grad_clip: float, value_clip: float) -> None:
         self.engine, self.lr, self.grad_clip = engine, lr, grad_clip
         self.objective = ValueObjective(clip=value_clip)
-        self.to_device = to_device
+        self.device = next(engine.model.parameters()).device
+
+    def to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     @torch.no_grad()
     def values(self, batch: Batch) -> torch.Tensor:

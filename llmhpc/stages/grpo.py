@@ -36,16 +36,21 @@ from llmhpc.train.builder import RunContext, build, distributed_run
 from llmhpc.train.trainer import Trainer, TrainResult, report_done
 
 
-def _check_layout(cfg: Config, where: RunContext) -> None:
-    d, g, t = where.dims, cfg.grpo, cfg.trainer
+def check_sampling_layout(cfg: Config, where: RunContext, per_prompt_key: str, unit: str) -> None:
+    """The layout rules of a stage that samples from its policy (grpo, ppo): no tp / pp (decoding needs the KV
+    cache), the torch engine, and a rollout batch of whole `unit`s of cfg.<stage>.<per_prompt_key> answers on every
+    data-parallel rank."""
+    d, t, stage = where.dims, cfg.trainer, cfg.stage
     if d.tp > 1 or d.pp > 1:
-        raise ConfigError("grpo samples answers with a KV cache, which tensor-parallel and pipeline layouts do not "
-                          "have; use parallel.tp=1 parallel.pp=1 with data parallelism (parallel.dp_shard)")
+        raise ConfigError(f"{stage} samples answers with a KV cache, which tensor-parallel and pipeline layouts do "
+                          "not have; use parallel.tp=1 parallel.pp=1 with data parallelism (parallel.dp_shard)")
     if cfg.parallel.engine != "torch":
-        raise ConfigError("grpo runs on parallel.engine=torch (one process, FSDP2, DDP or HSDP)")
-    if t.global_batch_size % (g.group_size * d.dp_size):
-        raise ConfigError(f"trainer.global_batch_size={t.global_batch_size} must be a multiple of grpo.group_size="
-                          f"{g.group_size} x {d.dp_size} data-parallel ranks (each rank samples whole groups)")
+        raise ConfigError(f"{stage} runs on parallel.engine=torch (one process, FSDP2, DDP or HSDP)")
+    size = getattr(getattr(cfg, stage), per_prompt_key)
+    if t.global_batch_size % (size * d.dp_size):
+        raise ConfigError(f"trainer.global_batch_size={t.global_batch_size} must be a multiple of {stage}."
+                          f"{per_prompt_key}={size} x {d.dp_size} data-parallel ranks (each rank samples whole "
+                          f"{unit})")
 
 
 def reward_specs(entries: list[str]) -> dict[str, float]:
@@ -120,7 +125,7 @@ def run(cfg: Config) -> TrainResult:
     """Train with GRPO under the layout of cfg.parallel on WORLD_SIZE processes."""
     cfg = with_model_tokenizer(cfg)
     with distributed_run(cfg) as where:
-        _check_layout(cfg, where)
+        check_sampling_layout(cfg, where, "group_size", "groups")
         return _train(cfg, where)
 
 

@@ -25,7 +25,7 @@ import torch
 from llmhpc.config import Config, ConfigError
 from llmhpc.config.schema import PeftConfig
 from llmhpc.parallel import dp_rank
-from llmhpc.stages.grpo import reference_policy, reward_specs, sampler
+from llmhpc.stages.grpo import check_sampling_layout, reference_policy, reward_specs, sampler
 from llmhpc.stages.sft import answer_accuracy, fit_and_close, with_model_tokenizer
 from llmhpc.train.builder import RunContext, build, distributed_run
 from llmhpc.train.trainer import Trainer, TrainResult, report_done
@@ -52,18 +52,6 @@ class PPORewards:
         return total, torch.cat(columns, dim=1)
 
 
-def _check_layout(cfg: Config, where: RunContext) -> None:
-    d, t = where.dims, cfg.trainer
-    if d.tp > 1 or d.pp > 1:
-        raise ConfigError("ppo samples answers with a KV cache, which tensor-parallel and pipeline layouts do not "
-                          "have; use parallel.tp=1 parallel.pp=1 with data parallelism (parallel.dp_shard)")
-    if cfg.parallel.engine != "torch":
-        raise ConfigError("ppo runs on parallel.engine=torch (one process, FSDP2, DDP or HSDP)")
-    if t.global_batch_size % (cfg.ppo.samples_per_prompt * d.dp_size):
-        raise ConfigError(f"trainer.global_batch_size={t.global_batch_size} must be a multiple of "
-                          f"ppo.samples_per_prompt={cfg.ppo.samples_per_prompt} x {d.dp_size} data-parallel ranks")
-
-
 def critic_config(cfg: Config) -> Config:
     """The critic's build config: from ppo.critic_from (default: the reward model, else the policy's source) with a
     value head (kept from a reward model, new otherwise), fully trained at ppo.critic_lr, no adapters."""
@@ -81,7 +69,7 @@ def run(cfg: Config) -> TrainResult:
     """Train with PPO under the layout of cfg.parallel on WORLD_SIZE processes."""
     cfg = with_model_tokenizer(cfg)
     with distributed_run(cfg) as where:
-        _check_layout(cfg, where)
+        check_sampling_layout(cfg, where, "samples_per_prompt", "prompts")
         return _train(cfg, where)
 
 
@@ -124,14 +112,10 @@ def _train(cfg: Config, where: RunContext) -> TrainResult:
     reference = (reference_policy(cfg, model, where.device, engine.autocast, p.temperature)
                  if p.kl_coef > 0 or p.kl_target is not None else None)
 
-    def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(where.device) for k, v in batch.items()}
-
     source = PPORollouts(
         sampling.engine, sampling.prompts, rewards, sampling.decode, settings, seed=cfg.run.seed,
         rank=dp_rank(where.mesh), ranks=ranks, reference=reference, dp_group=engine.dp.group, context=engine.autocast,
-        critic=Critic(critic.engine, lr=p.critic_lr, grad_clip=t.grad_clip, value_clip=p.value_clip,
-                      to_device=to_device),
+        critic=Critic(critic.engine, lr=p.critic_lr, grad_clip=t.grad_clip, value_clip=p.value_clip),
         kl=KLController(p.kl_coef, p.kl_target, p.kl_horizon),
         advantage=AdvantageSettings(gamma=p.gamma, lam=p.lam, whiten=p.whiten_advantages),
     )
