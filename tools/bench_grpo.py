@@ -60,7 +60,7 @@ def run_ours(hf: Path, prompts: Path, args, run_dir: Path) -> dict:
         f"trainer.micro_batch_size={rows}", f"trainer.max_steps={args.steps}", "trainer.lr=1e-6",
         "trainer.schedule=constant", "trainer.warmup_steps=0", "trainer.weight_decay=0", "trainer.grad_clip=1.0",
         "trainer.eval_every=0", "trainer.ckpt_every=0", f"rollout_batch_size={rows}", "logger.progress_bar=false",
-        f"run.seed={SEED}", f"run.dir={run_dir}",
+        f"run.seed={SEED}", f"run.dir={run_dir}", *args.ours,
     ], run_dir.with_suffix(".log"), child_env())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {**usage, "step_time_s": [r["step_time_s"] for r in records],
@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reward", default="correct", help="reward name or dotted path (default correct)")
     parser.add_argument("--work", type=Path, help="working directory (default: a temporary one, kept)")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    parser.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra override for our side, e.g. --ours grpo.shared_prompt=false (repeatable)")
     parser.add_argument("--trl-worker", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.trl_worker:
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\nSmolLM2-135M-Instruct, fp32, reward {args.reward}, {args.prompts} prompts x {args.group} answers per step, "
         f"at most {args.max_new} new tokens, mu = 1, beta = 0, {args.steps} steps; {os.cpu_count()} CPUs, load average "
         f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (before ours {load_before:.1f}, before TRL "
-        f"{load_between:.1f}).\n"
+        f"{load_between:.1f}).{' Ours with ' + ' '.join(args.ours) + '.' if args.ours else ''}\n"
     )
     details = (f"step times s, ours: {' '.join(f'{t:.1f}' for t in ours['step_time_s'])}; "
                f"TRL: {' '.join(f'{t:.1f}' for t in trl['step_time_s'])}")

@@ -474,6 +474,10 @@ class GRPOConfig:
     """overlong=penalty: tokens before max_new_tokens where the penalty ramps from 0 to -1."""
     rollout_batch_size: int = 64
     """Sequences the rollout engine decodes together (continuous batching refills finished rows)."""
+    shared_prompt: bool = True
+    """Train a prompt's answers in one row: the prompt once, then each answer, masked to see the prompt and itself
+    (the same loss and gradient for fewer tokens). Applies with loss_norm=token and importance=token; the other
+    losses train a row per answer."""
     eval_problems: int = 32
     """data.source=arithmetic: held-out problems answered greedily at each eval (trainer.eval_every)."""
 

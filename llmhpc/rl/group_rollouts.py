@@ -64,6 +64,10 @@ class GroupSettings:
     skip_zero_advantage: bool = True
     """Leave answers whose advantage is 0 out of the micro-batches (their loss and gradient are exactly 0 when no
     KL term is trained); they still count in the loss normalizer (`GRPOObjective`), so the step is unchanged."""
+    shared_prompt: bool = False
+    """One row per prompt in each micro-batch (`shared_prompt_rows`): the prompt once, then each of its answers,
+    masked to see the prompt and itself. Only for token-level losses (loss_norm=token, importance=token), whose
+    sums do not care which row a token sits in."""
 
 
 @dataclass
@@ -254,11 +258,15 @@ class GroupRollouts:
                 tokens = 0 if masked else len(completion.tokens)
                 skipped += torch.tensor([1, int(tokens > 0), tokens])
             rows = [r for r in rows if r[2] != 0]
-        rows = sorted(rows, key=lambda r: len(r[0]) + len(r[1].tokens))
+        if not s.shared_prompt:  # a group's answers stay together (in group order) when they share a row
+            rows = sorted(rows, key=lambda r: len(r[0]) + len(r[1].tokens))
         chunks = [rows[i * len(rows) // s.micro_batches:(i + 1) * len(rows) // s.micro_batches]
                   for i in range(s.micro_batches)]
         batches = []
         for chunk in chunks:
+            if s.shared_prompt and chunk:
+                batches.append({**shared_prompt_rows(chunk, s.pad_id), "skipped": torch.zeros(3, dtype=torch.long)})
+                continue
             width = max((len(p) + len(c.tokens) - 1 for p, c, _, _ in chunk), default=1)
             n = max(len(chunk), 1)
             ids = torch.full((n, width), s.pad_id, dtype=torch.long)
@@ -296,3 +304,47 @@ class GroupRollouts:
         out["gather_seconds"] = total["gather_seconds"] / self.ranks
         out.update(zip(maxima, peaks.tolist(), strict=True))
         return out
+
+
+def shared_prompt_rows(rows: Sequence[tuple], pad_id: int) -> Batch:
+    """A micro-batch of (prompt ids, completion, advantage, masked) rows with one row per distinct prompt.
+
+    A row is the prompt without its last token, computed once, then one segment per answer: the prompt's last
+    token followed by the answer (its last token never an input), at the positions the answer has after its
+    prompt. Each segment sees the shared part and itself only (a [rows, 1, S, S] attention mask), so every answer
+    token gets exactly the hidden state it gets in a row of its own, while the prompt's tokens go through the
+    forward and backward once per group instead of once per answer. `labels` / `old_logprobs` sit at the
+    positions that predict each answer token; `advantages` is per token [rows, S] (each answer's own)."""
+    by_prompt: dict[tuple[int, ...], list[tuple]] = {}
+    for row in rows:
+        by_prompt.setdefault(tuple(row[0]), []).append(row)
+    lengths = [len(p) - 1 + sum(len(r[1].tokens) for r in answers) for p, answers in by_prompt.items()]
+    n, width = len(by_prompt), max(lengths)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    old = torch.zeros(n, width)
+    advantages = torch.zeros(n, width)
+    positions = torch.zeros(n, width, dtype=torch.long)
+    segment = torch.full((n, width), -1, dtype=torch.long)  # 0: the shared prompt, k: answer k, -1: padding
+    for row, (prompt, answers) in enumerate(by_prompt.items()):
+        shared = len(prompt) - 1
+        ids[row, :shared] = torch.tensor(prompt[:-1], dtype=torch.long)
+        positions[row, :shared] = torch.arange(shared)
+        segment[row, :shared] = 0
+        at = shared
+        for k, (_, completion, advantage, masked) in enumerate(answers, start=1):
+            span = slice(at, at + len(completion.tokens))
+            ids[row, span] = torch.tensor([prompt[-1], *completion.tokens[:-1]])
+            positions[row, span] = torch.arange(shared, shared + len(completion.tokens))
+            segment[row, span] = k
+            if not masked:
+                labels[row, span] = torch.tensor(completion.tokens)
+                old[row, span] = torch.tensor(completion.logprobs)
+            advantages[row, span] = advantage
+            at = span.stop
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    query, key = segment[:, :, None], segment[:, None, :]
+    visible = ((key == query) | (key == 0)) & (key >= 0)
+    mask = (causal & visible) | torch.eye(width, dtype=torch.bool)  # a padding query still sees itself
+    return {"input_ids": ids, "labels": labels, "old_logprobs": old, "advantages": advantages,
+            "position_ids": positions, "attention_mask": mask[:, None]}

@@ -92,7 +92,7 @@ def reference_policy(cfg: Config, policy: nn.Module, device: torch.device,
     from contextlib import nullcontext
 
     from llmhpc.rl.grpo import completion_logprobs
-    from llmhpc.train.objective import LMHead
+    from llmhpc.train.objective import MODEL_INPUTS, LMHead
 
     if cfg.peft.name != "none":
         from llmhpc.peft.lora import adapters_disabled
@@ -113,7 +113,8 @@ def reference_policy(cfg: Config, policy: nn.Module, device: torch.device,
         try:
             with switch(), autocast():
                 batch = {k: v.to(device) for k, v in batch.items()}
-                hidden = model(batch["input_ids"], return_hidden=True)
+                inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+                hidden = model(batch["input_ids"], return_hidden=True, **inputs)
                 return completion_logprobs(LMHead(model), hidden, batch["labels"], temperature).cpu()
         finally:
             model.train(was_training)
@@ -180,6 +181,7 @@ def _train(cfg: Config, where: RunContext) -> TrainResult:
         micro_batches=t.global_batch_size // (t.micro_batch_size * ranks), updates=g.updates_per_rollout,
         scale_rewards=g.scale_rewards, dynamic_sampling=g.dynamic_sampling, max_draws=g.max_draws,
         overlong=g.overlong, overlong_buffer=g.overlong_buffer, pad_id=sampling.pad_id,
+        shared_prompt=g.shared_prompt and g.loss_norm == "token" and g.importance == "token",
     )
     source = GroupRollouts(
         sampling.engine, sampling.prompts, rewards, sampling.decode, settings, seed=cfg.run.seed,

@@ -167,3 +167,51 @@ def test_state_resumes_mid_rollout_and_after_it_bitwise(model):
     for a, b in zip(rest, again, strict=True):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.metrics()["rollout"] == 2
+
+
+def test_one_row_per_prompt_trains_exactly_what_a_row_per_answer_trains(model):
+    """grpo.shared_prompt: the same rollout cut into one row per prompt (a group split across the two micro-batches
+    included, overlong answers masked) gives the training forward's old log-probs at the labels, and the loss and
+    every gradient of a row per answer, for fewer input tokens."""
+    from llmhpc.rl.grpo import GRPOObjective
+    from llmhpc.train.objective import MODEL_INPUTS
+
+    settings = {"groups": 3, "micro_batches": 2, "eos": [7, 8, 9, 10, 11], "overlong": "mask",
+                "skip_zero_advantage": False}
+    shared = _source(model, _prompts(), shared_prompt=True, **settings)
+    plain = _source(model, _prompts(), **settings)
+    shared_batches, plain_batches = [shared.next_batch(), shared.next_batch()], [plain.next_batch(),
+                                                                                   plain.next_batch()]
+    assert sum(len(b["input_ids"]) for b in shared_batches) == 4  # 3 prompts, one cut between the micro-batches
+    assert sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in shared_batches) == sum(
+        int((b["labels"] != IGNORE_INDEX).sum()) for b in plain_batches)
+    objective = GRPOObjective(clip_low=0.2, clip_high=0.28)
+
+    def loss_and_grads(batches):
+        model.zero_grad()
+        total = 0.0
+        for b in batches:
+            mask = b["labels"] != IGNORE_INDEX  # ratios of 1 to e^0.4 (some clipped), token by token
+            b = {**b, "old_logprobs": b["old_logprobs"] - 0.1 * (b["labels"] % 5) * mask}
+            out = objective(model, b)
+            out.loss.backward()
+            total += float(out.loss)
+        return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    for b in shared_batches:
+        labels = b["labels"]
+        with torch.no_grad():
+            hidden = model(b["input_ids"], return_hidden=True, **{k: b[k] for k in MODEL_INPUTS if k in b})
+            trained = completion_logprobs(LMHead(model), hidden, labels, 1.0)
+        assert (trained - b["old_logprobs"]).abs().max() <= 1e-5
+    model.train()
+    try:
+        shared_loss, shared_grads = loss_and_grads(shared_batches)
+        plain_loss, plain_grads = loss_and_grads(plain_batches)
+    finally:
+        model.eval().zero_grad()
+    assert shared_loss == pytest.approx(plain_loss, rel=1e-5, abs=1e-7) and plain_loss != 0
+    assert shared_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        assert (shared_grads[name] - grad).norm() <= 1e-5 * grad.norm() + 1e-8, name
+    assert sum(b["input_ids"].numel() for b in shared_batches) < sum(b["input_ids"].numel() for b in plain_batches)
