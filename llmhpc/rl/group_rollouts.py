@@ -258,7 +258,7 @@ class GroupRollouts:
                 tokens = 0 if masked else len(completion.tokens)
                 skipped += torch.tensor([1, int(tokens > 0), tokens])
             rows = [r for r in rows if r[2] != 0]
-        if not s.shared_prompt:  # a group's answers stay together (in group order) when they share a row
+        if not s.shared_prompt:  # shortest first; with shared prompts, group order keeps a group in one micro-batch
             rows = sorted(rows, key=lambda r: len(r[0]) + len(r[1].tokens))
         chunks = [rows[i * len(rows) // s.micro_batches:(i + 1) * len(rows) // s.micro_batches]
                   for i in range(s.micro_batches)]
