@@ -236,6 +236,17 @@ def shared_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
     return int(differ[0]) if len(differ) else n
 
 
+def prefix_sharing_mask(segment: torch.Tensor) -> torch.Tensor:
+    """The [B, 1, S, S] attention mask of rows that hold one shared prefix and several continuations of it, from
+    each position's segment [B, S]: 0 the prefix, k > 0 continuation k, -1 padding. Causal; a continuation sees the
+    prefix and itself, never another continuation; a padding position sees only itself (no row of SDPA is empty)."""
+    width = segment.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    query, key = segment[:, :, None], segment[:, None, :]
+    visible = ((key == query) | (key == 0)) & (key >= 0)
+    return ((causal & visible) | torch.eye(width, dtype=torch.bool))[:, None]
+
+
 def _shared_prefix_batch(pairs: Sequence[PreferencePair], pad_id: int, width_multiple: int) -> dict[str, torch.Tensor]:
     n_pairs = len(pairs)
     prefixes = [shared_prefix_length(p.chosen.tokens, p.rejected.tokens) for p in pairs]
@@ -243,7 +254,7 @@ def _shared_prefix_batch(pairs: Sequence[PreferencePair], pad_id: int, width_mul
     width = _width(max(lengths), width_multiple)
     input_ids = torch.full((n_pairs, width), pad_id, dtype=torch.long)
     positions = torch.zeros((n_pairs, width), dtype=torch.long)
-    segment = torch.full((n_pairs, width), 3, dtype=torch.long)  # 0 prefix, 1 chosen, 2 rejected, 3 padding
+    segment = torch.full((n_pairs, width), -1, dtype=torch.long)  # 0 prefix, 1 chosen, 2 rejected, -1 padding
     last = torch.zeros(2 * n_pairs, dtype=torch.long)
     for row, (pair, k, n) in enumerate(zip(pairs, prefixes, lengths, strict=True)):
         chosen, rejected = pair.chosen.tokens, pair.rejected.tokens
@@ -251,10 +262,7 @@ def _shared_prefix_batch(pairs: Sequence[PreferencePair], pad_id: int, width_mul
         positions[row, :n] = torch.cat([torch.arange(len(chosen)), torch.arange(k, len(rejected))])
         segment[row, :k], segment[row, k:len(chosen)], segment[row, len(chosen):n] = 0, 1, 2
         last[row], last[n_pairs + row] = len(chosen) - 1, n - 1
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    visible = (segment[:, None, :] == segment[:, :, None]) | (segment[:, None, :] == 0)  # [P, query, key]
-    mask = (causal & visible) | torch.eye(width, dtype=torch.bool)  # a padding query still sees itself
-    return {"input_ids": input_ids, "position_ids": positions, "attention_mask": mask[:, None],
+    return {"input_ids": input_ids, "position_ids": positions, "attention_mask": prefix_sharing_mask(segment),
             "row": torch.arange(n_pairs).repeat(2), "last": last, "margin": _margins(pairs)}
 
 

@@ -39,7 +39,7 @@ from llmhpc.data.preference import PreferencePair, pair_batch
 from llmhpc.errors import InputError
 from llmhpc.rl.grpo import completion_logprobs
 from llmhpc.train.losses import IGNORE_INDEX
-from llmhpc.train.objective import Batch, LMHead, Metric, Objective
+from llmhpc.train.objective import Batch, LMHead, Metric, Objective, model_inputs
 
 LOSSES = ("sigmoid", "ipo", "hinge", "simpo")
 REFERENCE_FREE = ("simpo",)
@@ -139,7 +139,7 @@ def reference_logprobs(model: nn.Module, pairs: Sequence[PreferencePair], *, pai
                 chunk = pairs[start:start + pairs_per_batch]
                 batch = {k: v.to(device) for k, v in pair_batch(chunk, pad_id).items()}
                 with context():
-                    hidden = model(batch["input_ids"], return_hidden=True)
+                    hidden = model(**model_inputs(batch), return_hidden=True)
                     sums, _ = answer_logprob_sums(LMHead(model), hidden, batch["labels"])
                 out[start:start + len(chunk)] = sums.double().view(2, -1).t().cpu()
                 if progress is not None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from llmhpc.data.preference import prefix_sharing_mask
 from llmhpc.rl.grpo import fill_with_informative_groups, group_advantages, informative, overlong_penalty
 from llmhpc.rl.rewards import RewardSet
 from llmhpc.rl.rollout import Completion, RolloutEngine
@@ -311,7 +312,7 @@ def shared_prompt_rows(rows: Sequence[tuple], pad_id: int) -> Batch:
 
     A row is the prompt without its last token, computed once, then one segment per answer: the prompt's last
     token followed by the answer (its last token never an input), at the positions the answer has after its
-    prompt. Each segment sees the shared part and itself only (a [rows, 1, S, S] attention mask), so every answer
+    prompt. Each segment sees the shared part and itself only (`prefix_sharing_mask`), so every answer
     token gets exactly the hidden state it gets in a row of its own, while the prompt's tokens go through the
     forward and backward once per group instead of once per answer. `labels` / `old_logprobs` sit at the
     positions that predict each answer token; `advantages` is per token [rows, S] (each answer's own)."""
@@ -342,9 +343,5 @@ def shared_prompt_rows(rows: Sequence[tuple], pad_id: int) -> Batch:
                 old[row, span] = torch.tensor(completion.logprobs)
             advantages[row, span] = advantage
             at = span.stop
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    query, key = segment[:, :, None], segment[:, None, :]
-    visible = ((key == query) | (key == 0)) & (key >= 0)
-    mask = (causal & visible) | torch.eye(width, dtype=torch.bool)  # a padding query still sees itself
     return {"input_ids": ids, "labels": labels, "old_logprobs": old, "advantages": advantages,
-            "position_ids": positions, "attention_mask": mask[:, None]}
+            "position_ids": positions, "attention_mask": prefix_sharing_mask(segment)}

@@ -30,7 +30,7 @@ from llmhpc.rl.group_rollouts import Batch, GroupRollouts, _Stats
 from llmhpc.rl.ppo import KLController, ValueObjective, gae, token_rewards
 from llmhpc.train.engine import Engine
 from llmhpc.train.losses import IGNORE_INDEX
-from llmhpc.train.objective import LMHead
+from llmhpc.train.objective import LMHead, model_inputs
 
 
 @dataclass
@@ -61,7 +61,7 @@ class Critic:
         try:
             with self.engine.autocast():
                 batch = self.to_device(batch)
-                hidden = model(batch["input_ids"], return_hidden=True)
+                hidden = model(**model_inputs(batch), return_hidden=True)
                 mask = batch["labels"] != IGNORE_INDEX
                 scores = LMHead(model).scores(hidden[mask]).float()
                 return torch.zeros(mask.shape, device=scores.device).masked_scatter(mask, scores).cpu()

@@ -92,7 +92,7 @@ def reference_policy(cfg: Config, policy: nn.Module, device: torch.device,
     from contextlib import nullcontext
 
     from llmhpc.rl.grpo import completion_logprobs
-    from llmhpc.train.objective import MODEL_INPUTS, LMHead
+    from llmhpc.train.objective import LMHead, model_inputs
 
     if cfg.peft.name != "none":
         from llmhpc.peft.lora import adapters_disabled
@@ -113,8 +113,7 @@ def reference_policy(cfg: Config, policy: nn.Module, device: torch.device,
         try:
             with switch(), autocast():
                 batch = {k: v.to(device) for k, v in batch.items()}
-                inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-                hidden = model(batch["input_ids"], return_hidden=True, **inputs)
+                hidden = model(**model_inputs(batch), return_hidden=True)
                 return completion_logprobs(LMHead(model), hidden, batch["labels"], temperature).cpu()
         finally:
             model.train(was_training)

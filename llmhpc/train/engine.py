@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from llmhpc.train.objective import LMHead, Metric, Objective
+from llmhpc.train.objective import LMHead, Metric, Objective, model_inputs
 from llmhpc.train.reduce import DataParallelReducer
 
 if TYPE_CHECKING:
@@ -200,7 +200,7 @@ class PipelineEngine(Engine):
             return loss * scale
 
         with self.autocast():
-            self.runner.train_step(objective.model_inputs(whole), score)
+            self.runner.train_step(model_inputs(whole), score)
         if self.tied is not None:
             self.tied.all_reduce_grads()
         sums = None
@@ -213,7 +213,7 @@ class PipelineEngine(Engine):
 
     def forward(self, batch: Batch, objective: Objective) -> StepSums:
         with torch.no_grad(), self.autocast():
-            hidden = self.runner.forward(objective.model_inputs(batch))
+            hidden = self.runner.forward(model_inputs(batch))
             sums = None
             if hidden is not None:
                 sums = StepSums()
@@ -264,7 +264,7 @@ class DeepSpeedStepEngine(Engine):
         head = LMHead(self.model)
         with self.autocast():
             return self.ds_engine(
-                **objective.model_inputs(batch), on_hidden=lambda hidden: objective.loss(head, hidden, batch)
+                **model_inputs(batch), on_hidden=lambda hidden: objective.loss(head, hidden, batch)
             )
 
     def forward_backward(self, micro: list[Batch], objective: Objective, normalizer: int) -> StepSums:

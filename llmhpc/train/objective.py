@@ -31,6 +31,14 @@ MODEL_INPUTS = ("position_ids", "attention_mask", "document_ids")
 """Batch fields the model's forward takes besides input_ids, when a batch carries them."""
 
 
+def model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
+    """Keyword arguments of the model's forward for `batch`: input_ids and the MODEL_INPUTS the batch carries (a
+    layout with its own positions and mask, e.g. shared prefixes, is computed right only with them)."""
+    inputs = {"input_ids": batch["input_ids"]}
+    inputs.update({key: batch[key] for key in MODEL_INPUTS if key in batch})
+    return inputs
+
+
 class LMHead:
     """The output projection of a model (or of a pipeline's last stage), as objectives use it.
 
@@ -107,15 +115,9 @@ class Objective(ABC):
     def loss(self, head: LMHead, hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, Metric]]:
         """(summed loss, metrics) of `batch` from the model's final hidden states [B, S, dim]."""
 
-    def model_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Keyword arguments of the model's forward for `batch` (input_ids and what the batch carries)."""
-        inputs = {"input_ids": batch["input_ids"]}
-        inputs.update({key: batch[key] for key in MODEL_INPUTS if key in batch})
-        return inputs
-
     def __call__(self, model: nn.Module, batch: Batch) -> ObjectiveOutput:
         """Forward `model` (a plain or FSDP/DDP/TP-wrapped `Llama`) on `batch` and score it."""
-        hidden = model(**self.model_inputs(batch), return_hidden=True)
+        hidden = model(**model_inputs(batch), return_hidden=True)
         loss, metrics = self.loss(LMHead(model), hidden, batch)
         return ObjectiveOutput(loss, self.normalizer(batch), metrics)
 

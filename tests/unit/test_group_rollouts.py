@@ -174,7 +174,7 @@ def test_one_row_per_prompt_trains_exactly_what_a_row_per_answer_trains(model):
     included, overlong answers masked) gives the training forward's old log-probs at the labels, and the loss and
     every gradient of a row per answer, for fewer input tokens."""
     from llmhpc.rl.grpo import GRPOObjective
-    from llmhpc.train.objective import MODEL_INPUTS
+    from llmhpc.train.objective import model_inputs
 
     settings = {"groups": 3, "micro_batches": 2, "eos": [7, 8, 9, 10, 11], "overlong": "mask",
                 "skip_zero_advantage": False}
@@ -201,7 +201,7 @@ def test_one_row_per_prompt_trains_exactly_what_a_row_per_answer_trains(model):
     for b in shared_batches:
         labels = b["labels"]
         with torch.no_grad():
-            hidden = model(b["input_ids"], return_hidden=True, **{k: b[k] for k in MODEL_INPUTS if k in b})
+            hidden = model(**model_inputs(b), return_hidden=True)
             trained = completion_logprobs(LMHead(model), hidden, labels, 1.0)
         assert (trained - b["old_logprobs"]).abs().max() <= 1e-5
     model.train()

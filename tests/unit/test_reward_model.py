@@ -97,14 +97,13 @@ def test_objective_loss_and_gradients_match_a_derivation_by_hand(pairs, tokenize
 @pytest.mark.parametrize("layout", ["whole", "shared_prefix"])
 def test_scores_do_not_depend_on_batching_padding_or_sharing(layout, pairs, tokenizer):
     from llmhpc.rl.reward_model import last_token_scores
-    from llmhpc.train.objective import LMHead
+    from llmhpc.train.objective import LMHead, model_inputs
 
     model = _tiny(len(tokenizer), seed=1)
-    objective = RewardObjective()
     with torch.no_grad():
         batch = pair_batch(pairs, pad_id=0, layout=layout, width_multiple=64)
         assert batch["input_ids"].shape[1] % 64 == 0
-        hidden = model(**objective.model_inputs(batch), return_hidden=True)
+        hidden = model(**model_inputs(batch), return_hidden=True)
         together = last_token_scores(LMHead(model), hidden, batch["last"], batch["row"])
         alone = [last_token_scores(LMHead(model), model(torch.from_numpy(s.tokens)[None], return_hidden=True),
                                    torch.tensor([len(s.tokens) - 1]))[0]

@@ -34,7 +34,7 @@ from llmhpc.data.tokenizer import load_tokenizer
 from llmhpc.errors import InputError
 from llmhpc.models import build_model
 from llmhpc.train import losses
-from llmhpc.train.objective import NextTokenObjective
+from llmhpc.train.objective import NextTokenObjective, model_inputs
 
 END = "<|im_end|>"
 WORDS = "the cat sat on a warm mat while rain fell softly over seven quiet hills and rivers".split()
@@ -284,7 +284,7 @@ def test_packed_loss_equals_each_example_alone(tmp_path: Path, tokenizer) -> Non
     assert set(batch) == {"input_ids", "labels", "position_ids", "document_ids"}
     folded = _fold(batch)
     with torch.no_grad():
-        packed = model(**objective.model_inputs(folded))
+        packed = model(**model_inputs(folded))
         packed_out = objective(model, folded)
         alone_sum, alone_count, worst = 0.0, 0, 0.0
         for b, row in enumerate(rows):
