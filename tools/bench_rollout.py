@@ -1,7 +1,7 @@
 """Rollout speed: our engine (`llmhpc.rl.rollout`) against transformers' `generate`, in one run, same everything.
 
     python tools/bench_rollout.py [--prompts 48] [--batch 8] [--max-new-tokens 128] [--temperature 0]
-                                  [--group 1] [--dtype fp32|bf16]
+                                  [--group 1] [--dtype fp32|bf16|bf16-autocast]
 
 What is compared:
 
@@ -17,6 +17,8 @@ What is compared:
 - `--group G` (GRPO's rollout): each prompt is asked G times. transformers gets `--batch / G` prompts per
   `generate` call with `num_return_sequences=G` (so `--batch` rows decode at once, as on our side); ours gets every
   prompt G times in one call, each copy with its own random stream.
+- `--dtype`: both models in fp32 or bf16, or fp32 weights under bf16 autocast on both sides (`bf16-autocast`: how
+  a `precision=bf16` run samples; ours casts each weight to bf16 once per call, autocast on every product).
 - Counted: the generated tokens each completion keeps (up to and including its end-of-turn token; transformers'
   padding after a finished row does not count) over the wall time of all prompts. Both sides' completions are
   compared token for token (greedy: they must agree; a near-tie can flip a token, reported as the count of
@@ -102,21 +104,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="per prompt (default 128)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     parser.add_argument("--group", type=int, default=1, help="times each prompt is asked (GRPO's G; default 1)")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="both models' dtype")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "bf16-autocast"), default="fp32",
+                        help="both models' dtype, or fp32 weights under bf16 autocast")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16-autocast")
     ours_model, hf_model, tokenizer = load_models(dtype)
     prompts = arithmetic_prompts(tokenizer, args.prompts)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if pad is None:
         pad = eos
     load_before = os.getloadavg()[0]
-    theirs, their_s = run_transformers(hf_model, prompts, args.batch, args.max_new_tokens, eos, pad, args.temperature,
-                                       args.group)
-    mine, my_s = run_ours(ours_model, prompts, args.batch, args.max_new_tokens, eos, args.temperature, args.group)
+    with autocast:
+        theirs, their_s = run_transformers(hf_model, prompts, args.batch, args.max_new_tokens, eos, pad,
+                                           args.temperature, args.group)
+        mine, my_s = run_ours(ours_model, prompts, args.batch, args.max_new_tokens, eos, args.temperature, args.group)
     load_after = os.getloadavg()[0]
     my_tokens, their_tokens = sum(map(len, mine)), sum(map(len, theirs))
     differ = sum(a != b for a, b in zip(mine, theirs, strict=True))

@@ -13,6 +13,11 @@ buffer is about four times its weight: PyTorch allocates MKL's byte count as flo
 NF4 weights, bf16, other devices) runs as before. A packed product is used only for the row count it was packed for
 (MKL's packed GEMM is laid out for one M); other shapes, like the prefills, fall back to the plain product inside
 the same call.
+
+Under bf16 autocast (`precision=bf16|fp8` runs sample inside the training autocast) the same weights are instead
+cast to bf16 once per rollout, not on every product as autocast does: the product is then autocast's own (bf16
+inputs, bf16 result, bit for bit), so the sampler's log-probs are those the bf16 training forward computes, and
+each decode step reads half the weight bytes of fp32 (a step is bound by reading every weight once).
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ class PackedWeights:
         self._rows = rows
         self._packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._refused: set[int] = set()
+        self._cast: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        """bf16 copies made under autocast (any row count may use them: kept when `rows` changes)."""
         self.held_bytes = 0
         self.peak_bytes = 0
         """The most packed-buffer bytes held at once."""
@@ -59,7 +66,8 @@ class PackedWeights:
     def rows(self, rows: int) -> None:
         """A new row count: the packs made for the old one are useless to MKL, drop them."""
         if rows != self._rows:
-            self._rows, self._packed, self._refused, self.held_bytes = rows, {}, set(), 0
+            self._rows, self._packed, self._refused = rows, {}, set()
+            self.held_bytes = sum(copy.numel() * copy.element_size() for _, copy in self._cast.values())
 
     def _pack(self, weight: torch.Tensor) -> torch.Tensor | None:
         key = id(weight)
@@ -78,9 +86,30 @@ class PackedWeights:
         self.peak_bytes = max(self.peak_bytes, self.held_bytes)
         return packed
 
+    def _bf16(self, weight: torch.Tensor) -> torch.Tensor | None:
+        key = id(weight)
+        entry = self._cast.get(key)
+        if entry is not None and entry[0] is weight:
+            return entry[1]
+        size = weight.numel() * 2
+        if not _packable(weight) or self.held_bytes + size > self.budget_bytes:
+            return None
+        copy = weight.detach().to(torch.bfloat16)
+        self._cast[key] = (weight, copy)
+        self.held_bytes += size
+        self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+        return copy
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """F.linear(x, weight), through the packed weight when there is one (x [..., K], weight [N, K])."""
-        if torch.is_grad_enabled() or x.dtype != torch.float32:
+        if torch.is_grad_enabled():
+            return F.linear(x, weight)
+        if torch.is_autocast_enabled("cpu") and x.device.type == "cpu":
+            if torch.get_autocast_dtype("cpu") != torch.bfloat16:
+                return F.linear(x, weight)
+            cast = self._bf16(weight)
+            return F.linear(x, weight) if cast is None else F.linear(x.to(torch.bfloat16), cast)
+        if x.dtype != torch.float32:
             return F.linear(x, weight)
         packed = self._pack(weight)
         if packed is None:

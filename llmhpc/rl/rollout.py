@@ -163,7 +163,8 @@ class RolloutEngine:
         pack_weights: bool = True,
     ) -> None:
         """`eos_token_ids` end a completion; `decode` (token ids -> text) is needed for stop strings only;
-        `pack_weights` lays fp32 weights out once per call for MKL's packed GEMM (`llmhpc.rl.packed_weights`)."""
+        `pack_weights` lays fp32 weights out once per call for MKL's packed GEMM, or under bf16 autocast casts them
+        to bf16 once per call (`llmhpc.rl.packed_weights`)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.batch_size, self.decode = model, batch_size, decode
@@ -203,7 +204,10 @@ class RolloutEngine:
         began = time.perf_counter()
         self.stats = RolloutStats(prompt_tokens=sum(len(p) for p in prompts))
         try:
-            with parameters_gathered(self.model) as gather:
+            # Eager even where parallel.compile compiled the blocks: every decode step has another cache length
+            # (a recompile each, until dynamo gives up), and inductor cannot lower the packed products (it takes
+            # MKL's packed weights for frozen constants only).
+            with torch.compiler.set_stance("force_eager"), parameters_gathered(self.model) as gather:
                 if self.pack_weights:
                     self._packer = PackedWeights(min(self.batch_size, len(prompts)))
                     with packed_linears(self.model, self._packer):

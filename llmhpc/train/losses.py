@@ -91,10 +91,15 @@ def _chunk_kernel(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if _compiled_chunk is None:
         blocker = _compile_blocker(logits.device)
         if blocker is None:
-            _compiled_chunk = torch.compile(_chunk_loss_and_dlogits_, dynamic=False)
+            _compiled_chunk = torch.compile(_chunk_loss_and_dlogits_)
         else:
             warnings.warn(f"the fused LM-head loss runs eager (slower, same values): {blocker}", stacklevel=2)
             _compiled_chunk = _chunk_loss_and_dlogits_
+    if _compiled_chunk is not _chunk_loss_and_dlogits_:
+        # The labelled rows per chunk vary from step to step (SFT's assistant tokens): one kernel for any count,
+        # instead of a recompile per count and, past dynamo's recompile limit, the eager ops (~6x slower).
+        torch._dynamo.maybe_mark_dynamic(logits, 0)
+        torch._dynamo.maybe_mark_dynamic(labels, 0)
     return _compiled_chunk(logits, labels)
 
 

@@ -148,6 +148,26 @@ def test_fused_loss_compiles_or_says_once_why_not(monkeypatch):
         linear_cross_entropy_sum(hidden, weight, labels)
 
 
+def test_fused_loss_compiles_once_for_any_count_of_labelled_rows(monkeypatch):
+    """SFT batches label a different number of tokens every step: one kernel serves them all (a recompile per count
+    ran into dynamo's recompile limit after 8 steps, and from then on the ~6x slower eager ops)."""
+    import torch._dynamo
+
+    torch.manual_seed(6)
+    weight = torch.randn(40, 8, requires_grad=True)
+    monkeypatch.setattr(losses, "_compiled_chunk", None)
+    torch._dynamo.reset()
+    linear_cross_entropy_sum(torch.randn(13, 8, requires_grad=True), weight, _labels(13, 40), chunk_tokens=64)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for rows in (17, 22, 29, 35, 41, 50, 57, 61, 63, 64):
+            hidden = torch.randn(rows, 8, requires_grad=True)
+            labels = _labels(rows, 40)
+            loss, _ = linear_cross_entropy_sum(hidden, weight, labels, chunk_tokens=64)
+            expected = torch.nn.functional.cross_entropy(hidden @ weight.t(), labels, ignore_index=IGNORE_INDEX,
+                                                         reduction="sum")
+            torch.testing.assert_close(loss, expected)
+
+
 def test_causal_lm_loss_of_llama_equals_loss_of_its_logits():
     cfg = load_config("bench", TINY).model
     cfg.vocab_size = 300

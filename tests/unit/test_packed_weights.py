@@ -83,3 +83,36 @@ def test_engine_decodes_the_same_with_and_without_packing():
     assert all("forward" not in m.__dict__ for m in model.modules())
     weights = sum(p.numel() * 4 for p in model.parameters())
     assert packed_engine.stats.packed_bytes >= weights  # every matrix, the head included, was packed
+
+
+@torch.no_grad()
+def test_under_bf16_autocast_weights_are_cast_once_and_products_are_autocasts_own():
+    torch.manual_seed(0)
+    x, weight = torch.randn(8, 40), torch.randn(96, 40)
+    packer = PackedWeights(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.linear(x, weight)
+        got = packer.linear(x, weight)
+        assert packer.held_bytes == 2 * weight.numel()  # one bf16 copy, not an fp32 pack
+        packer.rows = 4  # the copy serves any row count
+        again = packer.linear(x[:4], weight)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    assert torch.equal(got, expected) and torch.equal(again, expected[:4])
+    assert packer.held_bytes == 2 * weight.numel()
+
+
+def test_engine_under_bf16_autocast_decodes_what_plain_autocast_decodes():
+    """The sampler's log-probs are then those of the bf16 training forward (GRPO's old log-probs)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, max_seq_len=128)
+    model = build_model(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 96, (n,), generator=g).tolist() for n in (3, 9, 5, 12, 1, 7)]
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = RolloutEngine(model, batch_size=4, pack_weights=False).generate(prompts, params)
+        engine = RolloutEngine(model, batch_size=4)
+        cast = engine.generate(prompts, params)
+    assert [c.tokens for c in cast] == [c.tokens for c in plain]
+    assert [c.logprobs for c in cast] == [c.logprobs for c in plain]
+    assert engine.stats.packed_bytes == 2 * sum(p.numel() for p in model.parameters() if p.dim() == 2)

@@ -161,3 +161,19 @@ def test_bad_requests_are_refused_with_the_reason(model):
         engine.generate([[1]], SamplingParams(top_p=0))
     with pytest.raises(ValueError, match="at least one token"):
         engine.generate([[1], []])
+
+
+def test_a_model_whose_blocks_were_compiled_decodes_eagerly_and_the_same(model, prompts):
+    """parallel.compile=true compiles each block; a rollout (SFT's in-run eval, GRPO) must still run, with the
+    eager tokens: inductor cannot lower the packed decode products, and every step has another cache length."""
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    eager = RolloutEngine(model, batch_size=4, eos_token_ids=EOS).generate(prompts, params)
+    compiled = build_model(model.cfg).eval()
+    compiled.load_state_dict(model.state_dict())
+    for block in compiled.layers.values():
+        block.compile()
+    try:
+        again = RolloutEngine(compiled, batch_size=4, eos_token_ids=EOS).generate(prompts, params)
+    finally:
+        torch._dynamo.reset()
+    assert [c.tokens for c in again] == [c.tokens for c in eager]
