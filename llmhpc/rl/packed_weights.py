@@ -23,7 +23,7 @@ Xeon with AMX 1.30x faster than the fp32 packs at 32 rows, no faster at 8 (docs/
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -70,36 +70,25 @@ class PackedWeights:
             self._rows, self._packed, self._refused = rows, {}, set()
             self.held_bytes = sum(copy.numel() * copy.element_size() for _, copy in self._cast.values())
 
-    def _pack(self, weight: torch.Tensor) -> torch.Tensor | None:
+    def _derived(self, store: dict[int, tuple[torch.Tensor, torch.Tensor]], weight: torch.Tensor, size: int,
+                 make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+        """store's copy of `weight` (a pack or a bf16 cast), made by `make` on first use, or None where the weight
+        cannot have one or `size` (the most bytes the copy takes) would pass the budget (remembered until `rows`
+        changes)."""
         key = id(weight)
-        entry = self._packed.get(key)
+        entry = store.get(key)
         if entry is not None and entry[0] is weight:
             return entry[1]
         if key in self._refused or not _packable(weight):
             return None
-        size = 4 * weight.numel() * weight.element_size()  # see the module docstring
         if self.held_bytes + size > self.budget_bytes:
             self._refused.add(key)
             return None
-        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), self._rows)
-        self._packed[key] = (weight, packed)
-        self.held_bytes += packed.numel() * packed.element_size()
+        made = make(weight.detach())
+        store[key] = (weight, made)
+        self.held_bytes += made.numel() * made.element_size()
         self.peak_bytes = max(self.peak_bytes, self.held_bytes)
-        return packed
-
-    def _bf16(self, weight: torch.Tensor) -> torch.Tensor | None:
-        key = id(weight)
-        entry = self._cast.get(key)
-        if entry is not None and entry[0] is weight:
-            return entry[1]
-        size = weight.numel() * 2
-        if not _packable(weight) or self.held_bytes + size > self.budget_bytes:
-            return None
-        copy = weight.detach().to(torch.bfloat16)
-        self._cast[key] = (weight, copy)
-        self.held_bytes += size
-        self.peak_bytes = max(self.peak_bytes, self.held_bytes)
-        return copy
+        return made
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """F.linear(x, weight), through the packed weight when there is one (x [..., K], weight [N, K])."""
@@ -108,11 +97,13 @@ class PackedWeights:
         if torch.is_autocast_enabled("cpu") and x.device.type == "cpu":
             if torch.get_autocast_dtype("cpu") != torch.bfloat16:
                 return F.linear(x, weight)
-            cast = self._bf16(weight)
+            cast = self._derived(self._cast, weight, 2 * weight.numel(), lambda w: w.to(torch.bfloat16))
             return F.linear(x, weight) if cast is None else F.linear(x.to(torch.bfloat16), cast)
         if x.dtype != torch.float32:
             return F.linear(x, weight)
-        packed = self._pack(weight)
+        size = 4 * weight.numel() * weight.element_size()  # see the module docstring
+        packed = self._derived(self._packed, weight, size,
+                               lambda w: torch.ops.mkl._mkl_reorder_linear_weight(w, self._rows))
         if packed is None:
             return F.linear(x, weight)
         return torch.ops.mkl._mkl_linear(x, packed, weight, None, self._rows)
