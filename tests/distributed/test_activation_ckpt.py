@@ -6,6 +6,8 @@ Peak resident memory of each run is read in its own process, after training (tes
 
 from __future__ import annotations
 
+import pytest
+
 from tests.conftest import peak_rss_mib
 from tests.distributed.launch import step_losses
 
@@ -15,6 +17,7 @@ SHAPE = ["model=tiny", "model.dim=64", "model.n_layers=8", "model.n_heads=4", "m
          "run.device=cpu"]
 
 
+@pytest.mark.slow  # CI time: tier 1 trains under ac=full in pp2_interleaved_ac
 def test_full_ac_lowers_peak_memory_with_equal_loss(tmp_path, llmhpc_cache):
     peaks, losses = {}, {}
     for mode in ("none", "full"):

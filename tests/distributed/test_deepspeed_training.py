@@ -38,7 +38,7 @@ def max_diff(got: dict[int, float], expected: dict[int, float], steps) -> float:
     return max(abs(got[s] - expected[s]) for s in steps)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [1, pytest.param(2, marks=pytest.mark.slow), 3])  # ZeRO-2: slow tier (CI time)
 def test_zero_stage_matches_single_process(stage, reference, tmp_path, llmhpc_cache):
     run_torchrun(2, ["pretrain", *COMMON, *deepspeed_args(stage), f"run.dir={tmp_path}"], llmhpc_cache)
     got, expected = step_losses(tmp_path), step_losses(reference)
@@ -58,6 +58,7 @@ def test_zero3_checkpoint_resumes_in_one_process(reference, tmp_path, llmhpc_cac
     assert worst < TOL, worst
 
 
+@pytest.mark.slow  # CI time: tier 1 resumes ZeRO-3 in one process
 def test_single_process_checkpoint_resumes_under_zero1(reference, tmp_path, llmhpc_cache):
     copy_run_stopped_at(reference, tmp_path, 3)
     proc = run_torchrun(2, ["pretrain", *COMMON, *deepspeed_args(1), f"run.dir={tmp_path}"], llmhpc_cache)

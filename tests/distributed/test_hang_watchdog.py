@@ -11,10 +11,13 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from llmhpc.metrics.jsonl import read_metrics
 from tests.conftest import REPO, SMALL_RUN, cli_env
 
 
+@pytest.mark.slow  # CI time: waits out a real watchdog timeout
 def test_frozen_rank_is_named_and_the_run_ends(tmp_path, llmhpc_cache):
     run_dir = tmp_path / "run"
     env = dict(cli_env(llmhpc_cache), OMP_NUM_THREADS="1")

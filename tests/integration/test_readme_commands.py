@@ -8,6 +8,7 @@ the README shows under it, with a non-zero exit code.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,8 +79,10 @@ def test_the_readme_shows_commands_of_every_kind() -> None:
     assert len(readme_errors()) >= 2
 
 
-@pytest.mark.parametrize("command", [  # the 8-process 3D command is long: the slow tier (3D parity is tier 1)
-    pytest.param(c, marks=pytest.mark.slow) if "--nproc-per-node 8" in c else c for c in readme_commands()])
+@pytest.mark.parametrize("command", [  # commands of more than 2 processes are long: the slow tier (their layouts'
+    # parity with one process is tier 1)
+    pytest.param(c, marks=pytest.mark.slow) if re.search(r"--nproc-per-node ([3-9]|\d\d)", c) else c
+    for c in readme_commands()])
 def test_readme_command_runs(command: str, tmp_path, llmhpc_cache) -> None:
     env = dict(cli_env(llmhpc_cache), OMP_NUM_THREADS="1")
     proc = subprocess.run(_argv(command, tmp_path / "run"), cwd=tmp_path, env=env, capture_output=True, text=True,

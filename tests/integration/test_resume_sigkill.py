@@ -88,6 +88,7 @@ def test_sigterm_checkpoints_the_step_exits_75_and_resumes_bitwise(reference, tm
     assert_matches(reference, run_dir)
 
 
+@pytest.mark.slow  # CI time: tier 1 resumes bit for bit after SIGTERM, and every stage resumes
 def test_sigkill_then_same_command_matches_uninterrupted_run(reference, tmp_path, llmhpc_cache):
     killed_dir = tmp_path / "killed"
     proc, killed_at, _ = signal_mid_run(killed_dir, llmhpc_cache, signal.SIGKILL, CKPT_EVERY + 3)

@@ -185,6 +185,7 @@ def test_qlora_run_reads_back_as_its_adapters_on_the_nf4_base_and_trains_alike_u
     assert (on_original - merged.state_dict()["layers.0.attention.wq.weight"]).abs().max() > 1e-4
 
 
+@pytest.mark.slow  # CI time: tier 1 trains QLoRA's adapters alike under fsdp2 and tp2
 def test_lora_sft_under_fsdp2_and_tp2_gives_the_losses_of_one_process(
     tp2_pp2_checkpoint, problems, llmhpc_cache, tmp_path
 ):
@@ -208,6 +209,7 @@ def test_lora_sft_under_fsdp2_and_tp2_gives_the_losses_of_one_process(
         assert all(torch.allclose(adapter[k], theirs[k], atol=1e-5) for k in adapter), layout
 
 
+@pytest.mark.slow  # CI time: tier 1 trains QLoRA on a tiny model
 def test_qlora_on_smollm2_lowers_its_loss_and_checkpoints_only_small_adapters(llmhpc_cache, tmp_path):
     """QLoRA on the real SmolLM2-135M-Instruct (the package's GGUF) at the default rank 16 on all seven projections:
     four arithmetic conversations form every step's whole batch, so each logged loss is the same batch's and must

@@ -79,6 +79,7 @@ dist.destroy_process_group()
     assert lines == ["rank 0 of 2 sum 3", "rank 1 of 2 sum 3"]
 
 
+@pytest.mark.slow  # CI time: tier 1 checkpoints on USR1 and ends failed out of requeues
 def test_submitted_job_sent_usr1_checkpoints_requeues_and_ends_as_if_uninterrupted(slurm, tmp_path, llmhpc_cache):
     steps = 30
     common = [*SMALL_RUN, f"trainer.max_steps={steps}", "trainer.ckpt_every=0", "parallel.dp_shard=2",

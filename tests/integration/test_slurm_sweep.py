@@ -97,6 +97,7 @@ def _array_tasks(job: str) -> list[dict[str, str]]:
 
 @needs_local_slurm
 @pytest.mark.usefixtures("slurm")
+@pytest.mark.slow  # CI time: tier 1 keeps the sweep's dry run and refusals, and Slurm runs in test_slurm_local
 def test_a_two_point_sweep_is_one_array_job_whose_points_train_like_local_runs(tmp_path, llmhpc_cache, monkeypatch):
     """...and a point sent the warning signal mid-run checkpoints, is requeued and ends as if uninterrupted."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as in the jobs: the same GEMM reduction order, the same bits
