@@ -571,6 +571,10 @@ class RewardModelConfig:
     """Run both sides of a pair in one row holding their common prefix (the prompt, and any common start of the
     answers) once, each side masked to see the prefix and itself: the same scores for fewer tokens. False: a row
     per side."""
+    pooling: str = "last"
+    """Where a side's score is read: 'last' (r = w . h at the answer's last token, TRL's and most reward models'
+    way) or 'sum' (r = the sum of w . h over the answer's tokens: a difference between the sides anywhere in
+    the answer moves the score where it is, not only through what the last token carries)."""
     arithmetic_pairs: int = 512
     """data.source=arithmetic: training pairs written (one per training problem)."""
     eval_pairs: int = 64

@@ -121,6 +121,7 @@ def validate_dpo(cfg: Config) -> None:
 def validate_reward(cfg: Config) -> None:
     """Rules of the reward_model section (checked for every stage: its defaults always hold)."""
     r = cfg.reward_model
+    _choice("reward_model.pooling", r.pooling, ("last", "sum"))
     _check(r.center_coefficient >= 0, f"reward_model.center_coefficient must be >= 0, got {r.center_coefficient}")
     _check(r.eval_pairs >= 0, f"reward_model.eval_pairs must be >= 0, got {r.eval_pairs}")
     _check(r.arithmetic_pairs > 0, f"reward_model.arithmetic_pairs must be > 0, got {r.arithmetic_pairs}")

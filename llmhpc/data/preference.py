@@ -184,10 +184,13 @@ LAYOUTS = ("labels", "whole", "shared_prefix")
 """How `pair_batch` lays pairs out: 'labels' (DPO: shifted labels on the answers), 'whole' (reward models: every
 token of each side in its own row, scored at its last), 'shared_prefix' (reward models: both sides in one row that
 holds their common prefix once)."""
+POOLINGS = ("last", "sum")
+"""Where a reward model reads a side's score (layouts 'whole' and 'shared_prefix'): 'last' at its last token only
+(the batch's 'row' / 'last'), 'sum' summed over every token of its answer (also 'answer_tokens')."""
 
 
 def pair_batch(pairs: Sequence[PreferencePair], pad_id: int, width_multiple: int = 1,
-               layout: str = "labels") -> dict[str, torch.Tensor]:
+               layout: str = "labels", pooling: str = "last") -> dict[str, torch.Tensor]:
     """A batch of P pairs, right-padded to the longest row rounded up to `width_multiple` (see LAYOUTS).
 
     'labels': {'input_ids', 'labels'} [2P, W], the chosen sides, then the rejected ones (module docstring).
@@ -197,19 +200,28 @@ def pair_batch(pairs: Sequence[PreferencePair], pad_id: int, width_multiple: int
     prefix, the rest of chosen, then the rest of rejected, with 'position_ids' (each side's own positions) and a
     4-D 'attention_mask' [P, 1, W, W] under which each side sees the prefix and itself only, so every token
     computes what it computes in its own row while the prefix (prompt and any common start of the answers) is
-    computed once: fewer tokens by the prefix length per pair."""
+    computed once: fewer tokens by the prefix length per pair. With pooling='sum' both also give 'answer_tokens'
+    [3, T]: for each answer token of each side, the side (0..2P-1), the row and the position it is at."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}; choose from {LAYOUTS}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling {pooling!r}; choose from {POOLINGS}")
     if layout == "shared_prefix":
-        return _shared_prefix_batch(pairs, pad_id, width_multiple)
+        batch = _shared_prefix_batch(pairs, pad_id, width_multiple)
+        if pooling == "sum":
+            batch["answer_tokens"] = _shared_prefix_answer_tokens(pairs)
+        return batch
     sides = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     if layout == "whole":
         input_ids = torch.full((len(sides), _width(max(len(s.tokens) for s in sides), width_multiple)), pad_id,
                                dtype=torch.long)
         for row, side in enumerate(sides):
             input_ids[row, :len(side.tokens)] = torch.from_numpy(side.tokens)
-        return {"input_ids": input_ids, "row": torch.arange(len(sides)),
-                "last": torch.tensor([len(s.tokens) - 1 for s in sides]), "margin": _margins(pairs)}
+        batch = {"input_ids": input_ids, "row": torch.arange(len(sides)),
+                 "last": torch.tensor([len(s.tokens) - 1 for s in sides]), "margin": _margins(pairs)}
+        if pooling == "sum":
+            batch["answer_tokens"] = _answer_tokens([(i, i, np.flatnonzero(s.answer)) for i, s in enumerate(sides)])
+        return batch
     width = _width(max(len(s.tokens) - 1 for s in sides), width_multiple)
     input_ids = torch.full((len(sides), width), pad_id, dtype=torch.long)
     labels = torch.full((len(sides), width), IGNORE_INDEX, dtype=torch.long)
@@ -266,6 +278,25 @@ def _shared_prefix_batch(pairs: Sequence[PreferencePair], pad_id: int, width_mul
             "row": torch.arange(n_pairs).repeat(2), "last": last, "margin": _margins(pairs)}
 
 
+def _answer_tokens(places: Sequence[tuple[int, int, np.ndarray]]) -> torch.Tensor:
+    """[3, T] (side, row, position) of each answer token, from (side, row, positions) per side."""
+    return torch.from_numpy(np.concatenate(
+        [np.stack([np.full(len(positions), side), np.full(len(positions), row), positions]) for side, row, positions
+         in places], axis=1).astype(np.int64))
+
+
+def _shared_prefix_answer_tokens(pairs: Sequence[PreferencePair]) -> torch.Tensor:
+    """Where each side's answer tokens sit in `_shared_prefix_batch`'s rows: chosen's where they are, rejected's
+    prefix part in the prefix and its rest after chosen's."""
+    places = []
+    for row, pair in enumerate(pairs):
+        k = shared_prefix_length(pair.chosen.tokens, pair.rejected.tokens)
+        rejected = np.flatnonzero(pair.rejected.answer)
+        places.append((row, row, np.flatnonzero(pair.chosen.answer)))
+        places.append((len(pairs) + row, row, np.where(rejected < k, rejected, rejected - k + len(pair.chosen.tokens))))
+    return _answer_tokens(places)
+
+
 def _with_reference(batch: dict[str, torch.Tensor], indices: Sequence[int],
                     reference: torch.Tensor | None) -> dict[str, torch.Tensor]:
     if reference is not None:
@@ -283,14 +314,14 @@ class PairLoader:
 
     def __init__(self, pairs: Sequence[PreferencePair], pairs_per_batch: int, seed: int, *, pad_id: int,
                  dp_rank: int = 0, dp_size: int = 1, reference: torch.Tensor | None = None,
-                 width_multiple: int = 1, layout: str = "labels") -> None:
+                 width_multiple: int = 1, layout: str = "labels", pooling: str = "last") -> None:
         self.per_rank = len(pairs) // dp_size // pairs_per_batch
         if self.per_rank == 0:
             raise InputError(f"{len(pairs)} preference pairs cannot fill one micro-batch of {pairs_per_batch} pairs "
                              f"on each of {dp_size} data-parallel ranks; add pairs or lower trainer.micro_batch_size")
         self.pairs, self.size, self.seed = list(pairs), pairs_per_batch, seed
         self.pad_id, self.rank, self.ranks, self.reference = pad_id, dp_rank, dp_size, reference
-        self.width_multiple, self.layout = width_multiple, layout
+        self.width_multiple, self.layout, self.pooling = width_multiple, layout, pooling
         self.epoch, self.index = 0, 0
 
     def epoch_indices(self, epoch: int | None = None) -> list[int]:
@@ -305,7 +336,8 @@ class PairLoader:
             self.epoch, self.index = self.epoch + 1, 0
         indices = self.epoch_indices()[self.index * self.size:(self.index + 1) * self.size]
         self.index += 1
-        batch = pair_batch([self.pairs[i] for i in indices], self.pad_id, self.width_multiple, self.layout)
+        batch = pair_batch([self.pairs[i] for i in indices], self.pad_id, self.width_multiple, self.layout,
+                           self.pooling)
         return _with_reference(batch, indices, self.reference)
 
     def state_dict(self) -> dict[str, Any]:
@@ -320,12 +352,13 @@ class PairLoader:
 
 def pair_eval_batches(pairs: Sequence[PreferencePair], pairs_per_batch: int, *, pad_id: int,
                       reference: torch.Tensor | None = None, offset: int = 0,
-                      layout: str = "labels") -> list[dict[str, torch.Tensor]]:
+                      layout: str = "labels", pooling: str = "last") -> list[dict[str, torch.Tensor]]:
     """Every pair in order, `pairs_per_batch` per batch (the last may be smaller); `reference` rows start at
-    `offset` (the held-out pairs' place in a reference computed over train + held-out); `layout` as pair_batch."""
+    `offset` (the held-out pairs' place in a reference computed over train + held-out); `layout` and `pooling`
+    as pair_batch."""
     batches = []
     for start in range(0, len(pairs), pairs_per_batch):
         indices = range(start, min(start + pairs_per_batch, len(pairs)))
-        batch = pair_batch([pairs[i] for i in indices], pad_id, layout=layout)
+        batch = pair_batch([pairs[i] for i in indices], pad_id, layout=layout, pooling=pooling)
         batches.append(_with_reference(batch, [offset + i for i in indices], reference))
     return batches

@@ -8,6 +8,7 @@ even then are read with `weights_only=True`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +16,9 @@ from llmhpc.errors import InputError
 from llmhpc.models.adapters import fold_adapter, is_adapter_parameter, lora_scaling, trained_base
 from llmhpc.models.llama import Llama
 from llmhpc.models.sources import locate_weights
+
+if TYPE_CHECKING:
+    from llmhpc.config import Config
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -91,9 +95,16 @@ def tokenizer_spec(path: str | Path) -> str | None:
     if source.format in ("hf", "pickle"):
         directory = source.path if source.path.is_dir() else source.path.parent
         return str(directory) if any((directory / name).is_file() for name in _TOKENIZER_FILES) else None
+    return run_config(path).data.tokenizer
+
+
+def run_config(path: str | Path) -> Config | None:
+    """The config an llmhpc checkpoint at `path` (a run or one of its steps) was trained with; None for an HF
+    directory, a .gguf or a pickle file."""
     from llmhpc.checkpoint import read_checkpoint_config
 
-    return read_checkpoint_config(source.path).data.tokenizer
+    source = locate_weights(path)
+    return read_checkpoint_config(source.path) if source.format == "checkpoint" else None
 
 
 def load_pretrained(

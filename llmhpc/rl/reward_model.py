@@ -1,7 +1,8 @@
 """Reward models: the Bradley-Terry objective that trains one from ranked pairs, and the scorer that uses it.
 
 A reward model is the policy's backbone with a scalar head (`ModelConfig.score_head`): the score of a sequence
-is the head's value at its last token, r = w . h_last. Trained on pairs (chosen preferred over rejected), the
+is the head's value at its last token, r = w . h_last, or with `reward_model.pooling=sum` the head's values summed
+over the answer's tokens, r = sum_t w . h_t. Trained on pairs (chosen preferred over rejected), the
 Bradley-Terry model says P(chosen > rejected) = sigmoid(r_c - r_r), so per pair the loss is
 
     -log sigmoid(r_c - r_r - m)  +  c (r_c + r_r)^2
@@ -36,19 +37,21 @@ def bradley_terry_losses(chosen: torch.Tensor, rejected: torch.Tensor, margin: t
     return losses
 
 
-def last_token_scores(head: LMHead, hidden: torch.Tensor, last: torch.Tensor,
-                      rows: torch.Tensor | None = None) -> torch.Tensor:
-    """The score head at position last[i] of row rows[i] (default: row i) [N]; only those positions go through
-    the head."""
-    if rows is None:
-        rows = torch.arange(hidden.shape[0])
-    return head.scores(hidden[rows.to(hidden.device), last.to(hidden.device)])
+def side_scores(head: LMHead, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Each side's score [2P] (`pair_batch`'s chosen sides, then its rejected ones): the head summed over the
+    side's answer tokens where the batch has 'answer_tokens' (pooling 'sum'), else the head at its last token
+    ('row' / 'last'); only those positions go through the head."""
+    if "answer_tokens" not in batch:
+        return head.scores(hidden[batch["row"].to(hidden.device), batch["last"].to(hidden.device)])
+    side, row, position = batch["answer_tokens"].to(hidden.device)
+    values = head.scores(hidden[row, position])
+    return values.new_zeros(batch["last"].shape[0]).index_add(0, side, values)
 
 
 class RewardObjective(Objective):
-    """The Bradley-Terry loss of a batch of pairs (`pair_batch` layout 'whole' or 'shared_prefix': each side scored
-    at its last token, 'row' / 'last' the P chosen sides, then the P rejected ones). The unit is a pair: the step's
-    loss is the mean over its pairs."""
+    """The Bradley-Terry loss of a batch of pairs (`pair_batch` layout 'whole' or 'shared_prefix', each side scored
+    by `side_scores`: at its last token, or summed over its answer). The unit is a pair: the step's loss is the
+    mean over its pairs."""
 
     name = "reward"
 
@@ -59,7 +62,7 @@ class RewardObjective(Objective):
         return batch["last"].shape[0] // 2
 
     def loss(self, head: LMHead, hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, Metric]]:
-        scores = last_token_scores(head, hidden, batch["last"], batch["row"])
+        scores = side_scores(head, hidden, batch)
         pairs = scores.shape[0] // 2
         chosen, rejected = scores[:pairs], scores[pairs:]
         margin = batch["margin"].to(scores.device, scores.dtype)
@@ -78,16 +81,18 @@ class RewardScorer:
     """A reward model that scores answers: `scorer(prompts, answers)` -> one float per answer.
 
     Each (prompt, answer) is rendered with the chat template as a user turn and an assistant turn, exactly as a
-    training pair's side, and scored at its last token; rows go `batch_size` at a time, right-padded (a causal
-    model's last real token never sees the padding). `RewardScorer.load(path)` reads a trained reward model."""
+    training pair's side, and scored as the model was trained (`pooling`: at its last token, or summed over the
+    answer's tokens); rows go `batch_size` at a time, right-padded (a causal model's real tokens never see the
+    padding). `RewardScorer.load(path)` reads a trained reward model and how it pools."""
 
-    def __init__(self, model, tokenizer, *, chat_template: str | None = None, batch_size: int = 8) -> None:
+    def __init__(self, model, tokenizer, *, chat_template: str | None = None, batch_size: int = 8,
+                 pooling: str = "last") -> None:
         from llmhpc.data.chat import ChatRenderer
         from llmhpc.errors import InputError
 
         if getattr(model, "score", None) is None:
             raise InputError("not a reward model (it has no score head); train one with `llmhpc reward`")
-        self.model = model.eval()
+        self.model, self.pooling = model.eval(), pooling
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.renderer = ChatRenderer(tokenizer, chat_template, last_turn_only=True)
         self.batch_size = batch_size
@@ -104,30 +109,36 @@ class RewardScorer:
         model, _ = load_pretrained(str(path), device=device, dtype=dtype)
         if model.score is None:
             raise InputError(f"{path}: not a reward model (it has no score head); train one with `llmhpc reward`")
+        options.setdefault("pooling", stored_pooling(path))
         return cls(model, load_tokenizer(tokenizer or tokenizer_spec(path) or "smollm2"), **options)
 
-    def tokens(self, prompt: str | list[dict], answer: str) -> list[int]:
-        """The rendered conversation's tokens through the end of the answer's turn, as a training pair's side; the
-        prompt is one user turn or a list of messages."""
+    def side(self, prompt: str | list[dict], answer: str):
+        """The rendered conversation through the end of the answer's turn, as a training pair's side
+        (`llmhpc.data.preference.Side`: its tokens and which are the answer's); the prompt is one user turn or a
+        list of messages."""
         from llmhpc.data.preference import render_side
 
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         messages.append({"role": "assistant", "content": answer})
-        return render_side(self.renderer, messages, self.model.cfg.max_seq_len, "answer").tokens.tolist()
+        return render_side(self.renderer, messages, self.model.cfg.max_seq_len, "answer")
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str | list[dict]], answers: Sequence[str]) -> list[float]:
-        rows = [self.tokens(p, a) for p, a in zip(prompts, answers, strict=True)]
+        sides = [self.side(p, a) for p, a in zip(prompts, answers, strict=True)]
         device = self.model.tok_embeddings.weight.device
         scores: list[float] = []
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start:start + self.batch_size]
-            ids = torch.full((len(chunk), max(map(len, chunk))), self.pad, dtype=torch.long)
-            for i, row in enumerate(chunk):
-                ids[i, :len(row)] = torch.tensor(row)
-            hidden = self.model(ids.to(device), return_hidden=True)
-            last = torch.tensor([len(row) - 1 for row in chunk])
-            scores += last_token_scores(LMHead(self.model), hidden, last).tolist()
+        for start in range(0, len(sides), self.batch_size):
+            chunk = sides[start:start + self.batch_size]
+            ids = torch.full((len(chunk), max(len(s.tokens) for s in chunk)), self.pad, dtype=torch.long)
+            pooled = torch.zeros(ids.shape)  # where each row's score is read (1) and summed
+            for i, side in enumerate(chunk):
+                ids[i, :len(side.tokens)] = torch.from_numpy(side.tokens)
+                if self.pooling == "sum":
+                    pooled[i, :len(side.tokens)] = torch.from_numpy(side.answer)
+                else:
+                    pooled[i, len(side.tokens) - 1] = 1
+            values = self.model.score_values(self.model(ids.to(device), return_hidden=True))
+            scores += (values * pooled.to(values.device)).sum(dim=1).tolist()
         return scores
 
     def pairwise(self, rows: Sequence[dict]) -> dict[str, float]:
@@ -137,3 +148,12 @@ class RewardScorer:
         chosen, rejected = self(prompts, [r["chosen"] for r in rows]), self(prompts, [r["rejected"] for r in rows])
         gaps = [c - r for c, r in zip(chosen, rejected, strict=True)]
         return {"accuracy": sum(g > 0 for g in gaps) / len(gaps), "gap": sum(gaps) / len(gaps)}
+
+
+def stored_pooling(path: str | Path) -> str:
+    """How the reward model at `path` reads its scores (its run's `reward_model.pooling`); 'last' for a model
+    that is not an llmhpc checkpoint."""
+    from llmhpc.models.loader import run_config
+
+    config = run_config(path)
+    return config.reward_model.pooling if config is not None else "last"

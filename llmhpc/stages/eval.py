@@ -18,7 +18,7 @@ import torch
 
 from llmhpc.config import Config, ConfigError
 from llmhpc.errors import InputError
-from llmhpc.rl.reward_model import RewardScorer
+from llmhpc.rl.reward_model import RewardScorer, stored_pooling
 from llmhpc.scoring.answers import Question, accuracy, best_of_n_accuracy, question_from_row, read_questions
 from llmhpc.scoring.perplexity import held_out_windows, perplexity
 
@@ -79,7 +79,8 @@ def evaluate(cfg: Config) -> dict[str, dict[str, dict[str, float]]]:
             if tokenizer is None:
                 raise InputError(f"{path}: has no tokenizer files, so pairs cannot be rendered; add them")
             try:
-                numbers["preferences"] = RewardScorer(model, tokenizer, batch_size=e.batch_size).pairwise(pairs)
+                ranker = RewardScorer(model, tokenizer, batch_size=e.batch_size, pooling=stored_pooling(path))
+                numbers["preferences"] = ranker.pairwise(pairs)
             except InputError as err:
                 raise InputError(f"{path}: {err}") from None
         for task, asked in questions.items():

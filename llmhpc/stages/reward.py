@@ -1,14 +1,15 @@
 """Recipe: a reward model — the model with a scalar head, trained on ranked pairs with the Bradley-Terry loss.
 
     llmhpc reward model.init_from=<HF dir | .gguf | llmhpc run> [data.source=<.jsonl | .parquet | dir of pairs>]
-                  [center_coefficient=0.01] [peft=lora]
+                  [center_coefficient=0.01] [pooling=sum] [peft=lora]
 
 Pairs (`prompt` / `chosen` / `rejected`, an optional `margin`; `llmhpc.data.preference`) are rendered with the
-model's chat template and each side is scored at its last token; data.source=arithmetic (the default) is the
-package's own set (`llmhpc.data.arithmetic_preferences`), its held-out pairs from the held-out problems. The
-model gets a scalar head (`model.score_head`, drawn from run.seed unless the source has one); the layout and
-optimizer come from the shared builder, the loop is the shared trainer and the objective is
-`llmhpc.rl.reward_model.RewardObjective`. Each eval logs the held-out loss and pairwise accuracy.
+model's chat template and each side is scored at its last token (pooling=sum: summed over its answer);
+data.source=arithmetic (the default) is the package's own set (`llmhpc.data.arithmetic_preferences`), its
+held-out pairs from the held-out problems. The model gets a scalar head (`model.score_head`, drawn from
+run.seed unless the source has one); the layout and optimizer come from the shared builder, the loop is the
+shared trainer and the objective is `llmhpc.rl.reward_model.RewardObjective`. Each eval logs the held-out loss
+and pairwise accuracy.
 
 The checkpoint is a model with its head: `llmhpc.rl.reward_model.RewardScorer(run.dir)` scores answers with it
 (PPO's reward, best-of-n), and `model.init_from=<this run>` starts a critic from it.
@@ -48,8 +49,9 @@ def _train(cfg: Config, where: RunContext) -> TrainResult:
     train, held, _ = load_pairs(cfg, tokenizer, r.arithmetic_pairs, r.eval_pairs)
     layout = "shared_prefix" if r.shared_prefix else "whole"
     loader = PairLoader(train, t.micro_batch_size, cfg.run.seed, pad_id=pad, dp_rank=dp_rank(where.mesh),
-                        dp_size=dp_size(where.mesh), layout=layout)
-    eval_batches = pair_eval_batches(held, t.micro_batch_size, pad_id=pad, layout=layout) if t.eval_every else []
+                        dp_size=dp_size(where.mesh), layout=layout, pooling=r.pooling)
+    eval_batches = (pair_eval_batches(held, t.micro_batch_size, pad_id=pad, layout=layout, pooling=r.pooling)
+                    if t.eval_every else [])
     objective = RewardObjective(center_coefficient=r.center_coefficient)
     head_flops = 6 * cfg.model.vocab_size * cfg.model.dim  # no logits: the scalar head replaces the LM head
     trainer = Trainer(cfg, built.engine, loader, objective, components=built.components, eval_batches=eval_batches,

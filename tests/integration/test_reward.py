@@ -25,6 +25,15 @@ REWARD = ["trainer.global_batch_size=4", "trainer.micro_batch_size=2", "trainer.
           "trainer.warmup_steps=0", "logger.progress_bar=false", "run.device=cpu"]
 
 
+def _held_out_rows(model_path, pairs_file) -> list[dict]:
+    """The rows of the pairs a run with data.val_fraction=0.25 and the default seed holds out."""
+    tokenizer = load_tokenizer(tokenizer_spec(model_path))
+    pairs, _ = load_preference_pairs(pairs_file, tokenizer, 160)
+    _, held = split_examples(pairs, 0.25, seed=RunConfig().seed)
+    rows = {p.digest: row for p, row in zip(pairs, map(json.loads, pairs_file.read_text().splitlines()), strict=True)}
+    return [rows[p.digest] for p in held]
+
+
 def test_reward_trains_resumes_bitwise_and_scores(tp2_pp2_checkpoint, pairs_file, llmhpc_cache, tmp_path, capsys):
     common = ["reward", f"model.init_from={tp2_pp2_checkpoint}", f"data.source={pairs_file}", *REWARD,
               "data.val_fraction=0.25", "trainer.max_steps=4", "trainer.ckpt_every=2", "trainer.eval_every=4"]
@@ -48,12 +57,9 @@ def test_reward_trains_resumes_bitwise_and_scores(tp2_pp2_checkpoint, pairs_file
 
     # The scorer reads the run and scores (prompt, answer) as training did: its mean gap over the pairs the run
     # held out (data.val_fraction of them, split by run.seed) is the logged eval gap.
-    tokenizer = load_tokenizer(tokenizer_spec(tp2_pp2_checkpoint))
-    pairs, _ = load_preference_pairs(pairs_file, tokenizer, 160)
-    _, held = split_examples(pairs, 0.25, seed=RunConfig().seed)
-    rows = {p.digest: row for p, row in zip(pairs, map(json.loads, pairs_file.read_text().splitlines()), strict=True)}
-    picked = [rows[p.digest] for p in held]
+    picked = _held_out_rows(tp2_pp2_checkpoint, pairs_file)
     scorer = RewardScorer.load(run)
+    assert scorer.pooling == "last"
     assert scorer.pairwise(picked)["gap"] == pytest.approx(records[3]["eval_score_gap"], rel=1e-4, abs=1e-5)
 
     # `llmhpc eval task=preferences` scores the held-out arithmetic pairs with the same scorer.
@@ -99,3 +105,18 @@ def test_reward_errors_are_one_line(capsys, tp2_pp2_checkpoint):
                             "run.device=cpu"], "model.score_head=true")
     one_line_error(capsys, ["eval", "best_of=4", f"model.init_from={tp2_pp2_checkpoint}"], "best_of=4",
                    "judge=")
+
+
+def test_a_summed_head_run_is_scored_summed(tp2_pp2_checkpoint, pairs_file, llmhpc_cache, tmp_path):
+    """`pooling=sum` trains a head summed over each answer; its run keeps that, so the scorer loaded from it sums
+    too and gives the held-out gap the run logged (a last-token read would not)."""
+    run = tmp_path / "run"
+    run_cli(["reward", f"model.init_from={tp2_pp2_checkpoint}", f"data.source={pairs_file}", *REWARD, "pooling=sum",
+             "data.val_fraction=0.25", "trainer.max_steps=2", "trainer.eval_every=2", f"run.dir={run}"], llmhpc_cache)
+    logged = read_metrics(run / "metrics.jsonl")[1]["eval_score_gap"]
+    scorer = RewardScorer.load(run)
+    assert scorer.pooling == "sum"
+    picked = _held_out_rows(tp2_pp2_checkpoint, pairs_file)
+    assert scorer.pairwise(picked)["gap"] == pytest.approx(logged, rel=1e-4, abs=1e-5)
+    scorer.pooling = "last"
+    assert scorer.pairwise(picked)["gap"] != pytest.approx(logged, rel=1e-2)

@@ -94,21 +94,29 @@ def test_objective_loss_and_gradients_match_a_derivation_by_hand(pairs, tokenize
     assert model.layers["0"].attention.wq.weight.grad.abs().sum() > 0
 
 
+def _alone(model, side, pooling: str) -> torch.Tensor:
+    """A side's score from its own unpadded row: w . h at its last token, or summed over its answer tokens."""
+    values = model.score_values(model(torch.from_numpy(side.tokens)[None], return_hidden=True))[0]
+    return values[-1] if pooling == "last" else values[torch.from_numpy(side.answer)].sum()
+
+
+@pytest.mark.parametrize("pooling", ["last", "sum"])
 @pytest.mark.parametrize("layout", ["whole", "shared_prefix"])
-def test_scores_do_not_depend_on_batching_padding_or_sharing(layout, pairs, tokenizer):
-    from llmhpc.rl.reward_model import last_token_scores
+def test_scores_do_not_depend_on_batching_padding_or_sharing(layout, pooling, pairs, tokenizer):
+    from llmhpc.rl.reward_model import side_scores
     from llmhpc.train.objective import LMHead, model_inputs
 
     model = _tiny(len(tokenizer), seed=1)
     with torch.no_grad():
-        batch = pair_batch(pairs, pad_id=0, layout=layout, width_multiple=64)
+        batch = pair_batch(pairs, pad_id=0, layout=layout, width_multiple=64, pooling=pooling)
         assert batch["input_ids"].shape[1] % 64 == 0
         hidden = model(**model_inputs(batch), return_hidden=True)
-        together = last_token_scores(LMHead(model), hidden, batch["last"], batch["row"])
-        alone = [last_token_scores(LMHead(model), model(torch.from_numpy(s.tokens)[None], return_hidden=True),
-                                   torch.tensor([len(s.tokens) - 1]))[0]
-                 for s in [p.chosen for p in pairs] + [p.rejected for p in pairs]]
-    assert torch.allclose(together, torch.stack(alone), atol=1e-5)
+        together = side_scores(LMHead(model), hidden, batch)
+        alone = [_alone(model, s, pooling) for s in [p.chosen for p in pairs] + [p.rejected for p in pairs]]
+    assert torch.allclose(together, torch.stack(alone), atol=1e-4)
+    if pooling == "sum":  # every answer token of every side, once
+        assert batch["answer_tokens"].shape[1] == sum(int(p.chosen.answer.sum() + p.rejected.answer.sum())
+                                                      for p in pairs)
     assert batch["margin"].tolist() == [p.margin for p in pairs]
     if layout == "shared_prefix":  # one row per pair, shorter than the two sides by the prompt at least
         assert batch["input_ids"].shape[0] == len(pairs)
@@ -116,11 +124,34 @@ def test_scores_do_not_depend_on_batching_padding_or_sharing(layout, pairs, toke
         assert int(batch["attention_mask"][:, 0].diagonal(dim1=1, dim2=2).sum()) < real
 
 
-def test_shared_prefix_gives_the_gradients_of_separate_rows(pairs, tokenizer):
+@pytest.mark.parametrize("pooling", ["last", "sum"])
+def test_the_scorer_scores_as_training_does(pooling, pairs, tokenizer):
+    """RewardScorer renders prompt / answer text itself and batches it its own way (right-padded rows, 3 at a
+    time): each answer's score is still the one its side gets in a training batch."""
+    from llmhpc.data.arithmetic_preferences import preference_rows
+    from llmhpc.rl.reward_model import RewardScorer, side_scores
+    from llmhpc.train.objective import LMHead, model_inputs
+
+    model = _tiny(len(tokenizer), seed=3)
+    rows = preference_rows(train_eval_split(6, 0, seed=4)[0], seed=4)
+    scorer = RewardScorer(model, tokenizer, batch_size=3, pooling=pooling)
+    with torch.no_grad():
+        batch = pair_batch(pairs, pad_id=0, layout="whole", pooling=pooling)
+        want = side_scores(LMHead(model), model(**model_inputs(batch), return_hidden=True), batch)
+    got = scorer([r["prompt"] for r in rows] * 2, [r["chosen"] for r in rows] + [r["rejected"] for r in rows])
+    assert got == pytest.approx(want.tolist(), abs=1e-4)
+    gaps = want[:len(pairs)] - want[len(pairs):]
+    assert scorer.pairwise(rows) == pytest.approx({"accuracy": float((gaps > 0).float().mean()),
+                                                   "gap": float(gaps.mean())}, abs=1e-4)
+
+
+@pytest.mark.parametrize("pooling", ["last", "sum"])
+def test_shared_prefix_gives_the_gradients_of_separate_rows(pooling, pairs, tokenizer):
     grads = {}
     for layout in ("whole", "shared_prefix"):
         model = _tiny(len(tokenizer), seed=2)
-        out = RewardObjective(center_coefficient=0.1)(model, pair_batch(pairs, pad_id=0, layout=layout))
+        out = RewardObjective(center_coefficient=0.1)(model, pair_batch(pairs, pad_id=0, layout=layout,
+                                                                         pooling=pooling))
         out.loss.backward()
         grads[layout] = (out.loss.item(), {n: p.grad for n, p in model.named_parameters()})
     (loss_a, a), (loss_b, b) = grads["whole"], grads["shared_prefix"]
