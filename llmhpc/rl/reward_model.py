@@ -20,11 +20,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from llmhpc.train.objective import Batch, LMHead, Metric, Objective
+
+if TYPE_CHECKING:
+    from llmhpc.data.preference import Side
 
 
 def bradley_terry_losses(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
@@ -112,7 +116,7 @@ class RewardScorer:
         options.setdefault("pooling", stored_pooling(path))
         return cls(model, load_tokenizer(tokenizer or tokenizer_spec(path) or "smollm2"), **options)
 
-    def side(self, prompt: str | list[dict], answer: str):
+    def side(self, prompt: str | list[dict], answer: str) -> Side:
         """The rendered conversation through the end of the answer's turn, as a training pair's side
         (`llmhpc.data.preference.Side`: its tokens and which are the answer's); the prompt is one user turn or a
         list of messages."""
