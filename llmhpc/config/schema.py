@@ -462,6 +462,12 @@ class GRPOConfig:
     beta: float = 0.0
     """Weight of the k3 KL to the reference (the starting model; with peft, the base with adapters off). At 0 no
     reference is loaded or run."""
+    frozen_dtype: str = "fp32"
+    """fp32 | bf16: how the reference (beta > 0, no peft) stores its linear layers' weights; bf16 holds half the
+    bytes and runs under bf16 autocast (under precision=bf16: the fp32 reference's log-probs, bit for bit)."""
+    offload_frozen: bool = False
+    """Keep the reference in host memory between rollouts and copy it to the device only while it scores one
+    (on a GPU: no device memory for it during sampling and training)."""
     dynamic_sampling: bool = False
     """DAPO: drop groups whose rewards are all equal (they teach nothing) and sample new prompts until the batch
     is full (at most max_draws rounds per rollout)."""
@@ -528,6 +534,14 @@ class PPOConfig:
     """Adaptive KL (Ziegler et al.): the mean per-answer KL aimed at; None keeps kl_coef fixed."""
     kl_horizon: int = 10000
     """Adaptive KL: answers over which a full proportional correction of the coefficient is applied."""
+    frozen_dtype: str = "fp32"
+    """fp32 | bf16: how the reference (no peft) and the reward model store their linear layers' weights; bf16 holds
+    half the bytes and runs under bf16 autocast (under precision=bf16 the reference's log-probs are the fp32 one's,
+    bit for bit; the reward model's scores move by bf16's rounding)."""
+    offload_frozen: bool = False
+    """Keep the reference and the reward model in host memory between the phases that use them (scoring a
+    rollout) and copy them to the device only then (on a GPU: no device memory for them during sampling and
+    the actor's and critic's updates)."""
     whiten_advantages: bool = True
     """Scale the advantages of a rollout batch to mean 0, std 1 over its answer tokens (on every dp rank)."""
     rollout_batch_size: int = 64

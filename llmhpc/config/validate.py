@@ -67,6 +67,7 @@ def validate_grpo(cfg: Config) -> None:
                                                  f"{g.clip_high}")
     _check(g.beta >= 0, f"grpo.beta must be >= 0 (0: no reference model), got {g.beta}")
     _choice("grpo.loss_norm", g.loss_norm, ("token", "sequence", "fixed"))
+    _choice("grpo.frozen_dtype", g.frozen_dtype, ("fp32", "bf16"))
     _choice("grpo.importance", g.importance, ("token", "sequence"))
     _choice("grpo.overlong", g.overlong, ("none", "mask", "penalty"))
     _check(0 < g.overlong_buffer <= g.max_new_tokens or g.overlong != "penalty",
@@ -97,6 +98,7 @@ def validate_ppo(cfg: Config) -> None:
     _check(p.clip > 0 and p.value_clip > 0, f"ppo.clip / value_clip must be > 0, got {p.clip} / {p.value_clip}")
     _check(0 <= p.gamma <= 1 and 0 <= p.lam <= 1, f"ppo.gamma / lam must be in [0, 1], got {p.gamma} / {p.lam}")
     _check(p.kl_coef >= 0, f"ppo.kl_coef must be >= 0 (0: no reference model), got {p.kl_coef}")
+    _choice("ppo.frozen_dtype", p.frozen_dtype, ("fp32", "bf16"))
     _check(p.kl_target is None or p.kl_target > 0, f"ppo.kl_target must be > 0 (or null: fixed), got {p.kl_target}")
     _check(bool(p.reward) or bool(p.reward_model_path),
            "ppo has no reward: name reward functions (ppo.reward=[correct]) or a reward model "

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from llmhpc.data.preference import prefix_sharing_mask
+from llmhpc.rl.frozen import ReferencePolicy
 from llmhpc.rl.grpo import fill_with_informative_groups, group_advantages, informative, overlong_penalty
 from llmhpc.rl.rewards import RewardSet
 from llmhpc.rl.rollout import Completion, RolloutEngine
@@ -114,7 +115,7 @@ class GroupRollouts:
         seed: int,
         rank: int = 0,
         ranks: int = 1,
-        reference: Callable[[Batch], torch.Tensor] | None = None,
+        reference: ReferencePolicy | None = None,
         dp_group: dist.ProcessGroup | None = None,
         context: Callable[[], AbstractContextManager] = nullcontext,
     ) -> None:
@@ -238,7 +239,7 @@ class GroupRollouts:
                 stats.maxima["completion_length_max"] = max(stats.maxima["completion_length_max"], len(c.tokens))
         self.batches = self._micro_batches(rows)
         if self.reference is not None:
-            with torch.no_grad():
+            with torch.no_grad(), self.reference.resident():  # an offloaded reference comes in once per rollout
                 for batch in self.batches:
                     batch["ref_logprobs"] = self.reference(batch).float()
         self.served = 0

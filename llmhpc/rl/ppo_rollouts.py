@@ -21,6 +21,7 @@ critic's last metrics are part of this source's state, so a resumed run continue
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -127,7 +128,8 @@ class PPORollouts(GroupRollouts):
         kl_coef = self.kl.coef
         answers = 0
         kl_total = 0.0
-        with torch.no_grad():
+        resident = self.reference.resident() if self.reference is not None else nullcontext()
+        with torch.no_grad(), resident:  # an offloaded reference comes in once per rollout
             for batch in self.batches:
                 mask = batch["labels"] != IGNORE_INDEX
                 old = batch["old_logprobs"]

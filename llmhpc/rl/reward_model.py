@@ -90,13 +90,22 @@ class RewardScorer:
     padding). `RewardScorer.load(path)` reads a trained reward model and how it pools."""
 
     def __init__(self, model, tokenizer, *, chat_template: str | None = None, batch_size: int = 8,
-                 pooling: str = "last") -> None:
+                 pooling: str = "last", device: str | None = None, dtype: torch.dtype = torch.float32,
+                 offload: bool = False) -> None:
+        """`device`: where the model scores (default: where its weights are); `dtype`: bf16 stores its linear
+        layers in bf16 and scores under bf16 autocast; `offload`: keep it in host memory between calls
+        (`llmhpc.rl.frozen.FrozenModel`)."""
         from llmhpc.data.chat import ChatRenderer
+        from llmhpc.data.preference import POOLINGS
         from llmhpc.errors import InputError
+        from llmhpc.rl.frozen import FrozenModel
 
         if getattr(model, "score", None) is None:
             raise InputError("not a reward model (it has no score head); train one with `llmhpc reward`")
-        self.model, self.pooling = model.eval(), pooling
+        if pooling not in POOLINGS:
+            raise InputError(f"pooling={pooling!r} is not one of: {', '.join(POOLINGS)}")
+        self.frozen = FrozenModel(model, device or model.tok_embeddings.weight.device, dtype=dtype, offload=offload)
+        self.model, self.pooling = self.frozen.model, pooling
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.renderer = ChatRenderer(tokenizer, chat_template, last_turn_only=True)
         self.batch_size = batch_size
@@ -110,11 +119,12 @@ class RewardScorer:
         from llmhpc.models import load_pretrained
         from llmhpc.models.loader import tokenizer_spec
 
-        model, _ = load_pretrained(str(path), device=device, dtype=dtype)
+        model, _ = load_pretrained(str(path))
         if model.score is None:
             raise InputError(f"{path}: not a reward model (it has no score head); train one with `llmhpc reward`")
         options.setdefault("pooling", stored_pooling(path))
-        return cls(model, load_tokenizer(tokenizer or tokenizer_spec(path) or "smollm2"), **options)
+        return cls(model, load_tokenizer(tokenizer or tokenizer_spec(path) or "smollm2"), device=device,
+                   dtype=dtype, **options)
 
     def side(self, prompt: str | list[dict], answer: str) -> Side:
         """The rendered conversation through the end of the answer's turn, as a training pair's side
@@ -129,7 +139,11 @@ class RewardScorer:
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str | list[dict]], answers: Sequence[str]) -> list[float]:
         sides = [self.side(p, a) for p, a in zip(prompts, answers, strict=True)]
-        device = self.model.tok_embeddings.weight.device
+        with self.frozen.resident(), self.frozen.autocast():
+            return self._scores(sides)
+
+    def _scores(self, sides: list[Side]) -> list[float]:
+        device = self.frozen.device
         scores: list[float] = []
         for start in range(0, len(sides), self.batch_size):
             chunk = sides[start:start + self.batch_size]

@@ -27,8 +27,10 @@ import torch
 from torch import nn
 
 from llmhpc.config import Config, ConfigError
+from llmhpc.config.schema import GRPOConfig, PPOConfig
 from llmhpc.errors import InputError
 from llmhpc.parallel import dp_rank
+from llmhpc.rl.frozen import FROZEN_DTYPES, FrozenModel, ReferencePolicy
 from llmhpc.rl.rollout import RolloutEngine
 from llmhpc.rl.sampling import SamplingParams
 from llmhpc.stages.sft import answer_accuracy, arithmetic_or_file, fit_and_close, with_model_tokenizer
@@ -85,40 +87,21 @@ def load_prompts(cfg: Config, tokenizer, max_new_tokens: int) -> list:
 
 
 def reference_policy(cfg: Config, policy: nn.Module, device: torch.device,
-                     autocast: Callable[[], AbstractContextManager], temperature: float) -> Callable:
-    """Log-probs of a micro-batch's labels under the starting model, at the sampling temperature (0: greedy, scored
-    as softmax): the base with adapters switched off under peft, otherwise a frozen copy read from model.init_from
-    (module docstring). GRPO's KL term and PPO's KL penalty use it."""
-    from contextlib import nullcontext
-
-    from llmhpc.rl.grpo import completion_logprobs
-    from llmhpc.train.objective import LMHead, model_inputs
-
+                     autocast: Callable[[], AbstractContextManager], temperature: float,
+                     stage: GRPOConfig | PPOConfig) -> ReferencePolicy:
+    """The starting model, for GRPO's KL term and PPO's KL penalty (`llmhpc.rl.frozen.ReferencePolicy`): the base
+    with adapters switched off under peft (no second model), otherwise a frozen copy read from model.init_from,
+    stored in `stage.frozen_dtype` and, with `stage.offload_frozen`, kept in host memory between rollouts."""
     if cfg.peft.name != "none":
         from llmhpc.peft.lora import adapters_disabled
 
-        model, switch = policy, (lambda: adapters_disabled(policy))
-    else:
-        from llmhpc.models import load_pretrained
+        return ReferencePolicy(policy, switch=lambda: adapters_disabled(policy), autocast=autocast,
+                               temperature=temperature)
+    from llmhpc.models import load_pretrained
 
-        model, _ = load_pretrained(cfg.model.init_from, device=str(device))
-        model.requires_grad_(False).eval()
-        switch = nullcontext
-
-    temperature = temperature if temperature > 0 else 1.0  # as GRPOObjective: greedy = softmax
-
-    def reference(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        was_training = model.training
-        model.eval()
-        try:
-            with switch(), autocast():
-                batch = {k: v.to(device) for k, v in batch.items()}
-                hidden = model(**model_inputs(batch), return_hidden=True)
-                return completion_logprobs(LMHead(model), hidden, batch["labels"], temperature).cpu()
-        finally:
-            model.train(was_training)
-
-    return reference
+    model, _ = load_pretrained(cfg.model.init_from)
+    frozen = FrozenModel(model, device, dtype=FROZEN_DTYPES[stage.frozen_dtype], offload=stage.offload_frozen)
+    return ReferencePolicy(frozen, autocast=autocast, temperature=temperature)
 
 
 def run(cfg: Config) -> TrainResult:
@@ -185,7 +168,8 @@ def _train(cfg: Config, where: RunContext) -> TrainResult:
     source = GroupRollouts(
         sampling.engine, sampling.prompts, rewards, sampling.decode, settings, seed=cfg.run.seed,
         rank=dp_rank(where.mesh), ranks=ranks, dp_group=engine.dp.group, context=engine.autocast,
-        reference=reference_policy(cfg, model, where.device, engine.autocast, g.temperature) if g.beta > 0 else None,
+        reference=(reference_policy(cfg, model, where.device, engine.autocast, g.temperature, g) if g.beta > 0
+                   else None),
     )
     objective = GRPOObjective(clip_low=g.clip_low, clip_high=g.clip_high, beta=g.beta, loss_norm=g.loss_norm,
                               importance=g.importance, max_completion_tokens=g.max_new_tokens,

@@ -25,6 +25,7 @@ import torch
 from llmhpc.config import Config, ConfigError
 from llmhpc.config.schema import PeftConfig
 from llmhpc.parallel import dp_rank
+from llmhpc.rl.frozen import FROZEN_DTYPES
 from llmhpc.stages.grpo import check_sampling_layout, reference_policy, reward_specs, sampler
 from llmhpc.stages.sft import answer_accuracy, fit_and_close, with_model_tokenizer
 from llmhpc.train.builder import RunContext, build, distributed_run
@@ -86,7 +87,8 @@ def _rewards(cfg: Config, device: torch.device) -> PPORewards:
     if cfg.ppo.reward_model_path:
         from llmhpc.rl.reward_model import RewardScorer
 
-        scorer = RewardScorer.load(cfg.ppo.reward_model_path, device=str(device))
+        scorer = RewardScorer.load(cfg.ppo.reward_model_path, device=str(device),
+                                   dtype=FROZEN_DTYPES[cfg.ppo.frozen_dtype], offload=cfg.ppo.offload_frozen)
     return PPORewards(functions, scorer)
 
 
@@ -109,7 +111,7 @@ def _train(cfg: Config, where: RunContext) -> TrainResult:
         micro_batches=t.global_batch_size // (t.micro_batch_size * ranks), updates=p.updates_per_rollout,
         pad_id=sampling.pad_id,
     )
-    reference = (reference_policy(cfg, model, where.device, engine.autocast, p.temperature)
+    reference = (reference_policy(cfg, model, where.device, engine.autocast, p.temperature, p)
                  if p.kl_coef > 0 or p.kl_target is not None else None)
 
     source = PPORollouts(

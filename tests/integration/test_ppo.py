@@ -1,7 +1,7 @@
 """`llmhpc ppo` end to end on the tiny model (trained 2 steps under tp=2 x pp=2, SmolLM2's tokenizer): actor and
 critic are the two components of every checkpoint and a run stopped between two updates of a rollout resumes bit
 for bit, both of them; the KL to the starting model starts at 0 and grows; a reward model scores the answers and
-starts the critic.
+starts the critic, and stored in bf16 (with the reference) gives its numbers within bf16's rounding.
 
 Rewards are named by dotted path (`tests.grpo_rewards`): a random model never answers arithmetic right.
 """
@@ -104,6 +104,17 @@ def test_reward_model_scores_answers_and_starts_the_critic(tp2_pp2_checkpoint, p
     policy, _ = load_pretrained(tp2_pp2_checkpoint)
     assert (critic["layers.0.attention.wq.weight"] - policy.layers["0"].attention.wq.weight).abs().max() > 1e-3
 
+    # The reference and the reward model stored in bf16 (offloading is a no-op on the host): the same answers
+    # (sampled by the fp32 actor), scored within bf16's rounding, and a first-rollout KL that is rounding only.
+    half = tmp_path / "ppo-bf16"
+    run_cli(["ppo", f"model.init_from={tp2_pp2_checkpoint}", *PPO, f"reward_model_path={rm}", "reward=[]",
+             "critic_lr=1e-5", "updates_per_rollout=1", "trainer.max_steps=1", "frozen_dtype=bf16",
+             "offload_frozen=true", f"run.dir={half}"], llmhpc_cache)
+    (bf16,) = read_metrics(half / "metrics.jsonl")
+    assert bf16["completion_length"] == record["completion_length"]
+    assert bf16["reward"] == pytest.approx(record["reward"], rel=0.05) and bf16["reward"] != record["reward"]
+    assert abs(record["kl"]) < 1e-5 < abs(bf16["kl"]) < 0.05, (record["kl"], bf16["kl"])
+
 
 def test_ppo_errors_are_one_line(capsys, tp2_pp2_checkpoint, tmp_path):
     base = ["ppo", f"model.init_from={tp2_pp2_checkpoint}", *PPO, f"run.dir={tmp_path / 'x'}"]
@@ -111,3 +122,4 @@ def test_ppo_errors_are_one_line(capsys, tp2_pp2_checkpoint, tmp_path):
     one_line_error(capsys, [*base, "samples_per_prompt=3"], "trainer.global_batch_size=8",
                    "ppo.samples_per_prompt=3")
     one_line_error(capsys, [*base, "kl_coef=-1"], "ppo.kl_coef must be >= 0")
+    one_line_error(capsys, [*base, "frozen_dtype=fp16"], "ppo.frozen_dtype='fp16' is not one of: fp32, bf16")
