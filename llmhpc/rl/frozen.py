@@ -53,10 +53,7 @@ class FrozenModel:
                     if tensor is None:
                         continue
                     if id(tensor) not in hosts:
-                        host = tensor.detach().to("cpu")
-                        host = host.pin_memory() if pin else host
-                        hosts[id(tensor)] = nn.Parameter(host, requires_grad=False) if isinstance(
-                            tensor, nn.Parameter) else host
+                        hosts[id(tensor)] = _copied(tensor, torch.device("cpu"), pin=pin)
                     table[name] = hosts[id(tensor)]
                     self._slots.append((table, name, hosts[id(tensor)]))
 
@@ -80,9 +77,7 @@ class FrozenModel:
             copies: dict[int, torch.Tensor] = {}
             for table, name, host in self._slots:
                 if id(host) not in copies:
-                    moved = host.detach().to(self.device, non_blocking=True)
-                    copies[id(host)] = nn.Parameter(moved, requires_grad=False) if isinstance(
-                        host, nn.Parameter) else moved
+                    copies[id(host)] = _copied(host, self.device)
                 table[name] = copies[id(host)]
         self._depth += 1
         try:
@@ -92,6 +87,14 @@ class FrozenModel:
             if self.offload and self._depth == 0:
                 for table, name, host in self._slots:
                     table[name] = host
+
+
+def _copied(tensor: torch.Tensor, device: torch.device, *, pin: bool = False) -> torch.Tensor:
+    """`tensor` copied to `device` (pinned if asked), still a frozen `nn.Parameter` where it was one. Only a copy
+    to an accelerator is asynchronous: one to the host must be complete before it is pinned or used."""
+    copy = tensor.detach().to(device, non_blocking=device.type != "cpu")
+    copy = copy.pin_memory() if pin else copy
+    return nn.Parameter(copy, requires_grad=False) if isinstance(tensor, nn.Parameter) else copy
 
 
 class ReferencePolicy:
