@@ -394,7 +394,8 @@ class EvalConfig:
     """arithmetic / .jsonl: 1 answers greedily; n > 1 samples n answers per question at `temperature` and keeps the
     one `judge` scores highest (best-of-n), reported with the accuracy of single samples."""
     judge: str | None = None
-    """best_of > 1: the reward model (an `llmhpc reward` run or checkpoint) that picks among the samples."""
+    """The reward model (an `llmhpc reward` run or checkpoint): best_of > 1, it picks among the samples; best_of=1,
+    the greedy answers' mean score by it is reported as `judge_score` (e.g. before / after PPO, with baseline=)."""
     temperature: float = 0.7
     """best_of > 1: the sampling temperature."""
     output: str | None = None

@@ -127,8 +127,13 @@ class ChatRenderer:
         """Tokens of `text` as training sees them: the template writes any BOS itself, so none is added."""
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def render(self, messages: Sequence[Message]) -> Rendered:
-        """Tokens of the whole conversation and the assistant mask (True = a token the assistant says)."""
+    def render(self, messages: Sequence[Message], exact: bool = True) -> Rendered:
+        """Tokens of the whole conversation and the assistant mask (True = a token the assistant says).
+
+        `exact`: RenderError when tokenizing the turns one by one differs from tokenizing the whole text (a token
+        spans a turn boundary, e.g. an answer that starts with two spaces), so training learns only from text the
+        way it tokenizes whole. False returns the turn-by-turn tokens instead: what a model that writes the answer
+        after the prompt's tokens produces, for scoring sampled answers, which may start or end anyhow."""
         assistant_turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
         trained = set(assistant_turns[-1:] if self.last_turn_only else assistant_turns)
         pieces: list[tuple[str, bool]] = []
@@ -151,7 +156,7 @@ class ChatRenderer:
                 ids = self.encode(text)
                 input_ids += ids
                 mask += [is_assistant] * len(ids)
-        if input_ids != self.encode(full):
+        if exact and input_ids != self.encode(full):
             raise RenderError(
                 "tokenizing the template's turns one by one gives other tokens than tokenizing the whole "
                 "conversation (a token spans a turn boundary), so the assistant mask would be inexact"

@@ -113,11 +113,12 @@ def _margin(row: dict) -> float:
     return float(margin)
 
 
-def render_side(renderer: ChatRenderer, messages: list[Message], seq_len: int, name: str) -> Side:
+def render_side(renderer: ChatRenderer, messages: list[Message], seq_len: int, name: str,
+                exact: bool = True) -> Side:
     """One side rendered and tokenized, cut after its answer; RowError if it cannot render, has no answer
-    tokens or is longer than seq_len + 1 tokens."""
+    tokens or is longer than seq_len + 1 tokens (`exact`: as `ChatRenderer.render`'s)."""
     try:
-        rendered = renderer.render(messages)
+        rendered = renderer.render(messages, exact=exact)
     except RenderError as e:
         raise RowError("render", f"'{name}': {e}") from None
     mask = np.asarray(rendered.assistant_mask, dtype=bool)

@@ -129,12 +129,13 @@ class RewardScorer:
     def side(self, prompt: str | list[dict], answer: str) -> Side:
         """The rendered conversation through the end of the answer's turn, as a training pair's side
         (`llmhpc.data.preference.Side`: its tokens and which are the answer's); the prompt is one user turn or a
-        list of messages."""
+        list of messages. Any answer renders, also one whose first token would merge across the turn boundary
+        (a sampled answer may start with spaces): its turns are then tokenized one by one."""
         from llmhpc.data.preference import render_side
 
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         messages.append({"role": "assistant", "content": answer})
-        return render_side(self.renderer, messages, self.model.cfg.max_seq_len, "answer")
+        return render_side(self.renderer, messages, self.model.cfg.max_seq_len, "answer", exact=False)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str | list[dict]], answers: Sequence[str]) -> list[float]:

@@ -114,14 +114,23 @@ def is_right(question: Question, reply: str) -> bool:
 
 
 def accuracy(model: torch.nn.Module, tokenizer, questions: list[Question], *, max_new_tokens: int = 128,
-             batch_size: int = 8) -> dict[str, float]:
+             batch_size: int = 8, scorer: Callable[[list, list[str]], list[float]] | None = None) -> dict[str, float]:
     """{'accuracy', 'truncated', 'questions'} of greedy replies, `batch_size` of them decoding at once (the rollout
-    engine: a finished reply's row is taken by the next question at once)."""
+    engine: a finished reply's row is taken by the next question at once). With a `scorer` (a reward model, as
+    for best-of-n) also 'judge_score': its mean score of the replies, what RLHF against it is meant to raise."""
     replies = _replies(model, tokenizer, questions, SamplingParams(max_new_tokens=max_new_tokens, temperature=0),
                        batch_size)
     n = len(questions)
-    return {"accuracy": sum(is_right(q, text) for q, (text, _) in zip(questions, replies, strict=True)) / n,
-            "truncated": sum(not ended for _, ended in replies) / n, "questions": float(n)}
+    numbers = {"accuracy": sum(is_right(q, text) for q, (text, _) in zip(questions, replies, strict=True)) / n,
+               "truncated": sum(not ended for _, ended in replies) / n, "questions": float(n)}
+    if scorer is not None:
+        numbers["judge_score"] = sum(scorer(_chats(questions), [text for text, _ in replies])) / n
+    return numbers
+
+
+def _chats(questions: list[Question], n: int = 1) -> list[list[dict[str, str]]]:
+    """Each question's turns as a message list (what a reward model's scorer takes), repeated n times in a row."""
+    return [[{"role": role, "content": content} for role, content in q.chat] for q in questions for _ in range(n)]
 
 
 def best_of_n_accuracy(model: torch.nn.Module, tokenizer, questions: list[Question],
@@ -133,8 +142,7 @@ def best_of_n_accuracy(model: torch.nn.Module, tokenizer, questions: list[Questi
     scores), 'any_right': share of questions with a right sample among the n (the ceiling), 'questions'}."""
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     replies = [text for text, _ in _replies(model, tokenizer, questions, params, batch_size, n)]
-    chats = [[{"role": role, "content": content} for role, content in q.chat] for q in questions for _ in range(n)]
-    return grade_best_of_n(questions, replies, scorer(chats, replies), n)
+    return grade_best_of_n(questions, replies, scorer(_chats(questions, n), replies), n)
 
 
 def grade_best_of_n(questions: list[Question], replies: list[str], scores: list[float], n: int) -> dict[str, float]:

@@ -5,8 +5,10 @@
 Perplexity is on the held-out documents of data.source (tokenized with data.tokenizer, which must be the
 model's); accuracy is greedy exact-answer accuracy on held-out questions (`llmhpc.scoring`); 'preferences' scores
 a reward model (`llmhpc reward`) on the held-out arithmetic pairs: how often chosen scores above rejected. With
-best_of=n judge=RUN (a reward model), n answers are sampled per question and the one the reward model scores highest is
-graded (best-of-n). The results are printed as one table, a column per model, and written as JSON with output=FILE.
+best_of=n judge=RUN (a reward model), n answers are sampled per question and the one the reward model scores
+highest is graded (best-of-n); with best_of=1, judge=RUN adds the reward model's mean score of the greedy answers
+(`judge_score`, what PPO against it should raise). The results are printed as one table, a column per model, and
+written as JSON with output=FILE.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def evaluate(cfg: Config) -> dict[str, dict[str, dict[str, float]]]:
     pairs = _preference_rows(cfg) if "preferences" in tasks else None
     text_vocab = load_tokenizer(cfg.data.tokenizer).get_vocab() if windows is not None else None
     results: dict[str, dict[str, dict[str, float]]] = {}
-    scorer = None  # best_of > 1: the reward model, loaded once for every model measured
+    scorer = None  # judge=: the reward model, loaded once for every model measured
     for path in [cfg.model.init_from, *([e.baseline] if e.baseline else [])]:
         model, tokenizer = load_pretrained(path, dtype=_dtype(cfg))
         numbers = results.setdefault(path, {})
@@ -86,14 +88,15 @@ def evaluate(cfg: Config) -> dict[str, dict[str, dict[str, float]]]:
         for task, asked in questions.items():
             if tokenizer is None:
                 raise InputError(f"{path}: has no tokenizer files, so questions cannot be asked; add them")
-            if e.best_of > 1:
+            if e.judge:
                 scorer = scorer or RewardScorer.load(e.judge, batch_size=e.batch_size)
+            if e.best_of > 1:
                 numbers[task] = best_of_n_accuracy(model, tokenizer, asked, scorer, n=e.best_of,
                                                    temperature=e.temperature, max_new_tokens=e.max_new_tokens,
                                                    batch_size=e.batch_size, seed=cfg.run.seed)
             else:
                 numbers[task] = accuracy(model, tokenizer, asked, max_new_tokens=e.max_new_tokens,
-                                         batch_size=e.batch_size)
+                                         batch_size=e.batch_size, scorer=scorer)
         del model
     return results
 

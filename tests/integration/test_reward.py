@@ -18,6 +18,9 @@ from llmhpc.models import load_pretrained
 from llmhpc.models.llama import init_score_head
 from llmhpc.models.loader import tokenizer_spec
 from llmhpc.rl.reward_model import RewardScorer
+from llmhpc.rl.rollout import RolloutEngine
+from llmhpc.rl.sampling import SamplingParams
+from llmhpc.scoring.answers import prompt_ids, question_from_row
 from tests.conftest import one_line_error, run_cli
 from tests.distributed.launch import copy_run_stopped_at, step_losses
 
@@ -79,6 +82,19 @@ def test_reward_trains_resumes_bitwise_and_scores(tp2_pp2_checkpoint, pairs_file
     best = json.loads(out.read_text())[str(tp2_pp2_checkpoint)]["arithmetic"]
     assert set(best) == {"accuracy", "sample_accuracy", "any_right", "questions"} and best["questions"] == 2
     assert best["accuracy"] <= best["any_right"] and best["sample_accuracy"] <= best["any_right"]
+    # Greedy with a judge: the reward model's mean score of the greedy replies, as the scorer gives it for them.
+    run_cli(["eval", f"model.init_from={tp2_pp2_checkpoint}", "task=arithmetic", "problems=2", f"judge={run}",
+             "max_new_tokens=8", f"output={out}"], llmhpc_cache)
+    greedy = json.loads(out.read_text())[str(tp2_pp2_checkpoint)]["arithmetic"]
+    asked = [question_from_row(p.to_row()) for p in held_out_problems(2, seed)]
+    policy, tokenizer = load_pretrained(tp2_pp2_checkpoint)
+    engine = RolloutEngine(policy, batch_size=2, eos_token_ids=[tokenizer.eos_token_id])
+    finished = engine.generate([prompt_ids(tokenizer, q) for q in asked], SamplingParams(max_new_tokens=8,
+                                                                                          temperature=0))
+    replies = [tokenizer.decode(r.tokens[:-1] if r.finish_reason == "stop" else r.tokens, skip_special_tokens=True)
+               for r in finished]
+    chats = [[{"role": "user", "content": q.chat[0][1]}] for q in asked]
+    assert greedy["judge_score"] == pytest.approx(sum(scorer(chats, replies)) / 2, rel=1e-4, abs=1e-5)
     # The export formats hold language models: a reward model is refused in one line, nothing written.
     one_line_error(capsys, ["convert", f"src={run}", f"dst={tmp_path / 'export'}"], "a reward model")
     assert not (tmp_path / "export").exists()

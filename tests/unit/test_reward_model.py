@@ -213,3 +213,26 @@ def test_best_of_n_keeps_the_best_scored_reply():
     assert tie["accuracy"] == 0.0  # a tie keeps the first of the best
     with pytest.raises(ValueError, match="need as many"):
         grade_best_of_n(questions, replies[:8], scores[:8], n=3)
+
+
+@pytest.mark.parametrize("pooling", ["last", "sum"])
+def test_the_scorer_scores_answers_that_do_not_tokenize_whole(pooling, tokenizer):
+    """A sampled answer may start with spaces, whose first token would merge across the turn boundary: training
+    skips such a row, but the scorer (PPO's reward, eval's judge) must score it, as the prompt's tokens followed
+    by the answer's, the way a policy writes it after the generation prompt."""
+    from llmhpc.data.chat import ChatRenderer, RenderError
+    from llmhpc.rl.reward_model import RewardScorer
+
+    question, answer = "What is 2 + 3?", "  5 apples"
+    chat = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    with pytest.raises(RenderError, match="spans a turn boundary"):
+        ChatRenderer(tokenizer, last_turn_only=True).render(chat)
+    model = _tiny(len(tokenizer), seed=5)
+    prompt = tokenizer.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True)
+    head = tokenizer.encode(prompt, add_special_tokens=False)
+    said = tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False)
+    with torch.no_grad():
+        values = model.score_values(model(torch.tensor([head + said]), return_hidden=True))[0]
+    want = values[len(head):].sum() if pooling == "sum" else values[-1]
+    got = RewardScorer(model, tokenizer, pooling=pooling)([question], [answer])
+    assert got == pytest.approx([float(want)], abs=1e-5)
