@@ -68,7 +68,8 @@ def evaluate(cfg: Config) -> dict[str, dict[str, dict[str, float]]]:
     pairs = _preference_rows(cfg) if "preferences" in tasks else None
     text_vocab = load_tokenizer(cfg.data.tokenizer).get_vocab() if windows is not None else None
     results: dict[str, dict[str, dict[str, float]]] = {}
-    scorer = None  # judge=: the reward model, loaded once for every model measured
+    # judge=: the reward model, loaded once for every model measured
+    scorer = RewardScorer.load(e.judge, batch_size=e.batch_size) if e.judge and questions else None
     for path in [cfg.model.init_from, *([e.baseline] if e.baseline else [])]:
         model, tokenizer = load_pretrained(path, dtype=_dtype(cfg))
         numbers = results.setdefault(path, {})
@@ -88,8 +89,6 @@ def evaluate(cfg: Config) -> dict[str, dict[str, dict[str, float]]]:
         for task, asked in questions.items():
             if tokenizer is None:
                 raise InputError(f"{path}: has no tokenizer files, so questions cannot be asked; add them")
-            if e.judge:
-                scorer = scorer or RewardScorer.load(e.judge, batch_size=e.batch_size)
             if e.best_of > 1:
                 numbers[task] = best_of_n_accuracy(model, tokenizer, asked, scorer, n=e.best_of,
                                                    temperature=e.temperature, max_new_tokens=e.max_new_tokens,
