@@ -1,0 +1,85 @@
+"""Plot a `llmhpc ppo` run against its wall-clock minutes: the reward model's mean score of the sampled answers,
+the share of them that are right, the held-out accuracy of the run's evals, and the KL to the starting model.
+
+    python tools/plot_ppo.py runs/ppo docs/ppo_rm_arithmetic.png [--start-accuracy 0.405 --final-accuracy 0.44]
+
+Steps sit at the sum of their `step_time_s`; the optional start / final points are `llmhpc eval` numbers on more
+held-out problems, drawn as stars at minute 0 and at the run's end.
+"""
+
+from __future__ import annotations
+
+import argparse
+from itertools import accumulate
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from llmhpc.metrics.jsonl import read_metrics  # noqa: E402
+
+
+def _rollouts(records: list[dict]) -> list[dict]:
+    """The first step of each rollout (later PPO epochs repeat its rollout metrics)."""
+    seen, out = set(), []
+    for record in records:
+        if record.get("rollout") not in seen:
+            seen.add(record.get("rollout"))
+            out.append(record)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--start-accuracy", type=float, default=None)
+    parser.add_argument("--final-accuracy", type=float, default=None)
+    parser.add_argument("--eval-problems", type=int, default=200, help="problems behind the stars (legend only)")
+    args = parser.parse_args()
+    records = read_metrics(args.run / "metrics.jsonl")
+    minutes = dict(zip((id(r) for r in records), accumulate(r["step_time_s"] / 60 for r in records), strict=True))
+    rollouts = _rollouts(records)
+    t = [minutes[id(r)] for r in rollouts]
+    fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(8, 8), dpi=120, sharex=True)
+
+    top.plot(t, [r["reward_reward_model"] for r in rollouts], ".-", color="tab:orange", lw=1)
+    top.set_ylabel("reward model's mean score\nof the sampled answers")
+    top.grid(alpha=0.3)
+
+    if "reward_correct" in rollouts[0]:
+        middle.plot(t, [r["reward_correct"] for r in rollouts], ".-", color="tab:gray", lw=0.8,
+                    label="sampled answers right (T = 1)")
+    evals = [(minutes[id(r)], r["eval_accuracy"]) for r in records if "eval_accuracy" in r]
+    middle.plot([m for m, _ in evals], [a for _, a in evals], "o-", color="tab:green",
+                label="held-out greedy accuracy (the run's evals)")
+    end = minutes[id(records[-1])]
+    for minute, accuracy in ((0.0, args.start_accuracy), (end, args.final_accuracy)):
+        if accuracy is not None:
+            middle.plot([minute], [accuracy], "*", ms=12, color="black")
+    if args.start_accuracy is not None or args.final_accuracy is not None:
+        middle.plot([], [], "*", ms=12, color="black", label=f"llmhpc eval, {args.eval_problems} problems")
+    middle.set_ylabel("accuracy")
+    middle.set_ylim(0, 1)
+    middle.grid(alpha=0.3)
+    middle.legend(loc="upper left", fontsize=8)
+
+    bottom.plot(t, [r["kl"] for r in rollouts], ".-", color="tab:red", lw=1, label="mean KL per answer")
+    right = bottom.twinx()
+    right.plot(t, [r["kl_coef"] for r in rollouts], color="tab:purple", lw=0.8, ls="--")
+    right.set_ylabel("KL coefficient (dashed)")
+    bottom.set_ylabel("KL to the start")
+    bottom.set_xlabel("wall-clock minutes of the PPO run on 2 CPU cores")
+    bottom.grid(alpha=0.3)
+    bottom.legend(loc="upper left", fontsize=8)
+
+    fig.suptitle("PPO on SmolLM2-135M-Instruct, the shipped arithmetic problems")
+    fig.tight_layout()
+    fig.savefig(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
