@@ -24,7 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from llmhpc.metrics.jsonl import read_metrics  # noqa: E402
 
 
-def _minutes(records: list[dict], offset: float) -> list[float]:
+def step_minutes(records: list[dict], offset: float = 0.0) -> list[float]:
+    """Each step's end in wall-clock minutes: the running sum of its `step_time_s`, plus `offset`."""
     return [offset + s / 60 for s in accumulate(r["step_time_s"] for r in records)]
 
 
@@ -41,7 +42,7 @@ def main() -> None:
     parser.add_argument("--kl", action="store_true", help="also plot the run's mean KL per answer (right axis)")
     args = parser.parse_args()
     sft, grpo = read_metrics(args.sft_run / "metrics.jsonl"), read_metrics(args.grpo_run / "metrics.jsonl")
-    sft_t, grpo_t = _minutes(sft, 0.0), _minutes(grpo, args.grpo_start_min)
+    sft_t, grpo_t = step_minutes(sft), step_minutes(grpo, args.grpo_start_min)
     fig, ax = plt.subplots(figsize=(8, 4.2), dpi=120)
     evals = [(t, r["eval_accuracy"]) for t, r in zip(sft_t, sft, strict=True) if "eval_accuracy" in r]
     ax.plot([t for t, _ in evals], [a for _, a in evals], "o-", color="tab:blue", label="SFT: held-out accuracy (32)")

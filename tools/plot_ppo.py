@@ -10,25 +10,20 @@ held-out problems, drawn as stars at minute 0 and at the run's end.
 from __future__ import annotations
 
 import argparse
-from itertools import accumulate
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from plot_grpo import step_minutes  # noqa: E402  (tools/ is on the path when run as a script)
 
 from llmhpc.metrics.jsonl import read_metrics  # noqa: E402
 
 
-def _rollouts(records: list[dict]) -> list[dict]:
-    """The first step of each rollout (later PPO epochs repeat its rollout metrics)."""
-    seen, out = set(), []
-    for record in records:
-        if record.get("rollout") not in seen:
-            seen.add(record.get("rollout"))
-            out.append(record)
-    return out
+def _rollout_starts(records: list[dict]) -> list[int]:
+    """Indices of the first step of each rollout (later PPO epochs repeat its rollout metrics)."""
+    return [i for i, r in enumerate(records) if i == 0 or r["rollout"] != records[i - 1]["rollout"]]
 
 
 def main() -> None:
@@ -40,9 +35,9 @@ def main() -> None:
     parser.add_argument("--eval-problems", type=int, default=200, help="problems behind the stars (legend only)")
     args = parser.parse_args()
     records = read_metrics(args.run / "metrics.jsonl")
-    minutes = dict(zip((id(r) for r in records), accumulate(r["step_time_s"] / 60 for r in records), strict=True))
-    rollouts = _rollouts(records)
-    t = [minutes[id(r)] for r in rollouts]
+    minutes = step_minutes(records)
+    starts = _rollout_starts(records)
+    rollouts, t = [records[i] for i in starts], [minutes[i] for i in starts]
     fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(8, 8), dpi=120, sharex=True)
 
     top.plot(t, [r["reward_reward_model"] for r in rollouts], ".-", color="tab:orange", lw=1)
@@ -52,10 +47,10 @@ def main() -> None:
     if "reward_correct" in rollouts[0]:
         middle.plot(t, [r["reward_correct"] for r in rollouts], ".-", color="tab:gray", lw=0.8,
                     label="sampled answers right (T = 1)")
-    evals = [(minutes[id(r)], r["eval_accuracy"]) for r in records if "eval_accuracy" in r]
+    evals = [(m, r["eval_accuracy"]) for m, r in zip(minutes, records, strict=True) if "eval_accuracy" in r]
     middle.plot([m for m, _ in evals], [a for _, a in evals], "o-", color="tab:green",
                 label="held-out greedy accuracy (the run's evals)")
-    end = minutes[id(records[-1])]
+    end = minutes[-1]
     for minute, accuracy in ((0.0, args.start_accuracy), (end, args.final_accuracy)):
         if accuracy is not None:
             middle.plot([minute], [accuracy], "*", ms=12, color="black")
