@@ -52,6 +52,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 from llmhpc.errors import CheckpointError
 from llmhpc.process_group import barrier, is_main_process
@@ -280,6 +281,23 @@ class Component:
         return {k: v for k, v in model_sd.items() if k not in frozen}, optim_sd
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _local_bytes(state) -> int:
+    """Bytes of the tensors this rank writes for a nested state dict (a DTensor's local shard only)."""
+    if isinstance(state, DTensor):
+        return state.to_local().nbytes
+    if isinstance(state, torch.Tensor):
+        return state.nbytes
+    if isinstance(state, dict):
+        return sum(_local_bytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(_local_bytes(v) for v in state)
+    return 0
+
+
 def _gather_rank_states(rank_state: dict) -> list[dict]:
     """Every rank's state (its RNG and what the caller passed), in rank order, on every rank."""
     states = [rank_state]
@@ -334,8 +352,16 @@ class CheckpointManager:
             model_sd, optim_sd = component.trained_states()
             state[component.name] = {"model": model_sd, "optim": optim_sd}
         ranks = _gather_rank_states({**(rank_state or {}), "rng": _encode_rng()})
-        with single_process_ok():
-            dcp.save(state, checkpoint_id=str(tmp))
+        try:
+            with single_process_ok():
+                dcp.save(state, checkpoint_id=str(tmp))
+        except (CheckpointException, OSError, RuntimeError) as exc:  # each rank gets dcp's collective failure
+            if is_main_process():
+                shutil.rmtree(tmp, ignore_errors=True)  # a partial write must not hold the space it took
+            full = self._disk_full_message(step, state)
+            if full is None:
+                raise
+            raise CheckpointError(full) from exc
         if dist.is_initialized():
             _fsync_files(tmp, f"__{dist.get_rank()}_")  # this rank's shards; rank 0 syncs the rest below
         barrier()
@@ -344,6 +370,19 @@ class CheckpointManager:
             self._commit(tmp, final, {"step": step, "components": described, "ranks": ranks, **extra}, config_yaml)
         barrier()
         return final
+
+    def _disk_full_message(self, step: int, state: dict) -> str | None:
+        """Why a failed save failed, when the reason is space: the disk holding the checkpoints has less room
+        than this rank's tensors need (None otherwise: the original error is raised)."""
+        needed = _local_bytes(state)
+        free = shutil.disk_usage(self.dir).free
+        if free >= needed:
+            return None
+        last = latest_checkpoint(self.dir)
+        kept = f"the last complete checkpoint, {last.name}, is untouched" if last else "no earlier checkpoint exists"
+        return (f"{self.dir}: no space for checkpoint step {step} (needs ~{_size(needed)}, {_size(free)} free; "
+                f"{kept}); free disk space, lower trainer.keep_last or point run.dir at a larger disk, then run the "
+                "same command again to resume")
 
     def _commit(self, tmp: Path, final: Path, meta: dict, config_yaml: str) -> None:
         """Rank 0: add config and meta (file sizes of every rank's shards), then rename into place and prune."""

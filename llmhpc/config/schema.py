@@ -508,6 +508,10 @@ class PPOConfig:
     model (default without a reward model: model.init_from), which then gets a new value head."""
     critic_lr: float = 1e-5
     """The critic's learning rate (constant; its own AdamW, with trainer.weight_decay and trainer.grad_clip)."""
+    critic_warmup: int = 0
+    """Rollout batches the critic trains on alone before the actor's first update (sampled by the starting policy;
+    the actor never sees them): a critic started from a reward model, or as a new head, first learns to predict
+    the returns, so the actor's first advantages are not its noise."""
     samples_per_prompt: int = 1
     """Answers sampled per prompt."""
     max_new_tokens: int = 128
@@ -545,6 +549,11 @@ class PPOConfig:
     the actor's and critic's updates)."""
     whiten_advantages: bool = True
     """Scale the advantages of a rollout batch to mean 0, std 1 over its answer tokens (on every dp rank)."""
+    group_baseline: bool = False
+    """Subtract from each answer's score the mean score of the samples_per_prompt answers to its prompt, before
+    the KL penalty and GAE (needs samples_per_prompt > 1): the critic then has to learn only what tells answers to
+    one prompt apart, not how hard each prompt is, and prompts whose answers all score alike teach (almost)
+    nothing, as in GRPO."""
     rollout_batch_size: int = 64
     """Sequences the rollout engine decodes together."""
     eval_problems: int = 32

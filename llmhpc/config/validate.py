@@ -104,6 +104,9 @@ def validate_ppo(cfg: Config) -> None:
            "ppo has no reward: name reward functions (ppo.reward=[correct]) or a reward model "
            "(ppo.reward_model_path=...)")
     _check(p.eval_problems >= 0, f"ppo.eval_problems must be >= 0, got {p.eval_problems}")
+    _check(p.critic_warmup >= 0, f"ppo.critic_warmup must be >= 0 (0: none), got {p.critic_warmup}")
+    _check(not p.group_baseline or p.samples_per_prompt > 1,
+           "ppo.group_baseline=true needs ppo.samples_per_prompt > 1 (a mean over one answer leaves every score 0)")
     _whole_rollouts(cfg, "ppo", "samples_per_prompt", "prompts")
 
 

@@ -14,6 +14,14 @@ resume) with PPO's advantages in place of group-relative ones, and with the crit
    the actor's first step (its loss does not depend on the actor, so the order changes nothing), and the
    adaptive KL coefficient moves toward its target.
 
+With `group_baseline`, step 2 uses each answer's score minus the mean score of its prompt's answers: the returns
+then carry no prompt's difficulty (which a critic learns slowly, from a few prompts per rollout), only what
+distinguishes answers to the same prompt, and a prompt whose answers all score alike gets the KL penalty alone.
+
+With `critic_warmup` = N, the first N rollout batches go through steps 1-4 for the critic only (the KL
+coefficient stays) and never reach the actor: a critic that starts as a new head, or as a reward model scoring
+partial answers, first learns to predict the returns, so the actor's first advantages are not its noise.
+
 The critic's weights and optimizer are a component of every checkpoint (`critic`), and the KL coefficient and the
 critic's last metrics are part of this source's state, so a resumed run continues exactly.
 """
@@ -41,6 +49,8 @@ class AdvantageSettings:
     gamma: float = 1.0
     lam: float = 0.95
     whiten: bool = True
+    group_baseline: bool = False
+    """Center each answer's score on the mean score of its prompt's answers before the KL penalty and GAE."""
 
 
 class Critic:
@@ -96,19 +106,39 @@ class PPORollouts(GroupRollouts):
     """A `BatchSource` of PPO micro-batches (module docstring). `settings.group_size` is samples per prompt;
     `reference` is required while the KL coefficient can be non-zero."""
 
-    def __init__(self, *args, critic: Critic, kl: KLController, advantage: AdvantageSettings, **kwargs) -> None:
+    def __init__(self, *args, critic: Critic, kl: KLController, advantage: AdvantageSettings,
+                 critic_warmup: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.critic, self.kl, self.advantage = critic, kl, advantage
+        self.critic_warmup = critic_warmup
+        """Rollouts the critic trains on alone before the actor's first one (none of them reaches the actor)."""
+        self.warmed = 0
+        """Warm-up rollouts done."""
         self.settings.skip_zero_advantage = False  # a zero score still leaves a KL reward on every token
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "kl_coef": self.kl.coef}
+        return {**super().state_dict(), "kl_coef": self.kl.coef, "critic_warmed": self.warmed}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.kl.coef = float(state["kl_coef"])
+        self.warmed = int(state.get("critic_warmed", 0))
 
     def _rollout(self) -> None:
+        """The next rollout batch for the actor, after the critic's warm-up rollouts if they are still to do."""
+        while self.warmed < self.critic_warmup:
+            self._collect()  # the critic trains on it; the KL coefficient stays (the actor has not moved)
+            self.warmed += 1
+        metrics, answers = self._collect()
+        # every rank moves the coefficient by the same step: the KL and answer count of the whole rollout batch
+        self.kl.update(metrics["kl"], answers * self.ranks)
+        self.served = 0
+        self.rollouts += 1
+        self._metrics = {**metrics, "rollout": float(self.rollouts)}
+
+    def _collect(self) -> tuple[dict[str, float], int]:
+        """Sample and score a rollout batch into `self.batches` (advantages, returns, old values), train the critic
+        on it; (its metrics reduced over the dp ranks, this rank's answers)."""
         s = self.settings
         stats = _Stats()
         for name in ("reward", "completion_length", "truncated", "entropy"):
@@ -117,8 +147,10 @@ class PPORollouts(GroupRollouts):
         stats.means.pop("zero_std_fraction", None)  # GRPO's (groups of equal rewards): no meaning here
         rows = []
         for group in groups:
-            for completion, reward in zip(group.completions, group.rewards.tolist(), strict=True):
-                rows.append((group.prompt.ids, completion, reward, False))  # the score rides as 'advantages'
+            scores = group.rewards - group.rewards.mean() if self.advantage.group_baseline else group.rewards
+            for completion, reward, score in zip(group.completions, group.rewards.tolist(), scores.tolist(),
+                                                 strict=True):
+                rows.append((group.prompt.ids, completion, score, False))  # the score rides as 'advantages'
                 stats.add("reward", reward)
                 stats.add("completion_length", len(completion.tokens))
                 stats.add("truncated", float(completion.finish_reason == "length"))
@@ -142,17 +174,18 @@ class PPORollouts(GroupRollouts):
                 answers += int(mask.any(dim=1).sum())
                 kl_total += float(kl.sum())
                 stats.add("value_mean", float((values * mask).sum()), float(mask.sum()))
+                for name, x in (("return", returns), ("value_residual", returns - values)):  # explained variance
+                    stats.add(f"_{name}", float((x * mask).sum()), float(mask.sum()))
+                    stats.add(f"_{name}_sq", float((x * x * mask).sum()), float(mask.sum()))
         if self.advantage.whiten:
             self._whiten()
         stats.add("kl", kl_total, answers)
         stats.add("kl_coef", kl_coef)
         critic_metrics = self.critic.train(self.batches, s.updates)
         metrics = self._reduce(stats)
-        # every rank moves the coefficient by the same step: the KL and answer count of the whole rollout batch
-        self.kl.update(metrics["kl"], answers * self.ranks)
-        self.served = 0
-        self.rollouts += 1
-        self._metrics = {**metrics, **critic_metrics, "rollout": float(self.rollouts)}
+        variances = [metrics.pop(f"_{n}_sq") - metrics.pop(f"_{n}") ** 2 for n in ("return", "value_residual")]
+        metrics["value_explained_variance"] = 1.0 - variances[1] / variances[0] if variances[0] > 0 else 0.0
+        return {**metrics, **critic_metrics}, answers
 
     def _whiten(self) -> None:
         """Advantages scaled to mean 0, std 1 (`llmhpc.rl.ppo.whiten`'s formula) over every answer token of the

@@ -119,7 +119,9 @@ def _train(cfg: Config, where: RunContext) -> TrainResult:
         rank=dp_rank(where.mesh), ranks=ranks, reference=reference, dp_group=engine.dp.group, context=engine.autocast,
         critic=Critic(critic.engine, lr=p.critic_lr, grad_clip=t.grad_clip, value_clip=p.value_clip),
         kl=KLController(p.kl_coef, p.kl_target, p.kl_horizon),
-        advantage=AdvantageSettings(gamma=p.gamma, lam=p.lam, whiten=p.whiten_advantages),
+        advantage=AdvantageSettings(gamma=p.gamma, lam=p.lam, whiten=p.whiten_advantages,
+                                    group_baseline=p.group_baseline),
+        critic_warmup=p.critic_warmup,
     )
     objective = GRPOObjective(clip_low=p.clip, clip_high=p.clip, loss_norm="token",
                               max_completion_tokens=p.max_new_tokens, temperature=p.temperature)

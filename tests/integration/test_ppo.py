@@ -1,7 +1,8 @@
-"""`llmhpc ppo` end to end on the tiny model (trained 2 steps under tp=2 x pp=2, SmolLM2's tokenizer): actor and
-critic are the two components of every checkpoint and a run stopped between two updates of a rollout resumes bit
-for bit, both of them; the KL to the starting model starts at 0 and grows; a reward model scores the answers and
-starts the critic, and stored in bf16 (with the reference) gives its numbers within bf16's rounding.
+"""`llmhpc ppo` end to end on the tiny model (trained 2 steps under tp=2 x pp=2, SmolLM2's tokenizer): actor and critic
+are the two components of every checkpoint and a run stopped between two updates of a rollout resumes bit for bit,
+both of them (also after a critic warm-up); the KL to the starting model starts at 0 and grows; a reward model
+scores the answers and starts the critic, and stored in bf16 (with the reference) gives its numbers within bf16's
+rounding.
 
 Rewards are named by dotted path (`tests.grpo_rewards`): a random model never answers arithmetic right.
 """
@@ -46,8 +47,10 @@ def test_ppo_checkpoints_actor_and_critic_and_resumes_bitwise(ppo_run, tp2_pp2_c
     records = read_metrics(run / "metrics.jsonl")
     assert [r["rollout"] for r in records] == [1, 1, 2, 2]
     for name in ("reward", "reward_odd_length", "kl", "kl_coef", "value_loss", "value_clipped", "value_error",
-                 "value_mean", "entropy", "clip_low", "clip_high", "completion_length", "rollout_tokens_per_s"):
+                 "value_mean", "value_explained_variance", "entropy", "clip_low", "clip_high", "completion_length",
+                 "rollout_tokens_per_s"):
         assert name in records[0], name
+    assert all(r["value_explained_variance"] < 1 for r in records)  # a new value head does not predict returns
     # The first rollout samples from the reference itself: no KL. Its first update has ratio 1 on whitened
     # advantages (mean 0): loss 0. The second rollout comes from moved weights.
     assert abs(records[0]["kl"]) < 1e-4 < records[2]["kl"]
@@ -72,13 +75,78 @@ def test_ppo_checkpoints_actor_and_critic_and_resumes_bitwise(ppo_run, tp2_pp2_c
     assert not torch.equal(start.layers["0"].attention.wq.weight, ours.layers["0"].attention.wq.weight)
 
 
+def test_critic_warmup_trains_the_critic_alone_first_and_resumes(ppo_run, tp2_pp2_checkpoint, llmhpc_cache,
+                                                                tmp_path):
+    """critic_warmup=1: the stream's first rollout batch trains the critic only; the actor's first rollout is the
+    second batch, still sampled from the starting weights (KL 0, first loss 0), the KL coefficient has not moved,
+    and a run stopped after the warm-up and one update resumes bit for bit without warming up again."""
+    common = [*_common(tp2_pp2_checkpoint), "critic_warmup=1"]
+    run, resumed = tmp_path / "warm", tmp_path / "resumed"
+    run_cli([*common, f"run.dir={run}"], llmhpc_cache)
+    records, plain = read_metrics(run / "metrics.jsonl"), read_metrics(ppo_run / "metrics.jsonl")
+    assert [r["rollout"] for r in records] == [1, 1, 2, 2]
+    assert abs(records[0]["kl"]) < 1e-4 and abs(records[0]["loss"]) < 1e-5
+    assert records[0]["kl_coef"] == 0.05 > records[2]["kl_coef"]  # the warm-up left the adaptive coefficient alone
+    # other prompts than the plain run's first rollout (the warm-up took those), so other rewards and values
+    assert records[0]["value_mean"] != plain[0]["value_mean"]
+    state = read_meta(latest_checkpoint(run / "checkpoints"))["ranks"][0]["data"]
+    plain_state = read_meta(latest_checkpoint(ppo_run / "checkpoints"))["ranks"][0]["data"]
+    assert state["critic_warmed"] == 1 and state["cursor"] == plain_state["cursor"] * 3 // 2
+
+    copy_run_stopped_at(run, resumed, 2)
+    run_cli([*common, f"run.dir={resumed}"], llmhpc_cache)
+    assert step_losses(resumed) == step_losses(run)
+    assert [r["value_loss"] for r in read_metrics(resumed / "metrics.jsonl")] == [r["value_loss"] for r in records]
+    assert all(torch.equal(_critic(run)[name], value) for name, value in _critic(resumed).items())
+
+
+def _rollout_rows(run_dir) -> list[tuple[tuple[int, ...], float, torch.Tensor]]:
+    """(prompt ids, return at the answer's first token, returns of its answer tokens) of every answer of the
+    rollout batch stored with a run's newest checkpoint."""
+    rows = []
+    for batch in read_meta(latest_checkpoint(run_dir / "checkpoints"))["ranks"][0]["data"]["batches"]:
+        ids, labels, returns = (torch.tensor(batch[k]["data"]) for k in ("input_ids", "labels", "returns"))
+        for row in range(ids.shape[0]):
+            answer = (labels[row] != -100).nonzero().flatten()
+            first = int(answer[0])
+            rows.append((tuple(ids[row, :first + 1].tolist()), float(returns[row, first]), returns[row, answer]))
+    return rows
+
+
+def test_group_baseline_centres_each_prompts_scores(tp2_pp2_checkpoint, llmhpc_cache, tmp_path):
+    """group_baseline=true: each answer's score is its reward minus the mean reward of its prompt's answers. With
+    no KL penalty and lam = gamma = 1 the return of every answer token is that score, so the returns of a
+    prompt's answers sum to 0 and differ by the 0 / 1 rewards' differences; without it they are the rewards."""
+    args = ["ppo", f"model.init_from={tp2_pp2_checkpoint}", *PPO, "reward=[tests.grpo_rewards.odd_length]",
+            "samples_per_prompt=4", "kl_coef=0", "lam=1.0", "trainer.max_steps=1", "trainer.ckpt_every=1"]
+    for centred in (True, False):
+        run = tmp_path / f"centred_{centred}"
+        run_cli([*args, f"group_baseline={str(centred).lower()}", f"run.dir={run}"], llmhpc_cache)
+        rows = _rollout_rows(run)
+        assert len(rows) == 8
+        for _, score, returns in rows:
+            assert torch.allclose(returns, torch.full_like(returns, score), atol=1e-6)  # one return per answer
+        groups: dict[tuple[int, ...], list[float]] = {}
+        for prompt, score, _ in rows:
+            groups.setdefault(prompt, []).append(score)
+        assert sorted(len(g) for g in groups.values()) == [4, 4]
+        for scores in groups.values():
+            if centred:
+                assert sum(scores) == pytest.approx(0, abs=1e-6)
+                assert all(min(abs(abs(a - b) - d) for d in (0, 1)) < 1e-5 for a in scores for b in scores)
+            else:
+                assert all(min(abs(score - r) for r in (0, 1)) < 1e-5 for score in scores)
+        if centred:
+            assert any(abs(score) > 0.2 for _, score, _ in rows)  # a prompt whose answers' lengths differ in parity
+
+
 def test_ppo_under_fsdp2_gives_the_numbers_of_one_process(ppo_run, tp2_pp2_checkpoint, llmhpc_cache, tmp_path):
     """dp_shard=2: each rank samples its own prompts (the same answers as one process: sampling is seeded per
     prompt), the advantages are whitened over both ranks' tokens, and the adaptive KL moves on both alike."""
     run = tmp_path / "dp2"
     run_torchrun(2, [*_common(tp2_pp2_checkpoint), "parallel.dp_shard=2", f"run.dir={run}"], llmhpc_cache)
     ours, one = read_metrics(run / "metrics.jsonl"), read_metrics(ppo_run / "metrics.jsonl")
-    for name in ("loss", "value_loss", "kl", "kl_coef", "reward", "value_mean"):
+    for name in ("loss", "value_loss", "kl", "kl_coef", "reward", "value_mean", "value_explained_variance"):
         assert [r[name] for r in ours] == pytest.approx([r[name] for r in one], rel=1e-4, abs=1e-5), name
 
 
@@ -123,3 +191,5 @@ def test_ppo_errors_are_one_line(capsys, tp2_pp2_checkpoint, tmp_path):
                    "ppo.samples_per_prompt=3")
     one_line_error(capsys, [*base, "kl_coef=-1"], "ppo.kl_coef must be >= 0")
     one_line_error(capsys, [*base, "frozen_dtype=fp16"], "ppo.frozen_dtype='fp16' is not one of: fp32, bf16")
+    one_line_error(capsys, [*base, "group_baseline=true"], "ppo.group_baseline=true needs ppo.samples_per_prompt > 1")
+    one_line_error(capsys, [*base, "critic_warmup=-1"], "ppo.critic_warmup must be >= 0")

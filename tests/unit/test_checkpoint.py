@@ -204,3 +204,40 @@ def test_format_1_checkpoints_still_load(tmp_path):
     train_steps(model2, optimizer2, 1)  # the same draws follow: the restored RNG state is the saved one
     for a, b in zip(model2.parameters(), model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs: a real file system that runs out of space (root only; skipped elsewhere)."""
+    import shutil
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                                                       capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root (it stands in for a full disk)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(small_disk):
+    """The second save needs more than the disk has: a CheckpointError naming the directory, the step and the
+    space (not torch's zip-writer error), no partial directory left holding space, the first checkpoint intact."""
+    model, optimizer = make_model_and_optimizer(0)
+    train_steps(model, optimizer, 1)
+    manager = CheckpointManager(small_disk, keep_last=1)
+    first = save(manager, 1, model, optimizer)
+    big = nn.Linear(256, 256)  # 257 KiB of weights, twice that with AdamW's moments
+    big_optimizer = torch.optim.AdamW(big.parameters())
+    big(torch.randn(2, 256)).sum().backward()
+    big_optimizer.step()
+    with pytest.raises(CheckpointError) as failure:
+        manager.save(2, [Component("model", big, big_optimizer)], {}, "stage: test\n")
+    message = str(failure.value)
+    assert "\n" not in message and str(manager.dir) in message and "step 2" in message
+    assert " MiB free" in message and "step_0000001, is untouched" in message
+    assert [p.name for p in manager.dir.iterdir()] == [first.name]  # the partial write was removed
+    model2, optimizer2 = make_model_and_optimizer(1)
+    assert resume(CheckpointManager(small_disk, keep_last=1), model2, optimizer2)["step"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(model2.parameters(), model.parameters(), strict=True))
