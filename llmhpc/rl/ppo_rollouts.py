@@ -126,7 +126,7 @@ class PPORollouts(GroupRollouts):
 
     def _rollout(self) -> None:
         """The next rollout batch for the actor, after the critic's warm-up rollouts if they are still to do."""
-        while self.warmed < self.critic_warmup:
+        while self.rollouts == 0 and self.warmed < self.critic_warmup:  # never once the actor has trained
             self._collect()  # the critic trains on it; the KL coefficient stays (the actor has not moved)
             self.warmed += 1
         metrics, answers = self._collect()
