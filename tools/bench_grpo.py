@@ -1,7 +1,7 @@
 """`llmhpc grpo` side by side with TRL's `GRPOTrainer`, in one run: wall time per GRPO step and peak memory.
 
     python tools/bench_grpo.py [--steps 6] [--skip 1] [--prompts 2] [--group 8] [--max-new 48]
-                               [--reward correct] [--work DIR] [--out table.md]
+                               [--reward correct] [--bf16] [--work DIR] [--out table.md]
 
 Needs TRL next to the pinned torch (see tools/bench_sft.py for the install line).
 
@@ -19,7 +19,8 @@ Both sides, in their own fresh process one after the other:
 - Settings: `--prompts` prompts x `--group` sampled answers per step, at most `--max-new` new tokens, temperature
   1, one optimizer step per rollout (mu = 1), beta 0 (no reference model), clip 0.2, token-level loss normalization
   (TRL's `dapo`, ours `token`), advantages scaled by the group std, AdamW lr 1e-6 constant, no weight decay,
-  grad-norm clip 1, fp32, the whole step in one micro-batch, no gradient checkpointing (TRL turns it on by
+  grad-norm clip 1, fp32 (`--bf16`: fp32 weights under bf16 autocast on both sides, ours `precision=bf16`, TRL
+  `bf16=True`, sampling included), the whole step in one micro-batch, no gradient checkpointing (TRL turns it on by
   default: off here so both do the same work), dropout off.
 
 Step time: the wall time of a whole GRPO step (sampling, rewards, forward / backward, optimizer), steps skip+1..
@@ -60,7 +61,7 @@ def run_ours(hf: Path, prompts: Path, args, run_dir: Path) -> dict:
         f"trainer.micro_batch_size={rows}", f"trainer.max_steps={args.steps}", "trainer.lr=1e-6",
         "trainer.schedule=constant", "trainer.warmup_steps=0", "trainer.weight_decay=0", "trainer.grad_clip=1.0",
         "trainer.eval_every=0", "trainer.ckpt_every=0", f"rollout_batch_size={rows}", "logger.progress_bar=false",
-        f"run.seed={SEED}", f"run.dir={run_dir}", *args.ours,
+        f"run.seed={SEED}", f"run.dir={run_dir}", f"precision={'bf16' if args.bf16 else 'fp32'}", *args.ours,
     ], run_dir.with_suffix(".log"), child_env())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {**usage, "step_time_s": [r["step_time_s"] for r in records],
@@ -69,7 +70,8 @@ def run_ours(hf: Path, prompts: Path, args, run_dir: Path) -> dict:
 
 def run_trl(hf: Path, prompts: list[dict], args, work: Path) -> dict:
     spec = {"hf": str(hf), "prompts": prompts, "steps": args.steps, "reward": args.reward, "group": args.group,
-            "max_new": args.max_new, "rows": args.prompts * args.group, "out_dir": str(work / "trl")}
+            "max_new": args.max_new, "rows": args.prompts * args.group, "out_dir": str(work / "trl"),
+            "bf16": args.bf16}
     spec_path, result_path = work / "trl.json", work / "trl.result.json"
     spec_path.write_text(json.dumps(spec))
     usage = run_logged([sys.executable, __file__, "--trl-worker", str(spec_path), str(result_path)],
@@ -109,7 +111,7 @@ def trl_worker(spec_path: Path, result_path: Path) -> None:
         num_generations=spec["group"], max_completion_length=spec["max_new"], temperature=1.0, num_iterations=1,
         beta=0.0, epsilon=0.2, loss_type="dapo", scale_rewards="group", learning_rate=1e-6,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        max_steps=spec["steps"], logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, bf16=False,
+        max_steps=spec["steps"], logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, bf16=spec["bf16"],
         gradient_checkpointing=False, disable_dropout=True, shuffle_dataset=False, seed=SEED,
         dataloader_num_workers=0,
     )
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group", type=int, default=8, help="answers sampled per prompt (default 8)")
     parser.add_argument("--max-new", type=int, default=48, help="longest answer in tokens (default 48)")
     parser.add_argument("--reward", default="correct", help="reward name or dotted path (default correct)")
+    parser.add_argument("--bf16", action="store_true", help="both sides under bf16 autocast (default fp32)")
     parser.add_argument("--work", type=Path, help="working directory (default: a temporary one, kept)")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     parser.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
@@ -170,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         f"| mean answer length, tokens | {mean(ours['length']):.1f} | {mean(trl['length']):.1f} | |\n"
         f"| mean reward | {mean(ours['reward']):.3f} | {mean(trl['reward']):.3f} | |\n"
         f"| peak RSS | {ours['peak_rss_mib']:.0f} MiB | {trl['peak_rss_mib']:.0f} MiB | |\n"
-        f"\nSmolLM2-135M-Instruct, fp32, reward {args.reward}, {args.prompts} prompts x {args.group} answers per step, "
+        f"\nSmolLM2-135M-Instruct, {'bf16 autocast' if args.bf16 else 'fp32'}, reward {args.reward}, "
+        f"{args.prompts} prompts x {args.group} answers per step, "
         f"at most {args.max_new} new tokens, mu = 1, beta = 0, {args.steps} steps; {os.cpu_count()} CPUs, load average "
         f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (before ours {load_before:.1f}, before TRL "
         f"{load_between:.1f}).{' Ours with ' + ' '.join(args.ours) + '.' if args.ours else ''}\n"

@@ -489,9 +489,19 @@ class Llama(nn.Module):
         return 6 * n + 12 * cfg.n_layers * cfg.n_heads * head_dim_of(cfg) * seq_len
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        """An empty KV cache matching this model's dtype and device."""
+        """An empty KV cache on this model's device, in `cache_dtype()`."""
         weight = self.tok_embeddings.weight
-        return KVCache(self.cfg, batch, max_len, dtype=weight.dtype, device=weight.device)
+        return KVCache(self.cfg, batch, max_len, dtype=self.cache_dtype(), device=weight.device)
+
+    def cache_dtype(self) -> torch.dtype:
+        """What a KV cache holds: the weights' dtype, or autocast's where it is on for fp32 weights. Under autocast
+        attention casts its keys and values to that dtype on every call, so a cache kept in it gives the same
+        attention bit for bit, at half the bytes, without casting the whole cache again at every decode step."""
+        weight = self.tok_embeddings.weight
+        device = weight.device.type
+        if weight.dtype == torch.float32 and torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+        return weight.dtype
 
 
 SCORE_HEAD = "score.weight"

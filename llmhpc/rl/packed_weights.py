@@ -7,18 +7,23 @@ than the multiply itself. The weights do not change during a rollout, so the rol
 `mkl::_mkl_linear`: the same product (summed in another order: logits differ by ~1e-5), at 8 rows 1.5-2.7x faster
 per matrix of SmolLM2's shapes (docs/rollout.md).
 
-What is packed: the weight of every plain `nn.Linear` and the output head, when it is an fp32 CPU tensor (not an
-FSDP2 shard; those are gathered before decoding), in no-grad mode, within `budget_bytes` of packed buffers (a packed
-buffer is about four times its weight: PyTorch allocates MKL's byte count as floats). Everything else (LoRA layers,
-NF4 weights, bf16, other devices) runs as before. A packed product is used only for the row count it was packed for
-(MKL's packed GEMM is laid out for one M); other shapes, like the prefills, fall back to the plain product inside
-the same call.
+What is packed: the weight of every plain `nn.Linear` and the output head, when it is an fp32 (or bf16: below) CPU
+tensor (not an FSDP2 shard; those are gathered before decoding), in no-grad mode, within `budget_bytes` of packed
+buffers (an fp32 pack is about four times its weight: PyTorch allocates MKL's byte count as floats). Everything
+else (LoRA layers, NF4 weights, fp16, other devices) runs as before. An fp32 pack is used only for the row count it
+was packed for (MKL's packed GEMM is laid out for one M); other shapes, like the prefills, fall back to the plain
+product inside the same call.
 
 Under bf16 autocast (`precision=bf16|fp8` runs sample inside the training autocast) the same weights are instead
-cast to bf16 once per rollout, not on every product as autocast does: the product is then autocast's own (bf16
-inputs, bf16 result, bit for bit), so the sampler's log-probs are those the bf16 training forward computes, and
-each decode step reads half the weight bytes of fp32 (a step is bound by reading every weight once): on an Intel
-Xeon with AMX 1.30x faster than the fp32 packs at 32 rows, no faster at 8 (docs/benchmarks.md).
+cast to bf16 once per rollout, not on every product as autocast does, so each decode step reads half the weight
+bytes of fp32 (a step is bound by reading every weight once); weights that are bf16 already (a model cast to bf16)
+take the same path. Where oneDNN computes bf16 products (AVX-512 and newer) the bf16 copy is also laid out once
+for oneDNN's inner product (`mkldnn::_reorder_linear_weight`, multiplied with `mkldnn::_linear_pointwise`): the
+plain bf16 product lays the weight out again on every call (SmolLM2's 211 products of a decode step at 8 rows, an
+Intel Xeon with AMX, 2 cores: 50 ms plain, 31 ms packed; tools/bench_decode_products.py, docs/rollout.md). The
+packed bf16 product is autocast's (bf16 inputs, bf16 result), equal to it bit for bit where both run the same
+oneDNN kernel (as measured there; the tests check it to bf16 rounding), so the sampler's log-probs are those the
+bf16 training forward computes; unlike MKL's fp32 packs, one layout serves every row count.
 """
 
 from __future__ import annotations
@@ -40,9 +45,28 @@ def packing_available() -> bool:
     return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
+def bf16_packing_available() -> bool:
+    """Whether oneDNN computes bf16 products on this CPU (AVX-512 or newer, where the plain bf16 product goes
+    through oneDNN as well, laying the weight out again at every call); elsewhere bf16 runs plain."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def _packable(weight: torch.Tensor) -> bool:
     return (type(weight) in (torch.Tensor, nn.Parameter) and not isinstance(weight, DTensor)
-            and weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 2)
+            and weight.dtype in (torch.float32, torch.bfloat16) and weight.device.type == "cpu"
+            and weight.dim() == 2)
+
+
+def _bf16_copy(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """`weight` in bf16, laid out for oneDNN's inner product at `rows` rows where that pays (see the docstring)."""
+    copy = weight.to(torch.bfloat16)
+    return torch.ops.mkldnn._reorder_linear_weight(copy, rows) if bf16_packing_available() else copy
+
+
+def _bf16_linear(x: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
+    if copy.layout == torch._mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), copy, None, "none", [], "")
+    return F.linear(x.to(torch.bfloat16), copy)
 
 
 class PackedWeights:
@@ -94,12 +118,13 @@ class PackedWeights:
         """F.linear(x, weight), through the packed weight when there is one (x [..., K], weight [N, K])."""
         if torch.is_grad_enabled():
             return F.linear(x, weight)
-        if torch.is_autocast_enabled("cpu") and x.device.type == "cpu":
-            if torch.get_autocast_dtype("cpu") != torch.bfloat16:
-                return F.linear(x, weight)
-            cast = self._derived(self._cast, weight, 2 * weight.numel(), lambda w: w.to(torch.bfloat16))
-            return F.linear(x, weight) if cast is None else F.linear(x.to(torch.bfloat16), cast)
-        if x.dtype != torch.float32:
+        autocast = torch.is_autocast_enabled("cpu") and x.device.type == "cpu"
+        bf16_autocast = autocast and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        if (bf16_autocast and weight.dtype == torch.float32) or (
+                x.dtype == weight.dtype == torch.bfloat16 and bf16_packing_available()):
+            copy = self._derived(self._cast, weight, 2 * weight.numel(), lambda w: _bf16_copy(w, self._rows))
+            return F.linear(x, weight) if copy is None else _bf16_linear(x, copy)
+        if autocast or x.dtype != torch.float32 or weight.dtype != torch.float32:
             return F.linear(x, weight)
         size = 4 * weight.numel() * weight.element_size()  # see the module docstring
         packed = self._derived(self._packed, weight, size,

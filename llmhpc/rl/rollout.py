@@ -83,7 +83,7 @@ class _RowCache(KVCache):
 
     def __init__(self, model: Llama, rows: int, capacity: int) -> None:  # not KVCache.__init__: other bookkeeping
         weight = model.tok_embeddings.weight
-        self._like = {"dtype": weight.dtype, "device": weight.device}
+        self._like = {"dtype": model.cache_dtype(), "device": weight.device}
         self.max_len, self.length = capacity, 0
         shape = (rows, model.cfg.n_kv_heads, capacity, head_dim_of(model.cfg))
         self.keys = [torch.zeros(shape, **self._like) for _ in range(model.cfg.n_layers)]
@@ -164,7 +164,7 @@ class RolloutEngine:
     ) -> None:
         """`eos_token_ids` end a completion; `decode` (token ids -> text) is needed for stop strings only;
         `pack_weights` lays fp32 weights out once per call for MKL's packed GEMM, or under bf16 autocast casts them
-        to bf16 once per call (`llmhpc.rl.packed_weights`)."""
+        to bf16 once per call, and lays bf16 ones out for oneDNN where it computes bf16 (`llmhpc.rl.packed_weights`)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.batch_size, self.decode = model, batch_size, decode

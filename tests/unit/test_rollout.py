@@ -11,6 +11,7 @@ import torch
 
 from llmhpc.config.schema import ModelConfig
 from llmhpc.models import build_model
+from llmhpc.models.llama import KVCache
 from llmhpc.rl.rollout import RolloutEngine
 from llmhpc.rl.sampling import SamplingParams, request_generator, sample
 
@@ -177,3 +178,20 @@ def test_a_model_whose_blocks_were_compiled_decodes_eagerly_and_the_same(model, 
     finally:
         torch._dynamo.reset()
     assert [c.tokens for c in again] == [c.tokens for c in eager]
+
+
+@torch.no_grad()
+def test_under_bf16_autocast_the_cache_holds_bf16_and_attention_is_unchanged(model, prompts):
+    """Autocast casts keys and values to bf16 at every attention call: a bf16 cache gives the same logits bit for
+    bit, without re-casting the whole cache at every decode step."""
+    ids = torch.tensor([prompts[3]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_cache = model.new_cache(1, ids.shape[1] + 2)
+        fp32_cache = KVCache(model.cfg, 1, ids.shape[1] + 2, dtype=torch.float32)
+        logits = []
+        for cache in (bf16_cache, fp32_cache):
+            first = model(ids, cache=cache)
+            logits.append((first, model(first[:, -1:].argmax(-1), cache=cache)))
+    assert bf16_cache.keys[0].dtype == torch.bfloat16 and fp32_cache.keys[0].dtype == torch.float32
+    assert torch.equal(logits[0][0], logits[1][0]) and torch.equal(logits[0][1], logits[1][1])
+    assert model.new_cache(1, 4).keys[0].dtype == torch.float32  # without autocast, the weights' dtype
