@@ -109,7 +109,7 @@ def assert_bf16_product(got: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-@pytest.mark.skipif(not bf16_packing_available(), reason="oneDNN has no native bf16 kernels on this CPU")
+@pytest.mark.skipif(not bf16_packing_available(), reason="oneDNN computes no bf16 products on this CPU (needs AVX-512)")
 def test_bf16_weights_are_laid_out_once_for_onednn_and_serve_every_row_count():
     torch.manual_seed(0)
     weight = torch.randn(96, 40).bfloat16()
@@ -120,7 +120,7 @@ def test_bf16_weights_are_laid_out_once_for_onednn_and_serve_every_row_count():
     assert packer.held_bytes == 2 * weight.numel()  # one copy, made once, whatever the row count
 
 
-@pytest.mark.skipif(not bf16_packing_available(), reason="oneDNN has no native bf16 kernels on this CPU")
+@pytest.mark.skipif(not bf16_packing_available(), reason="oneDNN computes no bf16 products on this CPU (needs AVX-512)")
 def test_engine_decodes_a_bf16_model_the_same_with_and_without_packing():
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, max_seq_len=128)
