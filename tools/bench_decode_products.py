@@ -1,14 +1,15 @@
 """The matrix products of one decode step, by kernel: where a rollout's time per token can go on this CPU.
 
-    python tools/bench_decode_products.py [--rows 8]
+    python tools/bench_decode_products.py [--rows 8] [--model smollm2_135m]
 
-Times the 211 products of one SmolLM2-135M decode step (30 layers x q, k, v, o, gate, up, down, then the 49152-row
-output head; random weights of those shapes, each a distinct tensor as in the model) at `--rows` rows, through:
+Times the products of one decode step of `--model` (a `conf/model/` name; the shapes are those of the model it
+builds: every `nn.Linear`, then the output head; SmolLM2-135M: 30 layers x 7, plus the 49152-row head, 211) on
+random weights, each a distinct tensor as in the model, at `--rows` rows, through:
 fp32 `F.linear`; MKL's packed fp32 GEMM and oneDNN's packed fp32 inner product (weights laid out once); bf16
 `F.linear` and oneDNN's packed bf16 inner product (what `llmhpc.rl.packed_weights` uses); int8 weight-only
-(`_weight_int8pack_mm`, bf16 activations). Then a plain `sum` over 540 MB (the fp32 weights' size): the memory
-bandwidth floor of a step that reads every fp32 weight once. Averages of 10 steps after 2 warm-up steps, in
-this process; compare the lines with each other, not across machines or runs.
+(`_weight_int8pack_mm`, bf16 activations). Then a plain `sum` over the fp32 weights' bytes (538 MB for SmolLM2):
+the memory bandwidth floor of a step that reads every fp32 weight once. Averages of 10 steps after 2 warm-up
+steps, in this process; compare the lines with each other, not across machines or runs.
 """
 
 from __future__ import annotations
@@ -19,9 +20,20 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
-SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)] * 30 + [(49152, 576)]
+from llmhpc.config import load_config
+from llmhpc.models import build_model
+
+
+def product_shapes(model_name: str) -> list[tuple[int, int]]:
+    """[out, in] of every weight a decode step of `model_name` multiplies by, in forward order."""
+    cfg = load_config("pretrain", [f"model={model_name}"])
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    linears = [tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Linear)]
+    return [*linears, tuple(model.lm_head_weight().shape)]
 
 
 def per_step_ms(calls: list[Callable[[], torch.Tensor]], reps: int = 10) -> float:
@@ -45,9 +57,11 @@ def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=8, help="rows decoding at once (default 8)")
-    rows = parser.parse_args(argv).rows
+    parser.add_argument("--model", default="smollm2_135m", help="a conf/model/ name (default smollm2_135m)")
+    args = parser.parse_args(argv)
+    rows, shapes = args.rows, product_shapes(args.model)
     torch.manual_seed(0)
-    fp32 = [torch.randn(n, k) * 0.02 for n, k in SHAPES]
+    fp32 = [torch.randn(n, k) * 0.02 for n, k in shapes]
     x32 = [torch.randn(rows, w.shape[1]) for w in fp32]
     x16 = [x.bfloat16() for x in x32]
     bf16 = [w.bfloat16() for w in fp32]
@@ -66,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "int8 weight-only (bf16 x)": [partial(torch.ops.aten._weight_int8pack_mm, x, q, scale)
                                       for x, (q, scale) in zip(x16, int8, strict=True)],
     }
-    print(f"{len(SHAPES)} products of a SmolLM2-135M decode step at {rows} rows, torch {torch.__version__}, "
+    print(f"{len(shapes)} products of a {args.model} decode step at {rows} rows, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     for name, calls in kernels.items():
         print(f"{name:28s} {per_step_ms(calls):7.2f} ms")

@@ -28,6 +28,7 @@ bf16 training forward computes; unlike MKL's fp32 packs, one layout serves every
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -45,9 +46,11 @@ def packing_available() -> bool:
     return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
+@functools.cache
 def bf16_packing_available() -> bool:
     """Whether oneDNN computes bf16 products on this CPU (AVX-512 or newer, where the plain bf16 product goes
-    through oneDNN as well, laying the weight out again at every call); elsewhere bf16 runs plain."""
+    through oneDNN as well, laying the weight out again at every call); elsewhere bf16 runs plain. A fact of the
+    machine, asked on every product of a bf16 model: looked up once."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
