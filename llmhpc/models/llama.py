@@ -173,15 +173,18 @@ def rope_at(
 
     Raises when a position falls outside the tables (model.max_seq_len); with explicit positions that
     is the largest one used, not start + S, so packed rows may be longer than any one document allows.
+    Under torch.compile the explicit positions are not checked here (reading their range would split
+    the graph in two); the table lookup still refuses an index past its end.
     """
     limit = cos_table.shape[0]
     if positions is None:
         if start + seq > limit:
             raise ValueError(f"{start + seq} positions exceed model.max_seq_len={limit}")
         return cos_table[start : start + seq], sin_table[start : start + seq]
-    low, high = (int(v) for v in positions.aminmax())
-    if low < 0 or high >= limit:
-        raise ValueError(f"position ids span {low}..{high}, outside 0..{limit - 1} (model.max_seq_len={limit})")
+    if not torch.compiler.is_compiling():
+        low, high = (int(v) for v in positions.aminmax())
+        if low < 0 or high >= limit:
+            raise ValueError(f"position ids span {low}..{high}, outside 0..{limit - 1} (model.max_seq_len={limit})")
     return cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
 
 

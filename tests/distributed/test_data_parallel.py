@@ -32,7 +32,12 @@ def single_process_losses(tmp_path_factory, llmhpc_cache) -> dict[int, float]:
     return step_losses(run_dir)
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+SLOW_LAYOUTS = ("hsdp_2x2",)
+"""Left to the slow tier (CI time): HSDP composes the DDP and FSDP2 layouts tier 1 checks (4 processes on 2 cores)."""
+
+
+@pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_LAYOUTS else name
+                                    for name in LAYOUTS])
 def test_layout_matches_single_process(layout, single_process_losses, tmp_path, llmhpc_cache):
     nproc, overrides = LAYOUTS[layout]
     run_torchrun(nproc, ["pretrain", *COMMON, *overrides, f"run.dir={tmp_path}"], llmhpc_cache)

@@ -18,7 +18,7 @@ from llmhpc.train.preemption import STOPPED_EXIT_CODE
 from tests.conftest import REPO, SMALL_RUN, cli_env, run_cli
 from tests.distributed.launch import final_weights
 
-STEPS = 40
+STEPS = 20
 CKPT_EVERY = 10
 
 
@@ -84,7 +84,7 @@ def test_sigterm_checkpoints_the_step_exits_75_and_resumes_bitwise(reference, tm
     assert f"stopped on SIGTERM: step {step}," in stdout and "run the same command to resume" in stdout
     assert max(losses(run_dir)) == step
     resumed = run_cli(args_for(run_dir), llmhpc_cache)
-    assert f"(step {step})" in resumed.stdout and "done: step 40" in resumed.stdout
+    assert f"(step {step})" in resumed.stdout and f"done: step {STEPS}" in resumed.stdout
     assert_matches(reference, run_dir)
 
 

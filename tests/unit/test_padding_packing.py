@@ -153,6 +153,17 @@ def test_max_seq_len_checks_the_largest_position_used() -> None:
         model(ids[:, :10], attention_mask=torch.ones(2, 9))
 
 
+@torch.no_grad()
+def test_packed_rows_compile_into_one_graph() -> None:
+    """parallel.compile=true compiles the whole model in one process; a packed SFT batch (position and document
+    ids) must not break its graph (a break splits the compiled forward and prints a warning in every run)."""
+    model = _model("gqa_tied")
+    ids, docs, pos = _packed([[20, 12], [14, 18]], model.cfg.vocab_size)
+    explained = torch._dynamo.explain(model)(ids, document_ids=docs, position_ids=pos)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 @torch.no_grad()
 def test_padding_and_packing_match_transformers(name: str) -> None:
