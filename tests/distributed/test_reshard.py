@@ -6,6 +6,8 @@ and resumed to step 6 must give the uninterrupted run's step-6 loss.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -28,7 +30,7 @@ def weights(step_dir) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def sharded_run(tmp_path, cache) -> tuple:
+def sharded_run(tmp_path: Path, cache: Path) -> tuple[Path, Path]:
     """An uninterrupted one-process run to step 6 and a dp_shard=2 run stopped after its step-5 checkpoint."""
     reference, sharded = tmp_path / "reference", tmp_path / "sharded"
     run_cli(["pretrain", *COMMON, "trainer.max_steps=6", "trainer.micro_batch_size=4", f"run.dir={reference}"], cache)
