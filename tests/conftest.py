@@ -31,6 +31,11 @@ SMALL_RUN = [
 ]
 
 
+def marking_slow(names, slow) -> list:
+    """Parameters `names` for pytest.mark.parametrize, those in `slow` marked for the slow tier (`-m slow`)."""
+    return [pytest.param(name, marks=pytest.mark.slow) if name in slow else name for name in names]
+
+
 @pytest.fixture(scope="session")
 def llmhpc_cache(tmp_path_factory) -> Path:
     """One LLMHPC_CACHE for the session so the corpus and tokenizer are prepared once."""

@@ -174,7 +174,9 @@ def rope_at(
     Raises when a position falls outside the tables (model.max_seq_len); with explicit positions that
     is the largest one used, not start + S, so packed rows may be longer than any one document allows.
     Under torch.compile the explicit positions are not checked here (reading their range would split
-    the graph in two); the table lookup still refuses an index past its end.
+    the graph in two): the callers bound them (trainer.seq_len <= model.max_seq_len is checked with the
+    config, the rollout engine checks prompt + max_new_tokens), and an index past the tables' end stops the
+    process in the compiled kernel's bounds check ("index out of bounds"), not with this ValueError.
     """
     limit = cos_table.shape[0]
     if positions is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import SMALL_RUN, run_cli
+from tests.conftest import SMALL_RUN, marking_slow, run_cli
 from tests.distributed.launch import run_torchrun, step_losses
 
 STEPS = 6
@@ -36,8 +36,7 @@ SLOW_LAYOUTS = ("hsdp_2x2",)
 """Left to the slow tier (CI time): HSDP composes the DDP and FSDP2 layouts tier 1 checks (4 processes on 2 cores)."""
 
 
-@pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_LAYOUTS else name
-                                    for name in LAYOUTS])
+@pytest.mark.parametrize("layout", marking_slow(LAYOUTS, SLOW_LAYOUTS))
 def test_layout_matches_single_process(layout, single_process_losses, tmp_path, llmhpc_cache):
     nproc, overrides = LAYOUTS[layout]
     run_torchrun(nproc, ["pretrain", *COMMON, *overrides, f"run.dir={tmp_path}"], llmhpc_cache)

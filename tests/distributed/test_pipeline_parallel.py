@@ -21,7 +21,7 @@ from llmhpc.checkpoint import load_model_state, read_checkpoint_config
 from llmhpc.checkpoint.manager import step_dir_name
 from llmhpc.metrics.jsonl import read_metrics
 from llmhpc.models import Llama
-from tests.conftest import SMALL_RUN, run_cli
+from tests.conftest import SMALL_RUN, marking_slow, run_cli
 from tests.distributed.launch import copy_run_stopped_at, run_torchrun, step_losses
 
 STEPS = 6
@@ -81,8 +81,7 @@ SLOW_LAYOUTS = ("pp2_gpipe_split_compile", "pp2_zbv", "tp2_pp2")
 tp2 x pp2 (inside dp2 x tp2 x pp2, which stays: 3D parity is tier 1)."""
 
 
-@pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_LAYOUTS else name
-                                    for name in LAYOUTS])
+@pytest.mark.parametrize("layout", marking_slow(LAYOUTS, SLOW_LAYOUTS))
 def test_pipeline_layout_matches_single_process(layout, reference, tmp_path, llmhpc_cache):
     nproc, overrides = LAYOUTS[layout]
     run_torchrun(nproc, ["pretrain", *COMMON, *overrides, f"run.dir={tmp_path}"], llmhpc_cache)

@@ -17,7 +17,7 @@ import torch
 from llmhpc.checkpoint import load_model_state, read_checkpoint_config
 from llmhpc.checkpoint.manager import step_dir_name
 from llmhpc.models import Llama
-from tests.conftest import SMALL_RUN, run_cli
+from tests.conftest import SMALL_RUN, marking_slow, run_cli
 from tests.distributed.launch import copy_run_stopped_at, run_torchrun, step_losses
 
 STEPS = 6
@@ -77,8 +77,7 @@ def _worst(got: dict[int, float], expected: dict[int, float], steps) -> float:
     return max(abs(got[s] - expected[s]) for s in steps)
 
 
-@pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_LAYOUTS else name
-                                    for name in LAYOUTS])
+@pytest.mark.parametrize("layout", marking_slow(LAYOUTS, SLOW_LAYOUTS))
 def test_tied_pipeline_matches_one_process(layout, reference, pipelined):
     run_dir = pipelined(layout)
     got = step_losses(run_dir)

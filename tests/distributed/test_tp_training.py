@@ -16,7 +16,7 @@ import torch
 from llmhpc.checkpoint import load_model_state, read_checkpoint_config
 from llmhpc.checkpoint.manager import step_dir_name
 from llmhpc.models import Llama
-from tests.conftest import SMALL_RUN, run_cli
+from tests.conftest import SMALL_RUN, marking_slow, run_cli
 from tests.distributed.launch import run_torchrun, step_losses
 
 STEPS = 6
@@ -58,8 +58,7 @@ SLOW_LAYOUTS = ("dp_shard2_tp2",)
 (tests/distributed/test_pipeline_parallel.py)."""
 
 
-@pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_LAYOUTS else name
-                                    for name in LAYOUTS])
+@pytest.mark.parametrize("layout", marking_slow(LAYOUTS, SLOW_LAYOUTS))
 def test_tp_layout_matches_single_process(layout, reference, tmp_path, llmhpc_cache):
     nproc, overrides = LAYOUTS[layout]
     run_torchrun(nproc, ["pretrain", *COMMON, *overrides, f"run.dir={tmp_path}"], llmhpc_cache)

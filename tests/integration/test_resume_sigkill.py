@@ -94,7 +94,7 @@ def test_sigkill_then_same_command_matches_uninterrupted_run(reference, tmp_path
     proc, killed_at, _ = signal_mid_run(killed_dir, llmhpc_cache, signal.SIGKILL, CKPT_EVERY + 3)
     assert killed_at is not None and proc.returncode == -signal.SIGKILL, "the run must be killed mid-training"
     assert killed_at < STEPS
-    assert latest_checkpoint(killed_dir / "checkpoints").name == f"step_{CKPT_EVERY:07d}" or killed_at >= 2 * CKPT_EVERY
+    assert latest_checkpoint(killed_dir / "checkpoints").name == f"step_{CKPT_EVERY:07d}"  # killed before step 20
 
     resumed = run_cli(args_for(killed_dir), llmhpc_cache)
     assert "resumed from" in resumed.stdout
