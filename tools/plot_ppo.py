@@ -1,10 +1,13 @@
-"""Plot a `llmhpc ppo` run against its wall-clock minutes: the reward model's mean score of the sampled answers,
-the share of them that are right, the held-out accuracy of the run's evals, and the KL to the starting model.
+"""Plot a `llmhpc ppo` run against its wall-clock minutes: the reward model's mean score of the sampled answers
+(when it is part of the reward), the share of them that are right, the held-out accuracy of the run's evals, and
+the KL to the starting model.
 
     python tools/plot_ppo.py runs/ppo docs/ppo_rm_arithmetic.png [--start-accuracy 0.405 --final-accuracy 0.44]
+        [--start-score 16.3 --final-score 16.5]
 
 Steps sit at the sum of their `step_time_s`; the optional start / final points are `llmhpc eval` numbers on more
-held-out problems, drawn as stars at minute 0 and at the run's end.
+held-out problems (accuracy; the reward model's mean score of the greedy answers with `judge=`), drawn as stars at
+minute 0 and at the run's end.
 """
 
 from __future__ import annotations
@@ -32,17 +35,38 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--start-accuracy", type=float, default=None)
     parser.add_argument("--final-accuracy", type=float, default=None)
+    parser.add_argument("--start-score", type=float, default=None, help="llmhpc eval judge_score before PPO")
+    parser.add_argument("--final-score", type=float, default=None, help="llmhpc eval judge_score after PPO")
     parser.add_argument("--eval-problems", type=int, default=200, help="problems behind the stars (legend only)")
     args = parser.parse_args()
     records = read_metrics(args.run / "metrics.jsonl")
     minutes = step_minutes(records)
     starts = _rollout_starts(records)
     rollouts, t = [records[i] for i in starts], [minutes[i] for i in starts]
-    fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(8, 8), dpi=120, sharex=True)
-
-    top.plot(t, [r["reward_reward_model"] for r in rollouts], ".-", color="tab:orange", lw=1)
-    top.set_ylabel("reward model's mean score\nof the sampled answers")
-    top.grid(alpha=0.3)
+    scored = "reward_reward_model" in rollouts[0]
+    judged = args.start_score is not None or args.final_score is not None
+    panels = 3 if scored or judged else 2
+    fig, axes = plt.subplots(panels, 1, figsize=(8, 8 if panels == 3 else 5.5), dpi=120, sharex=True)
+    middle, bottom = axes[-2:]
+    end = minutes[-1]
+    if panels == 3:
+        top = axes[0]
+        if scored:
+            top.plot(t, [r["reward_reward_model"] for r in rollouts], ".-", color="tab:orange", lw=1,
+                     label="sampled answers (the reward)")
+        for minute, score in ((0.0, args.start_score), (end, args.final_score)):
+            if score is not None:
+                top.plot([minute], [score], "*", ms=12, color="black")
+        if judged:
+            top.plot([], [], "*", ms=12, color="black",
+                     label=f"greedy answers, llmhpc eval, {args.eval_problems} problems")
+        if judged and not scored:  # two points: at least 5 score units tall, so a small change looks small
+            low, high = top.get_ylim()
+            middle_y, half = (low + high) / 2, max((high - low) / 2, 2.5)
+            top.set_ylim(middle_y - half, middle_y + half)
+        top.set_ylabel("reward model's\nmean score")
+        top.grid(alpha=0.3)
+        top.legend(loc="upper left", fontsize=8)
 
     if "reward_correct" in rollouts[0]:
         middle.plot(t, [r["reward_correct"] for r in rollouts], ".-", color="tab:gray", lw=0.8,
@@ -50,7 +74,6 @@ def main() -> None:
     evals = [(m, r["eval_accuracy"]) for m, r in zip(minutes, records, strict=True) if "eval_accuracy" in r]
     middle.plot([m for m, _ in evals], [a for _, a in evals], "o-", color="tab:green",
                 label="held-out greedy accuracy (the run's evals)")
-    end = minutes[-1]
     for minute, accuracy in ((0.0, args.start_accuracy), (end, args.final_accuracy)):
         if accuracy is not None:
             middle.plot([minute], [accuracy], "*", ms=12, color="black")

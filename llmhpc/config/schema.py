@@ -514,6 +514,10 @@ class PPOConfig:
     the returns, so the actor's first advantages are not its noise."""
     samples_per_prompt: int = 1
     """Answers sampled per prompt."""
+    shared_prompt: bool = True
+    """With samples_per_prompt > 1: a prompt's answers in one row, the prompt once and each answer masked to see
+    the prompt and itself, for the reference's log-probs, the critic's values and both updates (the same numbers
+    for fewer tokens, as grpo.shared_prompt). False: a row per answer."""
     max_new_tokens: int = 128
     """Longest answer sampled."""
     temperature: float = 1.0

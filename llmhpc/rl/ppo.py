@@ -30,30 +30,45 @@ from llmhpc.train.losses import IGNORE_INDEX
 from llmhpc.train.objective import Batch, LMHead, Metric, Objective
 
 
+def answer_ends(mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T] bool: the last token of each answer. A row holds one answer (its masked tokens) or, in GRPO's shared-
+    prompt rows (`llmhpc.rl.group_rollouts.shared_prompt_rows`), several back to back: an answer ends where the
+    next position is unmasked, or starts over (its position is not the next one), or the row ends."""
+    mask = mask.bool()
+    following = torch.zeros_like(mask)
+    following[:, :-1] = mask[:, 1:]
+    if position_ids is not None:
+        following[:, :-1] &= position_ids[:, 1:] == position_ids[:, :-1] + 1
+    return mask & ~following
+
+
 def token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
-                  kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+                  kl_coef: float, ends: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(rewards [B, T], per-token KL estimate [B, T]): -kl_coef * (logprobs - ref_logprobs) on every masked token,
-    plus each rollout's score [B] on its last masked token; 0 where the mask is 0."""
+    plus each answer's score on its last token (`ends`, default: each row's last masked token); 0 where the mask
+    is 0. `scores` is one per row [B], or per token [B, T] (each answer's score on its tokens)."""
+    ends = answer_ends(mask) if ends is None else ends
     mask = mask.to(logprobs.dtype)
     kl = (logprobs - ref_logprobs) * mask
-    rewards = -kl_coef * kl
-    last = mask.shape[1] - 1 - mask.flip(1).argmax(dim=1)  # each row's last masked position
-    rewards[torch.arange(mask.shape[0]), last] += scores.to(rewards.dtype) * mask.any(dim=1)
-    return rewards, kl
+    per_token = scores[:, None] if scores.dim() == 1 else scores
+    return -kl_coef * kl + per_token.to(kl.dtype) * ends, kl
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages, returns), each [B, T], by generalized advantage estimation over each row's masked tokens
-    (module docstring); the value after a row's last masked token is 0 and padding contributes nothing."""
+        lam: float = 0.95, ends: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns), each [B, T], by generalized advantage estimation over each answer's tokens (module
+    docstring); the value after an answer's last token (`ends`, default: each row's last masked token) is 0 and
+    padding contributes nothing."""
+    ends = answer_ends(mask) if ends is None else ends
     mask = mask.to(values.dtype)
+    going_on = 1.0 - ends.to(values.dtype)  # 0 where an answer ends: nothing of the next one flows back into it
     rewards, values = rewards * mask, values * mask
     advantages = torch.zeros_like(values)
     running = torch.zeros_like(values[:, 0])
     next_value = torch.zeros_like(values[:, 0])
     for t in reversed(range(values.shape[1])):
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = (delta + gamma * lam * running) * mask[:, t]
+        delta = rewards[:, t] + gamma * next_value * going_on[:, t] - values[:, t]
+        running = (delta + gamma * lam * running * going_on[:, t]) * mask[:, t]
         advantages[:, t] = running
         next_value = values[:, t]
     return advantages, (advantages + values) * mask

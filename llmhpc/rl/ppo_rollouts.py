@@ -14,6 +14,10 @@ resume) with PPO's advantages in place of group-relative ones, and with the crit
    the actor's first step (its loss does not depend on the actor, so the order changes nothing), and the
    adaptive KL coefficient moves toward its target.
 
+With `settings.shared_prompt`, a prompt's answers share one row (GRPO's `shared_prompt_rows`): the reference, the
+critic and both updates then run the prompt's tokens once per group, and the score, the KL rewards and GAE are
+each answer's own (`llmhpc.rl.ppo.answer_ends` finds where one answer stops and the next starts).
+
 With `group_baseline`, step 2 uses each answer's score minus the mean score of its prompt's answers: the returns
 then carry no prompt's difficulty (which a critic learns slowly, from a few prompts per rollout), only what
 distinguishes answers to the same prompt, and a prompt whose answers all score alike gets the KL penalty alone.
@@ -36,10 +40,10 @@ import torch
 import torch.distributed as dist
 
 from llmhpc.rl.group_rollouts import Batch, GroupRollouts, _Stats
-from llmhpc.rl.ppo import KLController, ValueObjective, gae, token_rewards
+from llmhpc.rl.ppo import KLController, ValueObjective, answer_ends, gae, token_rewards
 from llmhpc.train.engine import Engine
 from llmhpc.train.losses import IGNORE_INDEX
-from llmhpc.train.objective import LMHead, model_inputs
+from llmhpc.train.objective import MODEL_INPUTS, LMHead, model_inputs
 
 
 @dataclass
@@ -82,8 +86,8 @@ class Critic:
     def train(self, batches: list[Batch], updates: int) -> dict[str, float]:
         """`updates` optimizer steps, each over all `batches` (one rollout); the last step's means."""
         dp = self.engine.dp
-        micro = [self.to_device({k: batch[k] for k in ("input_ids", "labels", "old_values", "returns")})
-                 for batch in batches]
+        keys = ("input_ids", "labels", "old_values", "returns", *MODEL_INPUTS)
+        micro = [self.to_device({k: batch[k] for k in keys if k in batch}) for batch in batches]
         (normalizer,) = dp.sum_ints(sum(self.objective.normalizer(b) for b in micro))
         for group in self.engine.lr_groups():
             group["lr"] = self.lr
@@ -167,11 +171,12 @@ class PPORollouts(GroupRollouts):
                 old = batch["old_logprobs"]
                 ref = self.reference(batch).float() if self.reference is not None else old
                 values = self.critic.values(batch)
-                scores = batch.pop("advantages").float()
-                rewards, kl = token_rewards(scores, old, ref, mask, kl_coef)
-                advantages, returns = gae(rewards, values, mask, self.advantage.gamma, self.advantage.lam)
+                scores = batch.pop("advantages").float()  # [rows], or [rows, S] in shared-prompt rows
+                ends = answer_ends(mask, batch.get("position_ids"))
+                rewards, kl = token_rewards(scores, old, ref, mask, kl_coef, ends)
+                advantages, returns = gae(rewards, values, mask, self.advantage.gamma, self.advantage.lam, ends)
                 batch.update(advantages=advantages, old_values=values, returns=returns)
-                answers += int(mask.any(dim=1).sum())
+                answers += int(ends.sum())
                 kl_total += float(kl.sum())
                 stats.add("value_mean", float((values * mask).sum()), float(mask.sum()))
                 for name, x in (("return", returns), ("value_residual", returns - values)):  # explained variance

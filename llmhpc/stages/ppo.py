@@ -109,7 +109,7 @@ def _train(cfg: Config, where: RunContext) -> TrainResult:
         group_size=p.samples_per_prompt, sampling=sampling.params,
         groups=t.global_batch_size // (p.samples_per_prompt * ranks),
         micro_batches=t.global_batch_size // (t.micro_batch_size * ranks), updates=p.updates_per_rollout,
-        pad_id=sampling.pad_id,
+        pad_id=sampling.pad_id, shared_prompt=p.shared_prompt and p.samples_per_prompt > 1,
     )
     reference = (reference_policy(cfg, model, where.device, engine.autocast, p.temperature, p)
                  if p.kl_coef > 0 or p.kl_target is not None else None)

@@ -16,6 +16,7 @@ from llmhpc.checkpoint import latest_checkpoint, read_meta
 from llmhpc.checkpoint.manager import stored_shapes, stored_tensor_reader
 from llmhpc.metrics.jsonl import read_metrics
 from llmhpc.models import load_pretrained
+from llmhpc.rl.ppo import answer_ends
 from llmhpc.rl.reward_model import RewardScorer
 from tests.conftest import one_line_error, run_cli
 from tests.distributed.launch import copy_run_stopped_at, run_torchrun, step_losses
@@ -31,12 +32,13 @@ def _critic(run_dir) -> dict[str, torch.Tensor]:
 
 def _common(policy) -> list[str]:
     return ["ppo", f"model.init_from={policy}", *PPO, "reward=[tests.grpo_rewards.odd_length]", "updates_per_rollout=2",
-            "trainer.max_steps=4", "trainer.ckpt_every=1", "kl_target=0.01"]
+            "samples_per_prompt=4", "trainer.max_steps=4", "trainer.ckpt_every=1", "kl_target=0.01"]
 
 
 @pytest.fixture(scope="module")
 def ppo_run(tp2_pp2_checkpoint, llmhpc_cache, tmp_path_factory):
-    """4 steps (2 rollouts x 2 updates) on one process, a checkpoint after each."""
+    """4 steps (2 rollouts x 2 updates of 2 prompts x 4 answers, each prompt's answers in one row) on one process,
+    a checkpoint after each."""
     run = tmp_path_factory.mktemp("ppo") / "run"
     run_cli([*_common(tp2_pp2_checkpoint), f"run.dir={run}"], llmhpc_cache)
     return run
@@ -100,16 +102,27 @@ def test_critic_warmup_trains_the_critic_alone_first_and_resumes(ppo_run, tp2_pp
     assert all(torch.equal(_critic(run)[name], value) for name, value in _critic(resumed).items())
 
 
+def _stored_batches(run_dir) -> list[dict[str, torch.Tensor]]:
+    """The micro-batches of the rollout batch stored with a run's newest checkpoint."""
+    return [{k: torch.tensor(v["data"]) for k, v in batch.items()}
+            for batch in read_meta(latest_checkpoint(run_dir / "checkpoints"))["ranks"][0]["data"]["batches"]]
+
+
 def _rollout_rows(run_dir) -> list[tuple[tuple[int, ...], float, torch.Tensor]]:
-    """(prompt ids, return at the answer's first token, returns of its answer tokens) of every answer of the
-    rollout batch stored with a run's newest checkpoint."""
+    """(the tokens before the row's first answer, return at the answer's first token, returns of its answer tokens)
+    of every answer of the rollout batch stored with a run's newest checkpoint (a row per answer, or a prompt's
+    answers back to back in one row)."""
     rows = []
-    for batch in read_meta(latest_checkpoint(run_dir / "checkpoints"))["ranks"][0]["data"]["batches"]:
-        ids, labels, returns = (torch.tensor(batch[k]["data"]) for k in ("input_ids", "labels", "returns"))
-        for row in range(ids.shape[0]):
-            answer = (labels[row] != -100).nonzero().flatten()
-            first = int(answer[0])
-            rows.append((tuple(ids[row, :first + 1].tolist()), float(returns[row, first]), returns[row, answer]))
+    for batch in _stored_batches(run_dir):
+        mask = batch["labels"] != -100
+        ends = answer_ends(mask, batch.get("position_ids"))
+        for row in range(mask.shape[0]):
+            tokens = mask[row].nonzero().flatten().tolist()
+            prompt, start = tuple(batch["input_ids"][row, :tokens[0]].tolist()), tokens[0]
+            for t in tokens:
+                if ends[row, t]:
+                    rows.append((prompt, float(batch["returns"][row, start]), batch["returns"][row, start:t + 1]))
+                    start = t + 1
     return rows
 
 
@@ -138,6 +151,26 @@ def test_group_baseline_centres_each_prompts_scores(tp2_pp2_checkpoint, llmhpc_c
                 assert all(min(abs(score - r) for r in (0, 1)) < 1e-5 for score in scores)
         if centred:
             assert any(abs(score) > 0.2 for _, score, _ in rows)  # a prompt whose answers' lengths differ in parity
+
+
+def test_shared_prompt_rows_give_the_numbers_of_a_row_per_answer(ppo_run, tp2_pp2_checkpoint, llmhpc_cache,
+                                                                 tmp_path):
+    """shared_prompt=true (the default; ppo_run): the reference's log-probs, the critic's values, the rewards and GAE
+    per answer, the value loss and the actor's loss of a row per answer (shared_prompt=false), over 2 rollouts of
+    2 updates, from fewer input tokens."""
+    run = tmp_path / "plain"
+    run_cli([*_common(tp2_pp2_checkpoint), "shared_prompt=false", f"run.dir={run}"], llmhpc_cache)
+    plain, shared = read_metrics(run / "metrics.jsonl"), read_metrics(ppo_run / "metrics.jsonl")
+    for name in ("loss", "value_loss", "value_error", "kl", "kl_coef", "reward", "value_mean", "entropy"):
+        assert [r[name] for r in shared] == pytest.approx([r[name] for r in plain], rel=1e-4, abs=1e-5), name
+    assert shared[2]["kl"] > 1e-4 and shared[1]["loss"] != 0  # the comparison covers a moved policy
+    rows = {n: sorted((p, round(first, 4)) for p, first, _ in _rollout_rows(d)) for n, d in (("plain", run),
+                                                                                            ("shared", ppo_run))}
+    assert len(rows["shared"]) == 8 and [r[1] for r in rows["shared"]] == pytest.approx([r[1] for r in rows["plain"]],
+                                                                                          abs=2e-4)
+    tokens = {n: sum(b["input_ids"].numel() for b in _stored_batches(d)) for n, d in (("plain", run),
+                                                                                    ("shared", ppo_run))}
+    assert tokens["shared"] < tokens["plain"], tokens
 
 
 def test_ppo_under_fsdp2_gives_the_numbers_of_one_process(ppo_run, tp2_pp2_checkpoint, llmhpc_cache, tmp_path):

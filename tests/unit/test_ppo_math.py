@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmhpc.rl.grpo import clipped_policy_loss
-from llmhpc.rl.ppo import KLController, clipped_value_loss, gae, token_rewards, whiten
+from llmhpc.rl.ppo import KLController, answer_ends, clipped_value_loss, gae, token_rewards, whiten
 
 
 def _gae_reference(rewards: list[float], values: list[float], gamma: float, lam: float) -> tuple[list, list]:
@@ -51,6 +51,32 @@ def test_token_rewards_put_the_score_on_the_last_token():
     rewards, kl = token_rewards(torch.tensor([2.0, -1.0]), logprobs, ref, mask, kl_coef=0.1)
     assert torch.allclose(kl, torch.tensor([[0.5, -1.0, 0.0, 0.0], [-0.5, 0.0, 0.0, 0.0]]))
     assert torch.allclose(rewards, torch.tensor([[-0.05, 0.1, 2.0, 0.0], [0.05 - 1.0, 0.0, 0.0, 0.0]]))
+
+
+def test_answers_back_to_back_in_one_row_get_the_rewards_and_gae_of_rows_of_their_own():
+    """Shared-prompt rows: a prompt of 2 tokens (unmasked) then answers of 3 and 2 tokens whose positions both
+    start after the prompt. Each answer gets its own score on its last token, and GAE runs within each answer
+    (nothing of the second flows back into the first), as in a row per answer."""
+    torch.manual_seed(1)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 0]])
+    positions = torch.tensor([[0, 1, 2, 3, 4, 2, 3, 0]])
+    ends = answer_ends(mask, positions)
+    assert ends.tolist() == [[False, False, False, False, True, False, True, False]]
+    assert answer_ends(mask).tolist() == [[False] * 6 + [True, False]]  # one answer without the positions
+    logprobs, ref, values = torch.randn(3, 1, 8, dtype=torch.float64)
+    scores = torch.tensor([[0.0, 0.0, 2.0, 2.0, 2.0, -1.0, -1.0, 0.0]], dtype=torch.float64)  # per token
+    rewards, kl = token_rewards(scores, logprobs, ref, mask, kl_coef=0.1, ends=ends)
+    advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.8, ends=ends)
+    for span, score in ((slice(2, 5), 2.0), (slice(5, 7), -1.0)):  # each answer as a row of its own
+        own_rewards, own_kl = token_rewards(torch.tensor([score], dtype=torch.float64), logprobs[:, span],
+                                            ref[:, span], torch.ones(1, span.stop - span.start), kl_coef=0.1)
+        assert torch.allclose(rewards[:, span], own_rewards) and torch.allclose(kl[:, span], own_kl)
+        own_advantages, own_returns = gae(own_rewards, values[:, span], torch.ones(1, span.stop - span.start),
+                                          gamma=0.9, lam=0.8)
+        assert torch.allclose(advantages[:, span], own_advantages) and torch.allclose(returns[:, span], own_returns)
+    # read as one answer, the first would bootstrap from the second: the check above can fail
+    joined, _ = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    assert not torch.allclose(joined[:, 2:5], advantages[:, 2:5])
 
 
 def test_whiten():
