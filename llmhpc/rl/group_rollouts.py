@@ -159,15 +159,21 @@ class GroupRollouts:
         return batch
 
     def state_dict(self) -> dict:
+        """The stream's position and the rollout being trained; a shared-prompt row's [S, S] attention mask is left
+        out (its segments rebuild it: a checkpoint's meta.json stays the size of the tokens, not their square)."""
         return {"cursor": self.cursor, "rollouts": self.rollouts, "served": self.served,
                 "batches": [{k: {"dtype": str(v.dtype).removeprefix("torch."), "data": v.tolist()}
-                             for k, v in b.items()} for b in self.batches],
+                             for k, v in b.items() if not (k == "attention_mask" and "segment" in b)}
+                            for b in self.batches],
                 "metrics": self._metrics}
 
     def load_state_dict(self, state: dict) -> None:
         self.cursor, self.rollouts, self.served = state["cursor"], state["rollouts"], state["served"]
         self.batches = [{k: torch.tensor(v["data"], dtype=getattr(torch, v["dtype"])) for k, v in b.items()}
                         for b in state["batches"]]
+        for batch in self.batches:
+            if "segment" in batch:
+                batch["attention_mask"] = prefix_sharing_mask(batch["segment"])
         self._metrics = dict(state["metrics"])
 
     def metrics(self) -> dict[str, float]:
@@ -316,7 +322,8 @@ def shared_prompt_rows(rows: Sequence[tuple], pad_id: int) -> Batch:
     prompt. Each segment sees the shared part and itself only (`prefix_sharing_mask`), so every answer
     token gets exactly the hidden state it gets in a row of its own, while the prompt's tokens go through the
     forward and backward once per group instead of once per answer. `labels` / `old_logprobs` sit at the
-    positions that predict each answer token; `advantages` is per token [rows, S] (each answer's own)."""
+    positions that predict each answer token; `advantages` is per token [rows, S] (each answer's own); `segment`
+    [rows, S] (0 the shared prompt, k answer k, -1 padding) is what the attention mask is made from."""
     by_prompt: dict[tuple[int, ...], list[tuple]] = {}
     for row in rows:
         by_prompt.setdefault(tuple(row[0]), []).append(row)
@@ -345,4 +352,4 @@ def shared_prompt_rows(rows: Sequence[tuple], pad_id: int) -> Batch:
             advantages[row, span] = advantage
             at = span.stop
     return {"input_ids": ids, "labels": labels, "old_logprobs": old, "advantages": advantages,
-            "position_ids": positions, "attention_mask": prefix_sharing_mask(segment)}
+            "position_ids": positions, "attention_mask": prefix_sharing_mask(segment), "segment": segment}

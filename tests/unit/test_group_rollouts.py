@@ -154,14 +154,17 @@ def test_leaving_out_zero_advantage_answers_leaves_the_step_unchanged(model, nor
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads, lean_grads, strict=True))
 
 
-def test_state_resumes_mid_rollout_and_after_it_bitwise(model):
-    source = _source(model, _prompts(), updates=2)
+@pytest.mark.parametrize("shared_prompt", [False, True])
+def test_state_resumes_mid_rollout_and_after_it_bitwise(model, shared_prompt):
+    """Also with a prompt's answers in one row, whose [S, S] attention mask the state leaves out and rebuilds."""
+    source = _source(model, _prompts(), updates=2, shared_prompt=shared_prompt)
     source.next_batch()
     source.next_batch()
     source.next_batch()  # one of the two micro-batches of the second update of rollout 1
     state = json.loads(json.dumps(source.state_dict()))  # what a checkpoint's meta.json keeps
+    assert all(("segment" in b) == shared_prompt and "attention_mask" not in b for b in state["batches"])
     rest = [source.next_batch() for _ in range(4)]  # the rest of rollout 1, then rollout 2
-    resumed = _source(model, _prompts(), updates=2)
+    resumed = _source(model, _prompts(), updates=2, shared_prompt=shared_prompt)
     resumed.load_state_dict(state)
     again = [resumed.next_batch() for _ in range(4)]
     for a, b in zip(rest, again, strict=True):
