@@ -501,8 +501,11 @@ class PPOConfig:
     """Reward functions as in grpo.reward (names or dotted paths, optional ':weight'); [] to use the reward model
     alone."""
     reward_model_path: str | None = None
-    """A reward model (an llmhpc run or checkpoint trained by `llmhpc reward`): its score of each answer is added to
-    the reward functions' sum."""
+    """A reward model (an llmhpc run or checkpoint trained by `llmhpc reward`): its score of each answer, times
+    reward_model_weight, is added to the reward functions' sum."""
+    reward_model_weight: float = 1.0
+    """What the reward model's score is multiplied by in the reward: a summed-head model's scores spread over tens,
+    so a weight below 1 keeps a verifiable reward function of 0 / 1 from being drowned out (logged unweighted)."""
     critic_from: str | None = None
     """Where the critic starts: a model with a score head (default: reward_model_path when set), or any language
     model (default without a reward model: model.init_from), which then gets a new value head."""
@@ -608,6 +611,17 @@ class RewardModelConfig:
     eval_pairs: int = 64
     """data.source=arithmetic: held-out pairs (from the held-out problems) whose pairwise accuracy each eval logs;
     other data holds out data.val_fraction of its pairs."""
+    sampled_from: str = ""
+    """data.source=arithmetic: a policy (HF dir, .gguf or llmhpc run) whose own sampled answers to further training
+    problems add pairs, each distinct wrong answer ranked below a right one (the worked solution when none is
+    right), made once and cached. Name the policy PPO will start from, so the reward model learns the mistakes of
+    the answers it will judge. Empty: the shipped pairs only."""
+    sampled_problems: int = 256
+    """sampled_from: training problems the policy answers (the ones after the arithmetic_pairs problems)."""
+    samples_per_problem: int = 8
+    """sampled_from: answers sampled per problem (128 new tokens at most each)."""
+    sample_temperature: float = 1.0
+    """sampled_from: the sampling temperature (1.0: the policy's own distribution, as PPO samples it)."""
 
 
 @dataclass

@@ -103,6 +103,8 @@ def validate_ppo(cfg: Config) -> None:
     _check(bool(p.reward) or bool(p.reward_model_path),
            "ppo has no reward: name reward functions (ppo.reward=[correct]) or a reward model "
            "(ppo.reward_model_path=...)")
+    _check(p.reward_model_weight > 0, f"ppo.reward_model_weight must be > 0 (without a reward model leave "
+           f"reward_model_path unset), got {p.reward_model_weight}")
     _check(p.eval_problems >= 0, f"ppo.eval_problems must be >= 0, got {p.eval_problems}")
     _check(p.critic_warmup >= 0, f"ppo.critic_warmup must be >= 0 (0: none), got {p.critic_warmup}")
     _check(not p.group_baseline or p.samples_per_prompt > 1,
@@ -130,6 +132,11 @@ def validate_reward(cfg: Config) -> None:
     _check(r.center_coefficient >= 0, f"reward_model.center_coefficient must be >= 0, got {r.center_coefficient}")
     _check(r.eval_pairs >= 0, f"reward_model.eval_pairs must be >= 0, got {r.eval_pairs}")
     _check(r.arithmetic_pairs > 0, f"reward_model.arithmetic_pairs must be > 0, got {r.arithmetic_pairs}")
+    _check(r.sampled_problems > 0, f"reward_model.sampled_problems must be > 0, got {r.sampled_problems}")
+    _check(r.samples_per_problem >= 2,
+           f"reward_model.samples_per_problem must be >= 2 (a pair needs two answers), got {r.samples_per_problem}")
+    _check(r.sample_temperature > 0, f"reward_model.sample_temperature must be > 0 (answers are sampled), got "
+           f"{r.sample_temperature}")
 
 
 CONVERT_QUANT = {"hf": ("none",), "trtllm": ("none", "int8_wo", "int4_wo", "fp8"),

@@ -11,13 +11,16 @@ made wrong in one of two ways a grader would catch:
 
 Train pairs come from the training problems and eval pairs from the held-out pool, so the splits share no
 question and no arithmetic (`train_eval_split`). Every draw comes from a ``random.Random`` of the seed.
+
+`sampled_pair_rows` makes pairs of another kind, from a policy's own sampled answers ranked by their final number
+(`llmhpc reward sampled_from=<policy>`): a reward model that is to judge that policy then learns its mistakes.
 """
 
 from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from llmhpc.data.arithmetic import ANSWER_SENTENCE, Problem, parse_final_answer
@@ -68,3 +71,23 @@ def preference_rows(problems: Sequence[Problem], seed: int) -> list[dict[str, An
     """A pair per problem, in order, reproducible from `seed`."""
     rng = random.Random(f"preferences-{seed}")
     return [preference_row(problem, rng) for problem in problems]
+
+
+def sampled_pair_rows(problems: Sequence[Problem], samples: Sequence[Sequence[str]],
+                      is_right: Callable[[Problem, str], bool]) -> list[dict[str, Any]]:
+    """Pairs from a policy's own answers (`samples[i]`: those it sampled for `problems[i]`): each distinct wrong
+    answer ranked below a right one (the right samples taken in turn; the worked solution when none was right).
+    A reward model trained on the shipped pairs learns generated mistakes; these teach it the mistakes the policy
+    it will judge makes, in that policy's wording. A problem all of whose samples are right gives no pair."""
+    if len(samples) != len(problems):
+        raise ValueError(f"{len(problems)} problems need as many sample lists, got {len(samples)}")
+    rows = []
+    for problem, answers in zip(problems, samples, strict=True):
+        right = [a for a in dict.fromkeys(answers) if is_right(problem, a)]
+        wrong = [a for a in dict.fromkeys(answers) if not is_right(problem, a)]
+        chosen = right or [problem.solution]
+        for index, rejected in enumerate(wrong):
+            rows.append({"prompt": problem.question, "chosen": chosen[index % len(chosen)], "rejected": rejected,
+                         "answer": problem.answer, "kind": problem.kind,
+                         "flaw": "sampled" if right else "sampled_none_right"})
+    return rows

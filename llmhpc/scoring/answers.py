@@ -140,9 +140,19 @@ def best_of_n_accuracy(model: torch.nn.Module, tokenizer, questions: list[Questi
     `scorer(prompts, replies)` (prompts as message lists, e.g. `llmhpc.rl.reward_model.RewardScorer`), the best
     scored kept. Returns {'accuracy': of the kept replies, 'sample_accuracy': of all samples (what one sample
     scores), 'any_right': share of questions with a right sample among the n (the ceiling), 'questions'}."""
+    replies = [text for answers in sampled_replies(model, tokenizer, questions, n=n, temperature=temperature,
+                                                   max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+               for text in answers]
+    return grade_best_of_n(questions, replies, scorer(_chats(questions, n), replies), n)
+
+
+def sampled_replies(model: torch.nn.Module, tokenizer, questions: list[Question], *, n: int, temperature: float,
+                    max_new_tokens: int = 128, batch_size: int = 8, seed: int = 0) -> list[list[str]]:
+    """Each question's n replies sampled at `temperature`, reproducibly: sample i of question q draws from request
+    q * n + i of `seed`'s streams, whatever the batch size."""
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     replies = [text for text, _ in _replies(model, tokenizer, questions, params, batch_size, n)]
-    return grade_best_of_n(questions, replies, scorer(_chats(questions, n), replies), n)
+    return [replies[i * n:(i + 1) * n] for i in range(len(questions))]
 
 
 def grade_best_of_n(questions: list[Question], replies: list[str], scores: list[float], n: int) -> dict[str, float]:

@@ -33,11 +33,12 @@ from llmhpc.train.trainer import Trainer, TrainResult, report_done
 
 
 class PPORewards:
-    """The reward of an answer: the weighted reward functions' sum plus, with a reward model, its score of the
-    answer to the row's prompt (the `RewardSet` interface the rollout source calls)."""
+    """The reward of an answer: the weighted reward functions' sum plus, with a reward model, `weight` times its
+    score of the answer to the row's prompt (the `RewardSet` interface the rollout source calls; the per-function
+    columns hold the unweighted values)."""
 
-    def __init__(self, functions, scorer) -> None:
-        self.set, self.scorer = functions, scorer
+    def __init__(self, functions, scorer, weight: float = 1.0) -> None:
+        self.set, self.scorer, self.weight = functions, scorer, weight
         self.functions = [*(functions.functions if functions else []), *(["reward_model"] if scorer else [])]
 
     def score(self, completions: Sequence[str], examples: Sequence[Mapping]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +49,7 @@ class PPORewards:
         if self.scorer is not None:
             prompts = [row["messages"] if "messages" in row else str(row["prompt"]) for row in examples]
             scores = torch.tensor(self.scorer(prompts, completions), dtype=torch.float64)
-            total = total + scores
+            total = total + self.weight * scores
             columns.append(scores[:, None])
         return total, torch.cat(columns, dim=1)
 
@@ -89,7 +90,7 @@ def _rewards(cfg: Config, device: torch.device) -> PPORewards:
 
         scorer = RewardScorer.load(cfg.ppo.reward_model_path, device=str(device),
                                    dtype=FROZEN_DTYPES[cfg.ppo.frozen_dtype], offload=cfg.ppo.offload_frozen)
-    return PPORewards(functions, scorer)
+    return PPORewards(functions, scorer, cfg.ppo.reward_model_weight)
 
 
 def _train(cfg: Config, where: RunContext) -> TrainResult:

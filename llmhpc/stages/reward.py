@@ -1,15 +1,16 @@
 """Recipe: a reward model — the model with a scalar head, trained on ranked pairs with the Bradley-Terry loss.
 
     llmhpc reward model.init_from=<HF dir | .gguf | llmhpc run> [data.source=<.jsonl | .parquet | dir of pairs>]
-                  [center_coefficient=0.01] [pooling=sum] [peft=lora]
+                  [center_coefficient=0.01] [pooling=sum] [peft=lora] [sampled_from=<the policy to judge>]
 
 Pairs (`prompt` / `chosen` / `rejected`, an optional `margin`; `llmhpc.data.preference`) are rendered with the
 model's chat template and each side is scored at its last token (pooling=sum: summed over its answer);
 data.source=arithmetic (the default) is the package's own set (`llmhpc.data.arithmetic_preferences`), its
-held-out pairs from the held-out problems. The model gets a scalar head (`model.score_head`, drawn from
-run.seed unless the source has one); the layout and optimizer come from the shared builder, the loop is the
-shared trainer and the objective is `llmhpc.rl.reward_model.RewardObjective`. Each eval logs the held-out loss
-and pairwise accuracy.
+held-out pairs from the held-out problems; sampled_from=<policy> adds pairs of that policy's own sampled
+answers, a wrong one ranked below a right one (`llmhpc.stages.pairs.sampled_pairs_source`). The model gets a
+scalar head (`model.score_head`, drawn from run.seed unless the source has one); the layout and optimizer come
+from the shared builder, the loop is the shared trainer and the objective is
+`llmhpc.rl.reward_model.RewardObjective`. Each eval logs the held-out loss and pairwise accuracy.
 
 The checkpoint is a model with its head: `llmhpc.rl.reward_model.RewardScorer(run.dir)` scores answers with it
 (PPO's reward, best-of-n), and `model.init_from=<this run>` starts a critic from it.
@@ -22,7 +23,7 @@ from __future__ import annotations
 from llmhpc.config import Config, ConfigError
 from llmhpc.data.preference import PairLoader, pair_eval_batches
 from llmhpc.parallel import dp_rank, dp_size
-from llmhpc.stages.pairs import load_pairs, require_data_parallel
+from llmhpc.stages.pairs import load_pairs, require_data_parallel, sampled_pairs_source, sampling_policy
 from llmhpc.stages.sft import fit_and_close, with_model_tokenizer
 from llmhpc.train.builder import RunContext, build, distributed_run
 from llmhpc.train.trainer import Trainer, TrainResult, report_done
@@ -33,6 +34,8 @@ def run(cfg: Config) -> TrainResult:
     cfg = with_model_tokenizer(cfg)
     if not cfg.model.score_head:
         raise ConfigError("a reward model needs its scalar head: model.score_head=true (the reward default)")
+    if cfg.reward_model.sampled_from:
+        sampling_policy(cfg)  # a missing policy stops here, before any model is built
     with distributed_run(cfg) as where:
         require_data_parallel(cfg, where, "reward")
         return _train(cfg, where)
@@ -46,7 +49,8 @@ def _train(cfg: Config, where: RunContext) -> TrainResult:
     cfg, t, r = built.cfg, built.cfg.trainer, built.cfg.reward_model
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train, held, _ = load_pairs(cfg, tokenizer, r.arithmetic_pairs, r.eval_pairs)
+    sampled = sampled_pairs_source(cfg) if r.sampled_from else None
+    train, held, _ = load_pairs(cfg, tokenizer, r.arithmetic_pairs, r.eval_pairs, also_train=sampled)
     layout = "shared_prefix" if r.shared_prefix else "whole"
     loader = PairLoader(train, t.micro_batch_size, cfg.run.seed, pad_id=pad, dp_rank=dp_rank(where.mesh),
                         dp_size=dp_size(where.mesh), layout=layout, pooling=r.pooling)

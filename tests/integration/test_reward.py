@@ -121,6 +121,12 @@ def test_reward_errors_are_one_line(capsys, tp2_pp2_checkpoint):
                             "run.device=cpu"], "model.score_head=true")
     one_line_error(capsys, ["eval", "best_of=4", f"model.init_from={tp2_pp2_checkpoint}"], "best_of=4",
                    "judge=")
+    one_line_error(capsys, ["reward", f"model.init_from={tp2_pp2_checkpoint}", "sampled_from=/no/such/policy"],
+                   "/no/such/policy", "sampled_from")
+    one_line_error(capsys, ["reward", f"model.init_from={tp2_pp2_checkpoint}", f"sampled_from={tp2_pp2_checkpoint}",
+                            "data.source=pairs.jsonl"], "data.source=arithmetic")
+    one_line_error(capsys, ["reward", "samples_per_problem=1", f"model.init_from={tp2_pp2_checkpoint}"],
+                   "reward_model.samples_per_problem must be >= 2")
 
 
 def test_a_summed_head_run_is_scored_summed(tp2_pp2_checkpoint, pairs_file, llmhpc_cache, tmp_path):
@@ -136,3 +142,36 @@ def test_a_summed_head_run_is_scored_summed(tp2_pp2_checkpoint, pairs_file, llmh
     assert scorer.pairwise(picked)["gap"] == pytest.approx(logged, rel=1e-4, abs=1e-5)
     scorer.pooling = "last"
     assert scorer.pairwise(picked)["gap"] != pytest.approx(logged, rel=1e-2)
+
+
+def test_sampled_from_adds_the_policys_own_answers_ranked(tp2_pp2_checkpoint, llmhpc_cache, tmp_path):
+    """sampled_from=<policy>: the policy's own samples to the training problems after the shipped pairs' ones,
+    ranked by their final number, are sampled once into the cache and trained on beside the shipped pairs."""
+    from llmhpc.data.arithmetic import training_problems
+    from llmhpc.data.arithmetic_preferences import sampled_pair_rows
+    from llmhpc.scoring.answers import is_right, sampled_replies
+
+    longer = [a for a in REWARD if not a.startswith("trainer.seq_len=")] + ["trainer.seq_len=320"]  # 128 new tokens
+    args = ["reward", f"model.init_from={tp2_pp2_checkpoint}", *longer, "arithmetic_pairs=4", "eval_pairs=2",
+            f"sampled_from={tp2_pp2_checkpoint}", "sampled_problems=3", "samples_per_problem=2",
+            "trainer.max_steps=1", "trainer.eval_every=0"]
+    first = run_cli([*args, f"run.dir={tmp_path / 'a'}"], llmhpc_cache)
+    assert "sampling 2 answers to each of 3 training problems" in first.stderr
+    written = sorted((llmhpc_cache / "arithmetic").glob("sampled_pairs_*_after4_n3x2_t1.jsonl"))
+    assert len(written) == 1
+    rows = [json.loads(line) for line in written[0].read_text().splitlines()]
+
+    problems = training_problems(7, RunConfig().seed)[4:]  # after the 4 problems of the shipped pairs
+    questions = [question_from_row(p.to_row()) for p in problems]
+    policy, tokenizer = load_pretrained(tp2_pp2_checkpoint)
+    samples = sampled_replies(policy, tokenizer, questions, n=2, temperature=1.0, batch_size=5,
+                              seed=RunConfig().seed)
+    assert len({text for answers in samples for text in answers}) > 3  # sampled, not greedy
+    by_question = {p.question: q for p, q in zip(problems, questions, strict=True)}
+    assert rows == sampled_pair_rows(problems, samples, lambda p, text: is_right(by_question[p.question], text))
+    assert len(rows) >= 3  # a tiny model's answers are wrong: the worked solution over each distinct one
+    assert "preference data: " in first.stdout and first.stdout.count("preference data: ") == 2
+
+    again = run_cli([*args, f"run.dir={tmp_path / 'b'}"], llmhpc_cache)  # the cached pairs, not sampled again
+    assert "sampling" not in again.stderr
+    assert step_losses(tmp_path / "b") == step_losses(tmp_path / "a")

@@ -13,7 +13,7 @@ import torch
 
 from llmhpc.config.schema import ModelConfig
 from llmhpc.data.arithmetic import parse_final_answer, train_eval_split
-from llmhpc.data.arithmetic_preferences import preference_rows
+from llmhpc.data.arithmetic_preferences import preference_rows, sampled_pair_rows
 from llmhpc.data.preference import PairLoader, load_preference_pairs, pair_batch, pairs_digest
 from llmhpc.data.tokenizer import load_tokenizer
 from llmhpc.errors import InputError
@@ -264,3 +264,26 @@ def test_arithmetic_pairs_rank_a_right_answer_above_a_wrong_one():
         assert row["chosen"] != row["rejected"]
     assert not {r["prompt"] for r in rows} & {p.question for p in held}  # disjoint splits
     assert preference_rows(train, seed=0) == rows
+
+
+def test_sampled_pairs_rank_each_distinct_wrong_answer_below_a_right_one():
+    a, b, c = train_eval_split(3, 10, seed=0)[0]
+    def right(p):
+        return f"so {p.answer}"
+
+    def wrong(p, k):
+        return f"so {int(p.answer) + k}"
+    samples = [[wrong(a, 1), right(a), wrong(a, 1), wrong(a, 2), right(a) + ".", ""],  # two right, two wrong + ""
+               [wrong(b, 5), wrong(b, 5)],                                               # none right
+               [right(c), right(c)]]                                                     # all right: no pair
+    rows = sampled_pair_rows([a, b, c], samples, lambda p, text: text.split()[-1:] == [p.answer]
+                             or text.split()[-1:] == [p.answer + "."])
+    assert [(r["prompt"], r["chosen"], r["rejected"], r["flaw"]) for r in rows] == [
+        (a.question, right(a), wrong(a, 1), "sampled"),
+        (a.question, right(a) + ".", wrong(a, 2), "sampled"),   # the right answers taken in turn
+        (a.question, right(a), "", "sampled"),
+        (b.question, b.solution, wrong(b, 5), "sampled_none_right"),  # the worked solution stands in, once
+    ]
+    assert all(r["answer"] == p.answer for r, p in zip(rows, [a, a, a, b], strict=True))
+    with pytest.raises(ValueError, match="3 problems need as many sample lists"):
+        sampled_pair_rows([a, b, c], samples[:2], lambda p, text: False)

@@ -180,3 +180,17 @@ def test_actor_objective_takes_one_advantage_per_token():
     ratio = (logp - old).exp()
     want = -torch.minimum(ratio * advantages, ratio.clamp(0.8, 1.2) * advantages)[mask].sum()
     assert out.count == int(mask.sum()) and out.loss.item() == pytest.approx(want.item(), rel=1e-4)
+
+
+def test_the_reward_model_score_enters_the_reward_weighted_and_is_logged_as_scored():
+    from llmhpc.rl.rewards import RewardSet
+    from llmhpc.stages.ppo import PPORewards
+
+    def scorer(prompts, completions):
+        return [10.0 * len(c) for c in completions]  # a reward model's scores, as RewardScorer returns them
+
+    rewards = PPORewards(RewardSet.from_specs({"correct": 2.0}), scorer, weight=0.25)
+    total, columns = rewards.score(["The answer is 4.", "5"], [{"prompt": "2+2?", "answer": "4"}] * 2)
+    assert rewards.functions == ["correct", "reward_model"]
+    assert columns.tolist() == [[1.0, 160.0], [0.0, 10.0]]          # unweighted, per function
+    assert total.tolist() == [2.0 * 1 + 0.25 * 160, 0.25 * 10]      # weighted sum
