@@ -83,8 +83,9 @@ def sampled_pair_rows(problems: Sequence[Problem], samples: Sequence[Sequence[st
         raise ValueError(f"{len(problems)} problems need as many sample lists, got {len(samples)}")
     rows = []
     for problem, answers in zip(problems, samples, strict=True):
-        right = [a for a in dict.fromkeys(answers) if is_right(problem, a)]
-        wrong = [a for a in dict.fromkeys(answers) if not is_right(problem, a)]
+        verdicts = {answer: is_right(problem, answer) for answer in answers}  # each distinct answer graded once
+        right = [a for a, ok in verdicts.items() if ok]
+        wrong = [a for a, ok in verdicts.items() if not ok]
         chosen = right or [problem.solution]
         for index, rejected in enumerate(wrong):
             rows.append({"prompt": problem.question, "chosen": chosen[index % len(chosen)], "rejected": rejected,

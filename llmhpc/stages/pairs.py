@@ -50,7 +50,8 @@ def _fingerprint(policy: Path) -> str:
     what lies up to two levels below (an llmhpc run's new checkpoint, a re-exported HF directory)."""
     entries = [policy]
     if policy.is_dir():
-        entries += [p for p in policy.iterdir()] + [p for d in policy.iterdir() if d.is_dir() for p in d.iterdir()]
+        below = list(policy.iterdir())
+        entries += below + [p for d in below if d.is_dir() for p in d.iterdir()]
     newest = max(p.stat().st_mtime_ns for p in entries)
     return hashlib.sha1(f"{policy}:{newest}".encode()).hexdigest()[:12]
 
@@ -127,7 +128,8 @@ def load_pairs(cfg: Config, tokenizer, n_train: int, n_eval: int, *, also_train:
     if also_train is not None:
         more, more_report = load_preference_pairs(also_train, tokenizer, t.seq_len, chat_template=d.chat_template,
                                                   on_error=d.on_error)
-        train, reports = train + more, [report, more_report]
+        train = train + more
+        reports.append(more_report)
     if os.environ.get("RANK", "0") == "0":
         for each in reports:
             print(each.summary(), flush=True)
